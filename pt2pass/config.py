@@ -1,0 +1,93 @@
+"""Configuration as frozen dataclasses, validated on construction.
+
+Errors name the field, the value given and what is allowed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+ORDERS = ("ssr", "natural", "act_order")
+COMPENSATIONS = ("exact", "diagonal", "none")
+METHODS = ("pt2", "rtn", "gptq")
+SEQUENTIAL_MODES = ("linear", "stage")
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(repr, allowed))}")
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+@dataclass(frozen=True)
+class TernaryConfig:
+    """How one Linear weight is quantized (pure math settings, see pt2pass/quant)."""
+
+    method: str = "pt2"
+    """"pt2": PT²-LLM ternary (ATQ+ITF, AGA, GPTQ-style compensation); "rtn": symmetric TWN
+    ternary, no calibration; "gptq": GPTQ asymmetric ``bits``-bit group-``block_size`` baseline."""
+    block_size: int = 128
+    """Input columns per (alpha, mu) group and per compensation block."""
+    itf_max_iters: int = 20
+    """Cap on ITF iterations (ITF stops earlier once T no longer changes)."""
+    aga: bool = True
+    """Re-fit (alpha, mu) against the calibration inputs after ITF (Activation-aware Grid Alignment)."""
+    order: str = "ssr"
+    """Block order: "ssr" (structural similarity, dynamic), "natural", or "act_order" (diag H)."""
+    compensation: str = "exact"
+    """GPTQ-style error compensation of the remaining columns: "exact" (OBS block update),
+    "diagonal" (cheaper approximation), or "none" (blocks quantized independently)."""
+    damp: float = 0.01
+    """Hessian damping, as a fraction of mean(diag H)."""
+    bits: int = 2
+    """Bit width of the "gptq" baseline (ignored by the ternary methods)."""
+
+    def __post_init__(self):
+        _choice("method", self.method, METHODS)
+        _choice("order", self.order, ORDERS)
+        _choice("compensation", self.compensation, COMPENSATIONS)
+        _positive_int("block_size", self.block_size)
+        _positive_int("itf_max_iters", self.itf_max_iters)
+        _positive_int("bits", self.bits)
+        if not (0.0 <= self.damp < 1.0):
+            raise ValueError(f"damp={self.damp!r} must be in [0, 1)")
+        if self.block_size % 16:
+            raise ValueError(f"block_size={self.block_size} must be a multiple of 16 (packing unit)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn" and (self.aga or self.compensation != "none" or
+                                          self.order != "natural" or self.method == "gptq")
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Settings of the whole ``pt2pass.compile`` pipeline."""
+
+    ternary: TernaryConfig = field(default_factory=TernaryConfig)
+    n_samples: Optional[int] = None
+    """Calibration sequences to use (None: all that the data provides)."""
+    seqlen: int = 512
+    """Tokens per calibration sequence."""
+    batch_size: int = 8
+    """Calibration sequences run through the graph at once (does not change the result)."""
+    sequential: str = "linear"
+    """"linear": each Linear is quantized as soon as its inputs are known, later Linears see the
+    quantized outputs (true-sequential); "stage": all Linears of a decoder block are quantized from
+    full-precision block inputs, then the block is re-run with quantized weights."""
+    skip: Tuple[str, ...] = ("lm_head",)
+    """Weight FQN substrings kept in full precision (the LM head by default)."""
+    seed: int = 0
+
+    def __post_init__(self):
+        _choice("sequential", self.sequential, SEQUENTIAL_MODES)
+        _positive_int("seqlen", self.seqlen)
+        _positive_int("batch_size", self.batch_size)
+        if self.n_samples is not None:
+            _positive_int("n_samples", self.n_samples)
+        if not isinstance(self.ternary, TernaryConfig):
+            raise ValueError(f"ternary={self.ternary!r} must be a TernaryConfig")

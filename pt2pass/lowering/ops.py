@@ -1,0 +1,52 @@
+"""Registration of ``torch.ops.pt2pass.ternary_linear`` with torch.library.
+
+The op is a ``triton_op``: on CUDA its body launches the Triton kernels through ``wrap_triton``
+(so torch.compile sees and inlines the kernel, no graph break); on CPU it runs the plain-torch
+reference. The branch on the device must stay in the body: a body that only launches the kernel
+fails under export/AOTInductor on CPU. The fake implementation gives shapes to tracing.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from .format import WEIGHTS_PER_WORD
+from .reference import ternary_linear_reference
+
+OP_NAME = "pt2pass::ternary_linear"
+
+
+def _check_args(x, packed, alpha, mu, bias, perm) -> None:
+    k = x.shape[-1]
+    torch._check(packed.dim() == 2 and packed.dtype == torch.int32,
+                 lambda: "ternary_linear: packed must be a 2-D int32 tensor")
+    torch._check(packed.shape[1] * WEIGHTS_PER_WORD == k,
+                 lambda: f"ternary_linear: x has {k} features but packed holds "
+                         f"{packed.shape[1] * WEIGHTS_PER_WORD}")
+    torch._check(alpha.shape == mu.shape and alpha.shape[0] == packed.shape[0],
+                 lambda: "ternary_linear: alpha and mu must be (out_features, n_blocks)")
+    if bias is not None:
+        torch._check(bias.shape == (packed.shape[0],), lambda: "ternary_linear: bad bias shape")
+    if perm is not None:
+        torch._check(perm.shape == (k,), lambda: "ternary_linear: perm must have in_features entries")
+
+
+@triton_op(OP_NAME, mutates_args=())
+def ternary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
+                   bias: Optional[torch.Tensor] = None,
+                   perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y = x[..., perm] @ (alpha * T + mu).T + bias for a packed ternary weight (see format.py)."""
+    _check_args(x, packed, alpha, mu, bias, perm)
+    if x.device.type == "cpu":
+        return ternary_linear_reference(x, packed, alpha, mu, bias, perm)
+    from .kernels.dispatch import ternary_linear_triton  # imports triton only when needed
+
+    return ternary_linear_triton(x, packed, alpha, mu, bias, perm)
+
+
+@ternary_linear.register_fake
+def _(x, packed, alpha, mu, bias=None, perm=None):
+    _check_args(x, packed, alpha, mu, bias, perm)
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
