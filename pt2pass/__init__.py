@@ -1,2 +1,21 @@
-"""pt2pass: post-training ternarization (PT²-LLM) as a PyTorch 2 compiler pass pipeline."""
-from . import lowering  # noqa: F401  (registers the custom ops)
+"""pt2pass: post-training ternarization (PT²-LLM) as a PyTorch 2 compiler pass pipeline.
+
+    qm = pt2pass.compile(model, calib_data, tokenizer)   # ternarize + lower
+    logits = qm(input_ids).logits
+    ep = pt2pass.export(qm)                               # ExportedProgram with pt2pass ops
+"""
+from . import lowering  # noqa: F401  (registers torch.ops.pt2pass.ternary_linear)
+from .api import compile, export
+from .capture import capture
+from .config import CompileConfig, TernaryConfig
+from .lowering.lower import LowerTernaryLinear
+from .pass_manager import Pass, PassError, PassManager, PassResult
+from .passes import CaptureCalibration, SequentialTernarize, TernarizeWeights
+from .quantized_model import QuantizedModel
+from .store import QuantStore, store_of
+
+__all__ = [
+    "compile", "export", "capture", "CompileConfig", "TernaryConfig", "Pass", "PassError",
+    "PassManager", "PassResult", "CaptureCalibration", "SequentialTernarize", "TernarizeWeights",
+    "LowerTernaryLinear", "QuantizedModel", "QuantStore", "store_of",
+]

@@ -24,7 +24,11 @@ WEIGHTS_PER_WORD = 16
 BITS_PER_WEIGHT = 2
 DEFAULT_BLOCK_SIZE = 128
 
-_SHIFTS = torch.arange(WEIGHTS_PER_WORD, dtype=torch.int32) * BITS_PER_WEIGHT
+
+
+def _shifts(device) -> torch.Tensor:
+    # Built per call (not a module constant) so that the function traces under torch.compile.
+    return torch.arange(WEIGHTS_PER_WORD, dtype=torch.int32, device=device) * BITS_PER_WEIGHT
 
 
 def pack_ternary(T: torch.Tensor) -> torch.Tensor:
@@ -39,7 +43,7 @@ def pack_ternary(T: torch.Tensor) -> torch.Tensor:
         raise ValueError("pack_ternary expects values in {-1, 0, 1}")
     codes = codes.view(n, k // WEIGHTS_PER_WORD, WEIGHTS_PER_WORD)
     # The top code lands in bits 30-31: summing in int64 then wrapping keeps the sign bit exact.
-    words = (codes.to(torch.int64) << _SHIFTS.to(codes.device, torch.int64)).sum(-1)
+    words = (codes.to(torch.int64) << _shifts(codes.device).to(torch.int64)).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)
     return words.to(torch.int32).contiguous()
 
@@ -52,16 +56,24 @@ def unpack_ternary(packed: torch.Tensor, in_features: Optional[int] = None) -> t
     k = packed.shape[1] * WEIGHTS_PER_WORD
     if in_features is not None and in_features != k:
         raise ValueError(f"packed weight holds {k} input features, expected {in_features}")
-    codes = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 3
-    if codes.numel() and bool((codes == 3).any()):
+    T = unpack_codes(packed)
+    if T.numel() and bool((T == 2).any()):
         raise ValueError("corrupted packed ternary weight: code 3 is not a valid ternary value")
-    return (codes.to(torch.int8) - 1).reshape(packed.shape[0], k)
+    return T
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """Unchecked, traceable unpack: int32 (N, K // 16) -> int8 (N, K) (code 3 would give 2)."""
+    codes = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 3
+    return (codes.to(torch.int8) - 1).reshape(packed.shape[0], packed.shape[1] * WEIGHTS_PER_WORD)
 
 
 def dequantize(packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dense weight ``alpha * T + mu`` (N, K) in ``dtype``, in the packed (possibly permuted) order."""
-    T = unpack_ternary(packed)
+    """Dense weight ``alpha * T + mu`` (N, K) in ``dtype``, in the packed (possibly permuted) order.
+
+    Traceable (no data-dependent checks): the reference op path goes through here."""
+    T = unpack_codes(packed)
     n, k = T.shape
     check_scales(alpha, mu, n, k)
     block = k // alpha.shape[1]

@@ -1,0 +1,158 @@
+"""Model -> aten-level GraphModule, with every Linear node tagged by its weight FQN and a stage.
+
+Capture uses ``torch.export`` (``torch.fx.symbolic_trace`` cannot trace modern HF models). HF
+causal LMs are traced with ``use_cache=False`` and a dynamic batch and sequence length, so one graph
+serves calibration, scoring and any prompt length. Nodes are grouped into *stages* (embedding, each
+decoder block, head) from ``node.meta["nn_module_stack"]``: the calibration loop walks them in order.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+LINEAR_OP = torch.ops.aten.linear.default
+WEIGHT_FQN = "pt2pass_weight_fqn"
+STAGE = "pt2pass_stage"
+PRE_STAGE, POST_STAGE, WHOLE_STAGE = "embedding", "head", "model"
+
+
+class CaptureError(RuntimeError):
+    """torch.export could not trace the model; the message says what failed and what to try."""
+
+
+def is_hf_causal_lm(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "get_output_embeddings")
+
+
+def example_inputs_for(model: nn.Module, example_inputs=None) -> Tuple[tuple, dict]:
+    """(args, kwargs) used for tracing. HF causal LMs get ``input_ids`` and ``use_cache=False``."""
+    if example_inputs is not None:
+        if isinstance(example_inputs, dict):
+            return (), dict(example_inputs)
+        if isinstance(example_inputs, torch.Tensor):
+            return (example_inputs,), {}
+        return tuple(example_inputs), {}
+    if not is_hf_causal_lm(model):
+        raise ValueError("example_inputs are required for a model that is not a Hugging Face causal LM")
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", 2))
+    ids = torch.randint(0, vocab, (2, 16), device=device, generator=None)
+    return (), {"input_ids": ids, "use_cache": False}
+
+
+def _dynamic_shapes(args: tuple, kwargs: dict):
+    """Every dimension of every tensor input may vary (export specialises only what it must)."""
+    def spec(value):
+        if isinstance(value, torch.Tensor):
+            return {d: torch.export.Dim.AUTO for d in range(value.dim())}
+        return None
+
+    if kwargs:
+        return {k: spec(v) for k, v in kwargs.items()}
+    return tuple(spec(a) for a in args)
+
+
+def capture(model: nn.Module, example_inputs=None) -> fx.GraphModule:
+    """Export ``model`` into an aten-level GraphModule, tagging Linear nodes and stages.
+
+    The returned module shares parameter storage with ``model``: passes must never write to
+    those tensors in place (they register new attributes instead).
+    """
+    if not any(isinstance(m, nn.Linear) for m in model.modules()):
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers: nothing to ternarize")
+    args, kwargs = example_inputs_for(model, example_inputs)
+    if args and kwargs:
+        raise ValueError("give example_inputs either as a tuple of positional inputs or as a dict")
+    dynamic = _dynamic_shapes(args, kwargs)
+    try:
+        with torch.no_grad():
+            ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic, strict=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised with guidance
+        raise CaptureError(
+            f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}\nThe failing construct is named above. "
+            "Data-dependent Python control flow or unsupported ops must be rewritten (torch.cond) or "
+            "the offending submodule excluded from capture; HF models must be called with "
+            "use_cache=False.") from exc
+    gm = ep.module()
+    tag_linears(gm, model)
+    tag_stages(gm, model)
+    return gm
+
+
+def tag_linears(gm: fx.GraphModule, model: nn.Module) -> Dict[str, fx.Node]:
+    """Set ``meta[WEIGHT_FQN]`` on each aten.linear whose weight is a parameter of ``model``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    found = {}
+    for node in gm.graph.nodes:
+        if node.target is not LINEAR_OP:
+            continue
+        weight = node.args[1]
+        if weight.op != "get_attr" or weight.target not in params:
+            log.warning("linear node %s has a computed weight; it stays in full precision", node.name)
+            continue
+        node.meta[WEIGHT_FQN] = weight.target
+        found[weight.target] = node
+    return found
+
+
+def linear_nodes(gm: fx.GraphModule) -> Dict[str, fx.Node]:
+    """Weight FQN -> aten.linear node, for the Linear nodes tagged at capture."""
+    return {n.meta[WEIGHT_FQN]: n for n in gm.graph.nodes
+            if n.target is LINEAR_OP and WEIGHT_FQN in n.meta}
+
+
+def find_blocks(model: nn.Module) -> List[str]:
+    """FQNs of the repeated blocks: the children of the ModuleList/Sequential with most Linear-holding
+    children (``model.layers.0`` … for HF decoders). Empty if the model has no such container."""
+    best: List[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.ModuleList, nn.Sequential)):
+            continue
+        children = [f"{name}.{c}" if name else c for c, sub in module.named_children()
+                    if any(isinstance(m, nn.Linear) for m in sub.modules())]
+        if len(children) > len(best):
+            best = children
+    return best
+
+
+def tag_stages(gm: fx.GraphModule, model: nn.Module) -> List[str]:
+    """Assign ``meta[STAGE]`` to every node; return the stage names in execution order."""
+    blocks = find_blocks(model)
+    pattern = re.compile("^(" + "|".join(re.escape(b) for b in blocks) + r")(\.|$)") if blocks else None
+    order: List[str] = []
+    seen_block = False
+    for node in gm.graph.nodes:
+        stage = _block_of(node, pattern)
+        if stage is None:
+            stage = (POST_STAGE if seen_block else PRE_STAGE) if blocks else WHOLE_STAGE
+        else:
+            seen_block = True
+        node.meta[STAGE] = stage
+        if node.op == "call_function" and (not order or order[-1] != stage):
+            order.append(stage)
+    gm.meta["pt2pass_stages"] = order
+    return order
+
+
+def _block_of(node: fx.Node, pattern) -> Optional[str]:
+    if pattern is None or node.op != "call_function":
+        return None
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        match = pattern.match(path)
+        if match:
+            return match.group(1)
+    return None
+
+
+def stages(gm: fx.GraphModule) -> List[str]:
+    """Stage names in execution order (see :func:`tag_stages`)."""
+    return list(gm.meta.get("pt2pass_stages", []))

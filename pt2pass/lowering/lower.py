@@ -1,0 +1,107 @@
+"""LowerTernaryLinear: aten.linear with a ternarized weight -> pt2pass::ternary_linear.
+
+Before:  w = get_attr[model.layers.0.mlp.up_proj.weight];  y = aten.linear(x, w, b)
+After:   p = get_attr[model.layers.0.mlp.up_proj.packed]   (int32 2-bit codes)
+         a = get_attr[...alpha];  m = get_attr[...mu];  (perm = get_attr[...input_perm])
+         y = pt2pass.ternary_linear(x, p, a, m, b, perm)
+
+Results come from the store (keyed by weight FQN), so the pass applies to any graph of the model.
+If an earlier pass already permuted the Linear's input (InsertPermutations / FoldPermutations set
+``meta["pt2pass_input_permuted"]``) the op gets no ``perm``; otherwise an SSR permutation is
+passed to the op, whose kernel gathers x. Rows permuted by FoldPermutations
+(``meta["pt2pass_output_perm"]``) are applied to the packed rows, scales and bias. The
+full-precision weight is removed from the module.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from ..capture import LINEAR_OP, WEIGHT_FQN
+from ..pass_manager import Pass, PassResult
+from ..store import LayerQuant, QuantStore, store_of
+from .format import pack_ternary
+from . import ops  # noqa: F401  (registers torch.ops.pt2pass.ternary_linear)
+
+log = logging.getLogger(__name__)
+
+TERNARY_OP = torch.ops.pt2pass.ternary_linear.default
+INPUT_PERMUTED = "pt2pass_input_permuted"
+OUTPUT_PERM = "pt2pass_output_perm"
+
+
+class LowerTernaryLinear(Pass):
+    def __init__(self, store: Optional[QuantStore] = None):
+        self.store = store
+        self.lowered = 0
+
+    def _store(self, gm: fx.GraphModule) -> QuantStore:
+        return self.store if self.store is not None else store_of(gm)
+
+    def _targets(self, gm: fx.GraphModule):
+        store = self._store(gm)
+        return [n for n in gm.graph.nodes if n.target is LINEAR_OP
+                and n.meta.get(WEIGHT_FQN) in store and store[n.meta[WEIGHT_FQN]].is_ternary]
+
+    def call(self, gm: fx.GraphModule) -> PassResult:
+        store = self._store(gm)
+        targets = self._targets(gm)
+        for node in targets:
+            self._lower(gm, node, store[node.meta[WEIGHT_FQN]])
+        gm.graph.eliminate_dead_code()
+        _drop_unused_attributes(gm)
+        self.lowered = len(targets)
+        log.info("lowered %d Linear nodes to pt2pass.ternary_linear", len(targets))
+        return PassResult(gm, modified=bool(targets))
+
+    def ensures(self, gm: fx.GraphModule) -> None:
+        left = self._targets(gm)
+        if left:
+            raise AssertionError(f"{len(left)} ternarized Linear nodes were not lowered: {left[:3]}")
+
+    def _lower(self, gm: fx.GraphModule, node: fx.Node, layer: LayerQuant) -> None:
+        x, weight = node.args[0], node.args[1]
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        w = _fetch(gm, weight.target)
+        if tuple(w.shape) != layer.shape:
+            raise ValueError(f"{layer.fqn}: graph weight {tuple(w.shape)} does not match the "
+                             f"quantized layer {layer.shape}")
+        T, alpha, mu = layer.T, layer.alpha, layer.mu
+        rows = node.meta.get(OUTPUT_PERM)
+        if rows is not None:
+            T, alpha, mu = T[rows], alpha[rows], mu[rows]
+        prefix = layer.fqn.rpartition(".")[0]
+        owner = gm.get_submodule(prefix) if prefix else gm
+        names = {"packed": pack_ternary(T), "alpha": alpha, "mu": mu}
+        needs_perm = layer.perm is not None and not node.meta.get(INPUT_PERMUTED, False)
+        if needs_perm:
+            names["input_perm"] = layer.perm
+        for name, value in names.items():
+            owner.register_buffer(name, value.to(w.device).contiguous())
+        with gm.graph.inserting_before(node):
+            attrs = {k: gm.graph.get_attr(f"{prefix}.{k}" if prefix else k) for k in names}
+            new = gm.graph.call_function(
+                TERNARY_OP, (x, attrs["packed"], attrs["alpha"], attrs["mu"], bias,
+                             attrs.get("input_perm")))
+        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        if "val" in node.meta:
+            new.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+    prefix, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(prefix) if prefix else gm, attr)
+
+
+def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Delete parameters no graph node reads any more (the replaced full-precision weights)."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()):
+        if name not in used:
+            prefix, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(prefix) if prefix else gm, attr)
