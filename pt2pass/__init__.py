@@ -5,6 +5,7 @@
     ep = pt2pass.export(qm)                               # ExportedProgram with pt2pass ops
 """
 from . import lowering  # noqa: F401  (registers torch.ops.pt2pass.ternary_linear)
+from . import _hf_pytrees  # noqa: F401  (lets torch.export.load rebuild HF model outputs)
 from .api import compile, export
 from .capture import capture
 from .config import CompileConfig, TernaryConfig

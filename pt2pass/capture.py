@@ -125,20 +125,23 @@ def find_blocks(model: nn.Module) -> List[str]:
 
 
 def tag_stages(gm: fx.GraphModule, model: nn.Module) -> List[str]:
-    """Assign ``meta[STAGE]`` to every node; return the stage names in execution order."""
+    """Assign ``meta[STAGE]`` to every node; return the stage names in execution order.
+
+    Nodes inside a block take the block's FQN; nodes before the first block form the embedding
+    stage, nodes after the last one the head; glue between two blocks stays with the earlier one.
+    """
     blocks = find_blocks(model)
     pattern = re.compile("^(" + "|".join(re.escape(b) for b in blocks) + r")(\.|$)") if blocks else None
+    nodes = list(gm.graph.nodes)
+    found = [_block_of(n, pattern) for n in nodes]
+    last = max((i for i, b in enumerate(found) if b is not None), default=-1)
+    current = PRE_STAGE if blocks else WHOLE_STAGE
     order: List[str] = []
-    seen_block = False
-    for node in gm.graph.nodes:
-        stage = _block_of(node, pattern)
-        if stage is None:
-            stage = (POST_STAGE if seen_block else PRE_STAGE) if blocks else WHOLE_STAGE
-        else:
-            seen_block = True
-        node.meta[STAGE] = stage
-        if node.op == "call_function" and (not order or order[-1] != stage):
-            order.append(stage)
+    for i, (node, block) in enumerate(zip(nodes, found)):
+        current = block or (POST_STAGE if 0 <= last < i else current)
+        node.meta[STAGE] = current
+        if node.op == "call_function" and (not order or order[-1] != current):
+            order.append(current)
     gm.meta["pt2pass_stages"] = order
     return order
 

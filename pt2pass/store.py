@@ -23,9 +23,10 @@ class LayerQuant:
     fqn: str
     method: str
     T: torch.Tensor                       # int8 (N, K), columns in quantization (perm) order
-    alpha: torch.Tensor                   # (N, K // block) scales, blocks in perm order
-    mu: torch.Tensor                      # (N, K // block) offsets
+    alpha: torch.Tensor                   # (N, ceil(K / block)) scales, blocks in perm order
+    mu: torch.Tensor                      # (N, ceil(K / block)) offsets
     perm: Optional[torch.Tensor]          # int64 (K,) or None (natural order)
+    block_size: int = 128                 # columns per (alpha, mu) block; the last may be partial
     stats: Dict[str, Any] = field(default_factory=dict)
 
     @property

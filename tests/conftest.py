@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Inductor's on-disk FX graph cache keys a triton_op by its graph, not by its Python body: after
+# an edit of the op's reference path it can replay stale code. Tests always compile afresh.
+os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
+os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

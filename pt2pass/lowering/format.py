@@ -2,11 +2,18 @@
 
 A ternarized Linear of shape (N out, K in) is stored as
 
-- ``packed``: int32 tensor (N, K // 16). Code ``q = T + 1`` in {0, 1, 2} of element (n, k) sits in
-  word ``k // 16`` of row n at bits ``2 * (k % 16)``. Rows are contiguous along K, so one thread
-  loading 16 bytes gets 64 consecutive weights of one row (coalesced across a warp).
-- ``alpha``, ``mu``: (N, K // block_size) floating tensors: row n of block b is
-  ``alpha[n, b] * T[n, k] + mu[n, b]`` for k in block b.
+- ``packed``: int32 tensor (N, K // 16), rows contiguous along K, in *block-planar* order (format
+  version 2). The columns of a row are cut into groups of 128 (the last group may be shorter, a
+  multiple of 16); a group of L columns starting at column g is held by its L // 16 words, and
+  code ``q = T + 1`` in {0, 1, 2} of column ``g + (L // 16) * i + j`` sits in word ``j`` of the group
+  at bits ``2 * i`` (i in 0..15). For a full group: word j, bits 2i <-> column g + 8i + j.
+  Why: a thread that loads 4 consecutive words (16 bytes) and extracts the codes at bits 2i needs
+  the activations ``x[g + 8i + j .. +3]``, which are contiguous, so the GEMV kernel reads x with
+  vector loads; the GEMM kernel interleaves the 16 extracted slices back to column order in
+  registers. A 128-group is also one scale block, so each 16-byte load covers half a block.
+- ``alpha``, ``mu``: (N, ceil(K / block_size)) floating tensors: weight (n, k) is
+  ``alpha[n, k // block_size] * T[n, k] + mu[n, k // block_size]``. When K is not a multiple of
+  the block size the last block is partial (SmolLM2's hidden size 576 = 4 x 128 + 64).
 - ``perm``: optional int64 (K,) input permutation (SSR): the layer computes
   ``x[..., perm] @ W_hat.T`` where ``W_hat`` is in the permuted column order.
 
@@ -19,11 +26,11 @@ from typing import Optional
 
 import torch
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: block-planar bit order (1: code of column k at word k//16, bits 2*(k%16))
 WEIGHTS_PER_WORD = 16
 BITS_PER_WEIGHT = 2
 DEFAULT_BLOCK_SIZE = 128
-
+PLANAR_GROUP = 128  # columns per block-planar group (see the module docstring)
 
 
 def _shifts(device) -> torch.Tensor:
@@ -41,7 +48,7 @@ def pack_ternary(T: torch.Tensor) -> torch.Tensor:
     codes = T.to(torch.int32) + 1
     if codes.numel() and (codes.min() < 0 or codes.max() > 2):
         raise ValueError("pack_ternary expects values in {-1, 0, 1}")
-    codes = codes.view(n, k // WEIGHTS_PER_WORD, WEIGHTS_PER_WORD)
+    codes = _to_planar(codes)  # (N, K // 16, 16): [word, bit slot]
     # The top code lands in bits 30-31: summing in int64 then wrapping keeps the sign bit exact.
     words = (codes.to(torch.int64) << _shifts(codes.device).to(torch.int64)).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words)
@@ -65,32 +72,71 @@ def unpack_ternary(packed: torch.Tensor, in_features: Optional[int] = None) -> t
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     """Unchecked, traceable unpack: int32 (N, K // 16) -> int8 (N, K) (code 3 would give 2)."""
     codes = (packed.unsqueeze(-1) >> _shifts(packed.device)) & 3
-    return (codes.to(torch.int8) - 1).reshape(packed.shape[0], packed.shape[1] * WEIGHTS_PER_WORD)
+    return _from_planar(codes.to(torch.int8) - 1)
+
+
+def _to_planar(cols: torch.Tensor) -> torch.Tensor:
+    """(N, K) values in column order -> (N, K // 16, 16) as [word, bit slot] (block-planar)."""
+    n, k = cols.shape
+    full = k - k % PLANAR_GROUP
+    parts = []
+    if full:
+        g = cols[:, :full].reshape(n, full // PLANAR_GROUP, WEIGHTS_PER_WORD, PLANAR_GROUP // WEIGHTS_PER_WORD)
+        parts.append(g.transpose(2, 3).reshape(n, full // WEIGHTS_PER_WORD, WEIGHTS_PER_WORD))
+    if k > full:
+        w = (k - full) // WEIGHTS_PER_WORD
+        parts.append(cols[:, full:].reshape(n, WEIGHTS_PER_WORD, w).transpose(1, 2))
+    if not parts:
+        return cols.reshape(n, 0, WEIGHTS_PER_WORD)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _from_planar(slots: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_to_planar`: (N, K // 16, 16) [word, bit slot] -> (N, K) column order."""
+    n, words, _ = slots.shape
+    k = words * WEIGHTS_PER_WORD
+    full = k - k % PLANAR_GROUP
+    parts = []
+    if full:
+        wg = PLANAR_GROUP // WEIGHTS_PER_WORD
+        g = slots[:, : full // WEIGHTS_PER_WORD].reshape(n, full // PLANAR_GROUP, wg, WEIGHTS_PER_WORD)
+        parts.append(g.transpose(2, 3).reshape(n, full))
+    if k > full:
+        parts.append(slots[:, full // WEIGHTS_PER_WORD:].transpose(1, 2).reshape(n, k - full))
+    if not parts:
+        return slots.reshape(n, 0)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def n_blocks(in_features: int, block_size: int) -> int:
+    return -(-in_features // block_size)
+
+
+def expand_blocks(scales: torch.Tensor, in_features: int, block_size: int) -> torch.Tensor:
+    """(N, n_blocks) per-block values -> (N, K) per-column values (last block may be partial)."""
+    return scales.repeat_interleave(block_size, dim=1)[:, :in_features]
 
 
 def dequantize(packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+               block_size: int = DEFAULT_BLOCK_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense weight ``alpha * T + mu`` (N, K) in ``dtype``, in the packed (possibly permuted) order.
 
     Traceable (no data-dependent checks): the reference op path goes through here."""
     T = unpack_codes(packed)
     n, k = T.shape
-    check_scales(alpha, mu, n, k)
-    block = k // alpha.shape[1]
-    a = alpha.to(torch.float32).repeat_interleave(block, dim=1)
-    m = mu.to(torch.float32).repeat_interleave(block, dim=1)
+    check_scales(alpha, mu, n, k, block_size)
+    a = expand_blocks(alpha.to(torch.float32), k, block_size)
+    m = expand_blocks(mu.to(torch.float32), k, block_size)
     return (a * T.to(torch.float32) + m).to(dtype)
 
 
-def check_scales(alpha: torch.Tensor, mu: torch.Tensor, out_features: int, in_features: int) -> int:
-    """Validate alpha/mu shapes against the weight; return the block size."""
-    if alpha.shape != mu.shape or alpha.dim() != 2 or alpha.shape[0] != out_features:
+def check_scales(alpha: torch.Tensor, mu: torch.Tensor, out_features: int, in_features: int,
+                 block_size: int) -> None:
+    """Validate alpha/mu shapes against the weight and the block size."""
+    expected = (out_features, n_blocks(in_features, block_size))
+    if alpha.shape != mu.shape or tuple(alpha.shape) != expected:
         raise ValueError(f"alpha {tuple(alpha.shape)} and mu {tuple(mu.shape)} must both be "
-                         f"({out_features}, in_features // block_size)")
-    n_blocks = alpha.shape[1]
-    if n_blocks == 0 or in_features % n_blocks:
-        raise ValueError(f"{n_blocks} scale blocks do not divide in_features={in_features}")
-    return in_features // n_blocks
+                         f"{expected} = (out_features, ceil(in_features / block_size={block_size}))")
 
 
 @dataclass
@@ -102,6 +148,10 @@ class PackedTernary:
     mu: torch.Tensor
     perm: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None
+    block_size: int = DEFAULT_BLOCK_SIZE
+
+    def __post_init__(self):
+        check_scales(self.alpha, self.mu, self.out_features, self.in_features, self.block_size)
 
     @property
     def out_features(self) -> int:
@@ -111,10 +161,6 @@ class PackedTernary:
     def in_features(self) -> int:
         return self.packed.shape[1] * WEIGHTS_PER_WORD
 
-    @property
-    def block_size(self) -> int:
-        return check_scales(self.alpha, self.mu, self.out_features, self.in_features)
-
     def nbytes(self) -> int:
         """Bytes of everything stored for this layer (packed codes, scales, permutation, bias)."""
         tensors = [self.packed, self.alpha, self.mu, self.perm, self.bias]
@@ -122,7 +168,7 @@ class PackedTernary:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dense weight in the *original* input order (the permutation undone)."""
-        w = dequantize(self.packed, self.alpha, self.mu, dtype)
+        w = dequantize(self.packed, self.alpha, self.mu, self.block_size, dtype)
         if self.perm is None:
             return w
         out = torch.empty_like(w)

@@ -85,7 +85,7 @@ class LowerTernaryLinear(Pass):
             attrs = {k: gm.graph.get_attr(f"{prefix}.{k}" if prefix else k) for k in names}
             new = gm.graph.call_function(
                 TERNARY_OP, (x, attrs["packed"], attrs["alpha"], attrs["mu"], bias,
-                             attrs.get("input_perm")))
+                             attrs.get("input_perm"), layer.block_size))
         new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
         if "val" in node.meta:
             new.meta["val"] = node.meta["val"]

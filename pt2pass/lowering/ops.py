@@ -12,21 +12,24 @@ from typing import Optional
 import torch
 from torch.library import triton_op
 
-from .format import WEIGHTS_PER_WORD
+from .format import DEFAULT_BLOCK_SIZE, WEIGHTS_PER_WORD, n_blocks
 from .reference import ternary_linear_reference
 
 OP_NAME = "pt2pass::ternary_linear"
 
 
-def _check_args(x, packed, alpha, mu, bias, perm) -> None:
+def _check_args(x, packed, alpha, mu, bias, perm, block_size) -> None:
     k = x.shape[-1]
     torch._check(packed.dim() == 2 and packed.dtype == torch.int32,
                  lambda: "ternary_linear: packed must be a 2-D int32 tensor")
     torch._check(packed.shape[1] * WEIGHTS_PER_WORD == k,
                  lambda: f"ternary_linear: x has {k} features but packed holds "
                          f"{packed.shape[1] * WEIGHTS_PER_WORD}")
-    torch._check(alpha.shape == mu.shape and alpha.shape[0] == packed.shape[0],
-                 lambda: "ternary_linear: alpha and mu must be (out_features, n_blocks)")
+    torch._check(block_size > 0 and block_size % WEIGHTS_PER_WORD == 0,
+                 lambda: f"ternary_linear: block_size={block_size} must be a positive multiple of 16")
+    torch._check(alpha.shape == mu.shape and alpha.shape[0] == packed.shape[0]
+                 and alpha.shape[1] == n_blocks(k, block_size),
+                 lambda: "ternary_linear: alpha and mu must be (out_features, ceil(K / block_size))")
     if bias is not None:
         torch._check(bias.shape == (packed.shape[0],), lambda: "ternary_linear: bad bias shape")
     if perm is not None:
@@ -36,17 +39,20 @@ def _check_args(x, packed, alpha, mu, bias, perm) -> None:
 @triton_op(OP_NAME, mutates_args=())
 def ternary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                    bias: Optional[torch.Tensor] = None,
-                   perm: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   perm: Optional[torch.Tensor] = None,
+                   block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
     """y = x[..., perm] @ (alpha * T + mu).T + bias for a packed ternary weight (see format.py)."""
-    _check_args(x, packed, alpha, mu, bias, perm)
+    _check_args(x, packed, alpha, mu, bias, perm, block_size)
     if x.device.type == "cpu":
-        return ternary_linear_reference(x, packed, alpha, mu, bias, perm)
+        return ternary_linear_reference(x, packed, alpha, mu, bias, perm, block_size)
     from .kernels.dispatch import ternary_linear_triton  # imports triton only when needed
 
-    return ternary_linear_triton(x, packed, alpha, mu, bias, perm)
+    return ternary_linear_triton(x, packed, alpha, mu, bias, perm, block_size)
 
 
-@ternary_linear.register_fake
-def _(x, packed, alpha, mu, bias=None, perm=None):
-    _check_args(x, packed, alpha, mu, bias, perm)
+def _fake(x, packed, alpha, mu, bias=None, perm=None, block_size=DEFAULT_BLOCK_SIZE):
+    _check_args(x, packed, alpha, mu, bias, perm, block_size)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+ternary_linear.register_fake(_fake)

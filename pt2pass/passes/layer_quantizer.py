@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from ..config import TernaryConfig
+from ..lowering.format import expand_blocks
 from ..store import LayerQuant
 
 log = logging.getLogger(__name__)
@@ -38,23 +39,21 @@ def quantize_linear(fqn: str, W: torch.Tensor, H: Optional[torch.Tensor], config
             log.warning("%s: scales exceed float16 range, stored as float32", fqn)
             scale_dtype = torch.float32
         alpha, mu = alpha.to(scale_dtype), mu.to(scale_dtype)
-        Q = dense_from_parts(result.T, alpha, mu, result.perm)
+        Q = dense_from_parts(result.T, alpha, mu, result.perm, config.block_size)
     stats = dict(result.stats)
     stats["seconds"] = round(time.perf_counter() - start, 4)
     layer = LayerQuant(fqn=fqn, method=config.method, T=result.T, alpha=alpha, mu=mu,
-                       perm=result.perm, stats=stats)
+                       perm=result.perm, block_size=config.block_size, stats=stats)
     log.info("quantized %s %s: %s", fqn, tuple(W.shape),
              ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
     return layer, Q.to(W.dtype)
 
 
 def dense_from_parts(T: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-                     perm: Optional[torch.Tensor]) -> torch.Tensor:
+                     perm: Optional[torch.Tensor], block_size: int) -> torch.Tensor:
     """alpha * T + mu (float32), blocks along columns, with the column permutation undone."""
-    block = T.shape[1] // alpha.shape[1]
-    a = alpha.float().repeat_interleave(block, dim=1)
-    m = mu.float().repeat_interleave(block, dim=1)
-    q = a * T.float() + m
+    k = T.shape[1]
+    q = expand_blocks(alpha.float(), k, block_size) * T.float() + expand_blocks(mu.float(), k, block_size)
     if perm is None:
         return q
     out = torch.empty_like(q)

@@ -1,0 +1,70 @@
+"""Pieces shared by the ternary kernels: interpreter detection, autotune wrapping, split-K reduce.
+
+Autotuning: kernels are wrapped with ``triton.autotune`` keyed on (M bucket, N, K, split), and with
+``cache_results=True`` when the installed Triton has it (3.3+): the timings then go to Triton's own
+on-disk cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``, keyed by Triton version, GPU
+target, kernel source and configs), so a second process picks the best config without re-tuning.
+Under ``TRITON_INTERPRET=1`` (the CPU tests) no autotuning happens: one small fixed config runs.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# The interpreter runs tl.dot on bf16/fp16 through numpy and gives garbage: upcast there.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# float32 1.0: OR-ed onto an extracted code it gives 1 + q * 2**(p - 23) with no int->float convert.
+# Passed as a runtime argument so that ptxas fuses the AND and the OR into one LOP3.
+ONE_BITS = 0x3F800000
+BLOCK = 128  # weights per scale block and per block-planar group (see format.py)
+
+
+def m_bucket(m: int) -> int:
+    """Autotune key for the batch size: the next power of two (1, 2, 4, ..., 4096)."""
+    return 1 << max(0, min(int(m), 4096) - 1).bit_length()
+
+
+def autotune(configs, key):
+    """triton.autotune with the on-disk cache when available; a plain jit kernel in the interpreter."""
+    def wrap(fn):
+        if INTERPRET:
+            return fn
+        kwargs = {}
+        if "cache_results" in inspect.signature(triton.autotune).parameters:
+            kwargs["cache_results"] = True
+        return triton.autotune(configs=configs, key=key, **kwargs)(fn)
+    return wrap
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """Launch through torch.library.wrap_triton so torch.compile / export see (and inline) it."""
+    torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+def dot_in_fp32(x: torch.Tensor) -> bool:
+    return INTERPRET or x.dtype == torch.float32
+
+
+@triton.jit
+def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT,
+                          HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """out[i] = sum_s ws[s, i] (+ bias[i % N]), cast to out's dtype. ws is (SPLIT, M*N) float32."""
+    offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK_SIZE,), tl.float32)
+    for s in range(0, SPLIT):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def splitk_reduce(ws: torch.Tensor, bias, out: torch.Tensor) -> None:
+    split, m, n = ws.shape
+    block = 1024
+    launch(_splitk_reduce_kernel, (triton.cdiv(m * n, block),), ws, bias if bias is not None else ws,
+           out, m * n, n, split, HAS_BIAS=bias is not None, BLOCK_SIZE=block)

@@ -1,0 +1,93 @@
+"""ternary_linear on the GPU: pick the kernel by M, handle 3-D x, permutation, bias and split-K.
+
+Paths (M = number of rows of x once flattened):
+- M <= GEMV_MAX_M: :func:`ternary_gemv` (CUDA cores; memory bound decode), permutation gathered
+  in the kernel, K split over programs when N is small.
+- otherwise: :func:`ternary_gemm` (tensor cores). Up to GATHER_MAX_M rows the permutation is
+  gathered in the kernel (x is tiny and cached); above, x is permuted once with index_select
+  (an in-kernel gather of a large x would read every x sector up to 16 times). Small M splits K.
+Everything launches through torch.library.wrap_triton, so torch.compile and export trace it.
+
+Shapes the kernels do not cover (block_size != 128, K not a multiple of 128, e.g. SmolLM2's 576,
+or other dtypes) run the plain-torch reference on the GPU instead, with a one-time log message.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Optional
+
+import torch
+
+from ..reference import ternary_linear_reference
+from .common import BLOCK
+from .gemm import SMALL_M_MAX, gemm_split, ternary_gemm
+from .gemv import gemv_split, ternary_gemv
+
+log = logging.getLogger(__name__)
+
+GEMV_MAX_M = 2
+GATHER_MAX_M = 16
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter (CPU tensors): any small number
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def unsupported_reason(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
+                       block_size: int) -> Optional[str]:
+    """Why the Triton kernels cannot run this call (None when they can)."""
+    k = x.shape[-1]
+    if block_size != BLOCK:
+        return f"block_size={block_size} (kernels need {BLOCK})"
+    if k % BLOCK:
+        return f"in_features={k} is not a multiple of {BLOCK}"
+    if x.dtype not in _DTYPES:
+        return f"activation dtype {x.dtype}"
+    if alpha.dtype not in _DTYPES:
+        return f"scale dtype {alpha.dtype}"
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_fallback(reason: str) -> None:
+    log.warning("pt2pass.ternary_linear: %s; running the plain-torch reference on the GPU", reason)
+
+
+def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None, perm: Optional[torch.Tensor] = None,
+                          block_size: int = BLOCK) -> torch.Tensor:
+    """y = x[..., perm] @ (alpha * T + mu).T + bias with the Triton kernels (see the module doc)."""
+    reason = unsupported_reason(x, packed, alpha, block_size)
+    if reason is not None:
+        _warn_fallback(reason)
+        return ternary_linear_reference(x, packed, alpha, mu, bias, perm, block_size)
+    k = x.shape[-1]
+    n = packed.shape[0]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if m == 0 or n == 0:
+        return out.reshape(*lead, n)
+    packed, alpha, mu = packed.contiguous(), alpha.contiguous(), mu.contiguous()
+    nb = k // BLOCK
+    sms = _num_sms(x.device)
+    if m <= GEMV_MAX_M:
+        ternary_gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(m, n, nb, sms))
+    else:
+        if perm is not None and m > GATHER_MAX_M:
+            x2, perm = x2.index_select(1, perm), None
+        split = gemm_split(m, n, nb, sms) if m <= SMALL_M_MAX else 1
+        ternary_gemm(x2, packed, alpha, mu, bias, perm, out, split=split)
+    return out.reshape(*lead, n)

@@ -1,0 +1,150 @@
+"""Tiled GEMM kernel for larger M (prefill): tensor cores, one 128-column scale block per K step.
+
+Per K step the program loads the (BN, 8) words of one block for its BN output rows (16 B per
+thread, coalesced), extracts the 16 code slots with one shift + one LOP3 each (v = 1 + q/4 exactly,
+as a float32 bit pattern: no int->float conversion), folds the block's scales into the tile
+(W = alpha * (q - 1) + mu = 4 alpha * v + (mu - 5 alpha): one FFMA per weight), rounds it to x's
+dtype and interleaves the slots back into column order in registers (tl.join / permute / reshape:
+slot i of word j is column 8 i + j, see format.py). The x tile is an ordinary (BM, 128) tile that
+Triton pipelines into shared memory; tl.dot accumulates in float32 (wgmma on Hopper when BM >= 64).
+Rounding the folded weight to bf16 costs ~2^-9 relative per weight, like a bf16 weight would.
+Small M: the K range is split across programs (grid axis 1) into a float32 workspace.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import BLOCK, INTERPRET, ONE_BITS, autotune, dot_in_fp32, launch, m_bucket, splitk_reduce
+
+
+@triton.jit
+def _slot(words, i: tl.constexpr, A, B, one_bits):
+    """Folded weight of code slot i of every word: 4 alpha * (1 + q/4) + (mu - 5 alpha)."""
+    SH: tl.constexpr = 21 - 2 * i
+    if SH >= 0:
+        t = words << SH
+    else:
+        t = words >> (-SH)
+    v = ((t & (3 << 21)) | one_bits).to(tl.float32, bitcast=True)
+    return A * v + B
+
+
+@triton.jit
+def _weight_tile(words, A, B, one_bits):
+    """(BN, 8) words -> (BN, 128) folded weights in column order (column 8 i + j)."""
+    w = tl.join(
+        tl.join(tl.join(tl.join(_slot(words, 0, A, B, one_bits), _slot(words, 1, A, B, one_bits)),
+                        tl.join(_slot(words, 2, A, B, one_bits), _slot(words, 3, A, B, one_bits))),
+                tl.join(tl.join(_slot(words, 4, A, B, one_bits), _slot(words, 5, A, B, one_bits)),
+                        tl.join(_slot(words, 6, A, B, one_bits), _slot(words, 7, A, B, one_bits)))),
+        tl.join(tl.join(tl.join(_slot(words, 8, A, B, one_bits), _slot(words, 9, A, B, one_bits)),
+                        tl.join(_slot(words, 10, A, B, one_bits), _slot(words, 11, A, B, one_bits))),
+                tl.join(tl.join(_slot(words, 12, A, B, one_bits), _slot(words, 13, A, B, one_bits)),
+                        tl.join(_slot(words, 14, A, B, one_bits), _slot(words, 15, A, B, one_bits)))))
+    # w is (BN, 8[j], 2[i&1], 2[i>>1&1], 2[i>>2&1], 2[i>>3]): bring i's bits to the front, MSB first
+    w = tl.permute(w, (0, 5, 4, 3, 2, 1))
+    return tl.reshape(w, (w.shape[0], 128))
+
+
+def _configs(shapes):
+    return [triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for bm, bn, w, st in shapes]
+
+
+# (BM, BN, warps, stages). Small M runs with split-K, so tiles stay narrow; BM >= 64 gets wgmma.
+_SMALL_M = _configs([(64, 64, 4, 4), (64, 128, 4, 3), (16, 64, 4, 3), (32, 128, 4, 3)])
+_LARGE_M = _configs([(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 3)])
+SMALL_M_MAX = 64
+
+
+@triton.jit
+def ternary_gemm_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr,
+                        M, N, KW, NB, stride_xm, blocks_per_split, one_bits, m_bucket,
+                        HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT_OUT: tl.constexpr,
+                        DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+    # grouped tile order so that consecutive programs share x tiles in L2
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    gsz = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % gsz
+    pid_n = (pid % width) // gsz
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    m_ok = rm < M
+    n_ok = rn < N
+    ik = tl.arange(0, 128)
+    ij = tl.arange(0, 8)
+    x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
+    b_lo = pid_k * blocks_per_split
+    b_hi = tl.minimum(b_lo + blocks_per_split, NB)
+    acc = tl.zeros((BM, BN), tl.float32)
+    for b in range(b_lo, b_hi):
+        words = tl.load(w_rows + b * 8 + ij[None, :], mask=n_ok[:, None], other=0)
+        al = tl.load(a_ptr + rn * NB + b, mask=n_ok, other=0.0).to(tl.float32)
+        mu = tl.load(mu_ptr + rn * NB + b, mask=n_ok, other=0.0).to(tl.float32)
+        w = _weight_tile(words, (4.0 * al)[:, None], (mu - 5.0 * al)[:, None], one_bits)
+        kk = b * 128 + ik
+        if HAS_PERM:
+            kk = tl.load(perm_ptr + kk)
+        xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
+        if DOT_F32:
+            acc = tl.dot(xt.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
+    if SPLIT_OUT:
+        optr = out_ptr + (pid_k * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
+        tl.store(optr, acc, mask=m_ok[:, None] & n_ok[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        optr = out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :]
+        tl.store(optr, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+_KEY = ["m_bucket", "N", "KW", "blocks_per_split"]
+_gemm_small = autotune(_SMALL_M, _KEY)(ternary_gemm_kernel)
+_gemm_large = autotune(_LARGE_M, _KEY)(ternary_gemm_kernel)
+_INTERPRET_CONFIG = {"BM": 16, "BN": 16, "GROUP_M": 4}
+
+
+def gemm_split(m: int, n: int, nb: int, sms: int) -> int:
+    """K splits when the (BM=64, BN=128) tile grid leaves most SMs idle (small M)."""
+    tiles = triton.cdiv(m, 64) * triton.cdiv(n, 128)
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), nb // 8))
+
+
+def ternary_gemm(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
+                 bias, perm, out: torch.Tensor, split: int = 1) -> torch.Tensor:
+    """y = x[:, perm] @ W^T + bias into ``out`` (M, N); x (M, K) with unit stride along K."""
+    m, k = x.shape
+    n, kw = packed.shape
+    nb = k // BLOCK
+    if k % BLOCK or kw * 16 != k or alpha.shape != (n, nb) or x.stride(1) != 1:
+        raise ValueError(f"ternary_gemm needs K % {BLOCK} == 0, 128-blocks and unit-stride x; "
+                         f"got x {tuple(x.shape)}, packed {tuple(packed.shape)}, alpha {tuple(alpha.shape)}")
+    bps = triton.cdiv(nb, split)
+    split = triton.cdiv(nb, bps)
+    target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    args = (x, packed, alpha, mu, bias if bias is not None else alpha, perm if perm is not None else packed,
+            target, m, n, kw, nb, x.stride(0), bps, ONE_BITS, m_bucket(m))
+    meta = dict(HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_OUT=split > 1,
+                DOT_F32=dot_in_fp32(x))
+    if INTERPRET:
+        cfg = _INTERPRET_CONFIG
+        grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), split)
+        launch(ternary_gemm_kernel, grid, *args, **meta, **cfg)
+    else:
+        kernel = _gemm_small if m <= SMALL_M_MAX else _gemm_large
+        launch(kernel, lambda META: (triton.cdiv(m, META["BM"]) * triton.cdiv(n, META["BN"]), split), *args, **meta)
+    if split > 1:
+        splitk_reduce(target, bias, out)
+    return out

@@ -1,0 +1,141 @@
+"""GEMV / split-K kernel for small M (decode): CUDA cores, one x row per program.
+
+At M=1 the layer is memory bound: the kernel must stream N*K/4 bytes of codes plus the scales at
+HBM speed, which leaves ~3 instructions per weight on an H100 (132 SMs x 128 lanes x ~1.9 GHz
+against ~10^13 weights/s). The inner loop therefore spends per weight one LOP3 and one FFMA:
+
+* The code of slot i is moved (one shift per 4 slots) to float mantissa bits p..p+1 with
+  p = 15 + 2*(i % 4), masked and OR-ed with the bits of 1.0 (one LOP3): v = 1 + q * 2**(p-23),
+  an exact float32 with no int->float conversion.
+* x is pre-scaled by 2**(23-p) (exact) so that v * x' = x' + q * x; the x' part is removed per
+  block with S'_b = sum(x'), so the block partial is P_b = S'_b + sum_k q_k x_k.
+* With q = T + 1: y_n = sum_b alpha_nb * (P_b - S'_b - s_b) + mu_nb * s_b, s_b = sum_{k in b} x_k.
+
+Layout (format.py, block-planar): a thread loads 4 consecutive words of a block (16 B, coalesced
+across the warp) and for slot i needs x[128 b + 8 i + j .. +3]: contiguous, one vector load, shared
+by all the rows the thread handles (BN rows per program, several per thread). The K range can be
+split across programs (grid axis 1): partials go to a float32 workspace reduced by a second kernel.
+Precision: the cancellation P - S' loses at most 8 of float32's 24 bits (relative ~1e-5).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import BLOCK, INTERPRET, ONE_BITS, autotune, launch, m_bucket, splitk_reduce
+
+
+@triton.jit
+def _slot_term(words, xi, i: tl.constexpr, one_bits):
+    """v * x' for code slot i of every word: v = 1 + q * 2**(p-23), x' = x * 2**(23-p)."""
+    P: tl.constexpr = 15 + 2 * (i % 4)
+    SH: tl.constexpr = P - 2 * i
+    if SH >= 0:
+        t = words << SH
+    else:
+        t = words >> (-SH)
+    v = ((t & (3 << P)) | one_bits).to(tl.float32, bitcast=True)
+    return v * (xi * (1 << (23 - P)))[None, :, :]
+
+
+@triton.jit
+def _load_x(x_row, perm_ptr, kk, ok, HAS_PERM: tl.constexpr):
+    if HAS_PERM:
+        kk = tl.load(perm_ptr + kk, mask=ok, other=0)
+    return tl.load(x_row + kk, mask=ok, other=0.0).to(tl.float32)
+
+
+def _gemv_configs():
+    # (rows per program, blocks per iteration, warps): the warp spans 16 blocks x 2 threads, the
+    # rows of a program stay inside each thread (x loads amortized over BN rows).
+    shapes = [(8, 16, 1), (8, 32, 2), (16, 16, 2), (16, 32, 4), (8, 64, 4), (4, 32, 2)]
+    return [triton.Config({"BN": bn, "NBT": nbt}, num_warps=w, num_stages=1) for bn, nbt, w in shapes]
+
+
+@autotune(_gemv_configs(), key=["m_bucket", "N", "KW", "blocks_per_split"])
+@triton.jit
+def ternary_gemv_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr,
+                        M, N, KW, NB, stride_xm, blocks_per_split, one_bits, m_bucket,
+                        HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT_OUT: tl.constexpr,
+                        BN: tl.constexpr, NBT: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    rows = pid_n * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    ib = tl.arange(0, NBT)
+    ij = tl.arange(0, 8)
+    b_lo = pid_k * blocks_per_split
+    b_hi = tl.minimum(b_lo + blocks_per_split, NB)
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
+    acc = tl.zeros((BN, NBT), tl.float32)
+    for b0 in range(b_lo, b_hi, NBT):
+        blk = b0 + ib
+        blk_ok = blk < b_hi
+        words = tl.load(w_rows + (blk * 8)[None, :, None] + ij[None, None, :],
+                        mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
+        kk = blk[:, None] * 128 + ij[None, :]  # x offsets of slot 0; slot i adds 8 * i
+        xok = blk_ok[:, None]
+        xi = _load_x(x_row, perm_ptr, kk, xok, HAS_PERM)
+        pw = _slot_term(words, xi, 0, one_bits)
+        sw = xi
+        cw = xi * 256.0
+        for i in tl.static_range(1, 16):
+            xi = _load_x(x_row, perm_ptr, kk + 8 * i, xok, HAS_PERM)
+            pw += _slot_term(words, xi, i, one_bits)
+            sw += xi
+            cw += xi * (1 << (8 - 2 * (i % 4)))
+        s = tl.sum(sw, axis=1)
+        c = tl.sum(cw, axis=1) + s  # S'_b + s_b
+        p = tl.sum(pw, axis=2)
+        sofs = rows[:, None] * NB + blk[None, :]
+        smask = row_ok[:, None] & blk_ok[None, :]
+        al = tl.load(a_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+        mu = tl.load(mu_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+        acc += al * (p - c[None, :]) + mu * s[None, :]
+    y = tl.sum(acc, axis=1)
+    if SPLIT_OUT:
+        tl.store(out_ptr + (pid_k * M + m) * N + rows, y, mask=row_ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+# Under the interpreter there is no autotuning: the smallest config keeps the CPU tests fast.
+_INTERPRET_CONFIG = {"BN": 16, "NBT": 2}
+
+
+def gemv_split(m: int, n: int, nb: int, sms: int) -> int:
+    """K splits so that at least ~2 programs per SM exist when N is small (rows per program ~8)."""
+    programs = triton.cdiv(n, 8) * m
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), nb // 4))
+
+
+def ternary_gemv(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
+                 bias, perm, out: torch.Tensor, split: int = 1) -> torch.Tensor:
+    """y = x[:, perm] @ W^T + bias into ``out`` (M, N); x (M, K) with unit stride along K."""
+    m, k = x.shape
+    n, kw = packed.shape
+    nb = k // BLOCK
+    if k % BLOCK or kw * 16 != k or alpha.shape != (n, nb) or x.stride(1) != 1:
+        raise ValueError(f"ternary_gemv needs K % {BLOCK} == 0, 128-blocks and unit-stride x; "
+                         f"got x {tuple(x.shape)}, packed {tuple(packed.shape)}, alpha {tuple(alpha.shape)}")
+    bps = triton.cdiv(nb, split)
+    split = triton.cdiv(nb, bps)
+    target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
+    args = (x, packed, alpha, mu, bias if bias is not None else alpha, perm if perm is not None else packed,
+            target, m, n, kw, nb, x.stride(0), bps, ONE_BITS, m_bucket(m))
+    meta = dict(HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_OUT=split > 1)
+    if INTERPRET:
+        cfg = _INTERPRET_CONFIG
+        launch(ternary_gemv_kernel, (triton.cdiv(n, cfg["BN"]), split, m), *args, **meta, **cfg)
+    else:
+        launch(ternary_gemv_kernel, lambda META: (triton.cdiv(n, META["BN"]), split, m), *args, **meta)
+    if split > 1:
+        splitk_reduce(target, bias, out)
+    return out

@@ -1,0 +1,35 @@
+import torch
+
+from pt2pass.capture import capture, linear_nodes
+from pt2pass.runner import BatchedGraphRunner, PerBatch, causal_lm_batches
+
+
+def test_runner_reproduces_each_batch_exactly(tiny_llama):
+    gm = capture(tiny_llama)
+    ids = torch.randint(0, 256, (6, 12))
+    batches = causal_lm_batches(ids, batch_size=4)
+    assert [b[1]["input_ids"].shape[0] for b in batches] == [4, 2]
+    out_node = [n for n in gm.graph.nodes if n.op == "output"][0]
+    logits_node = out_node.args[0][0]
+    runner = BatchedGraphRunner(gm, batches, targets=[logits_node])
+    with torch.no_grad():
+        for _, nodes in runner.segments():
+            for node in nodes:
+                runner.run_node(node)
+        got = runner.value(logits_node)
+        assert isinstance(got, PerBatch) and len(got.values) == 2
+        want = tiny_llama(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(torch.cat(got.values), want, rtol=1e-6, atol=1e-6)
+
+
+def test_runner_skips_nodes_not_needed_and_frees_values(tiny_llama):
+    gm = capture(tiny_llama)
+    first = linear_nodes(gm)["model.layers.0.self_attn.q_proj.weight"]
+    runner = BatchedGraphRunner(gm, causal_lm_batches(torch.randint(0, 256, (2, 8)), 2), [first])
+    assert all(n.name != "linear_14" for n in runner.nodes)  # lm_head never runs
+    with torch.no_grad():
+        for _, nodes in runner.segments():
+            for node in nodes:
+                runner.run_node(node)
+    # only the target's own value is still held
+    assert list(runner.env) == [first]
