@@ -11,12 +11,14 @@ from .capture import capture
 from .config import CompileConfig, TernaryConfig
 from .lowering.lower import LowerTernaryLinear
 from .pass_manager import Pass, PassError, PassManager, PassResult
-from .passes import CaptureCalibration, SequentialTernarize, TernarizeWeights
+from .passes import (CaptureCalibration, FoldPermutations, InsertPermutations, SequentialTernarize,
+                     TernarizeWeights)
 from .quantized_model import QuantizedModel
 from .store import QuantStore, store_of
 
 __all__ = [
     "compile", "export", "capture", "CompileConfig", "TernaryConfig", "Pass", "PassError",
     "PassManager", "PassResult", "CaptureCalibration", "SequentialTernarize", "TernarizeWeights",
+    "InsertPermutations", "FoldPermutations",
     "LowerTernaryLinear", "QuantizedModel", "QuantStore", "store_of",
 ]

@@ -12,7 +12,7 @@ from .config import CompileConfig
 from .data import calibration_tensor
 from .lowering.lower import LowerTernaryLinear
 from .pass_manager import Pass, PassManager
-from .passes import SequentialTernarize, TernarizeWeights
+from .passes import FoldPermutations, InsertPermutations, SequentialTernarize, TernarizeWeights
 from .quantized_model import QuantizedCausalLM, QuantizedModel
 from .runner import causal_lm_batches
 from .store import store_of
@@ -51,12 +51,13 @@ def calibration_batches(model: nn.Module, calib_data, tokenizer, config: Compile
 
 
 def default_passes(batches, config: CompileConfig, progress: bool = True) -> List[Pass]:
-    """The standard pipeline: sequential calibration + ternarization, then lowering."""
+    """The standard pipeline: sequential calibration + ternarization, SSR permutations made explicit
+    and folded into producers where legal, then lowering (remaining private gathers fuse into the op)."""
     if config.ternary.needs_calibration:
         quantize: Pass = SequentialTernarize(batches, config, progress=progress)
     else:
         quantize = TernarizeWeights(config, progress=progress)
-    return [quantize, LowerTernaryLinear()]
+    return [quantize, InsertPermutations(), FoldPermutations(), LowerTernaryLinear()]
 
 
 def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[CompileConfig] = None,

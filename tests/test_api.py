@@ -29,7 +29,8 @@ def test_compile_returns_same_kind_of_output(compiled):
     assert type(out) is type(ref) and out.logits.shape == ref.logits.shape
     assert torch.isfinite(out.logits).all()
     assert qm.ternary_node_count() == 14
-    assert [r.name for r in qm.pass_history] == ["SequentialTernarize", "LowerTernaryLinear"]
+    assert [r.name for r in qm.pass_history] == ["SequentialTernarize", "InsertPermutations",
+                                                 "FoldPermutations", "LowerTernaryLinear"]
     assert len(qm.report()) == 14 and "E_x_aga" in qm.report()[0]
 
 

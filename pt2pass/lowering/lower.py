@@ -8,7 +8,9 @@ After:   p = get_attr[model.layers.0.mlp.up_proj.packed]   (int32 2-bit codes)
 Results come from the store (keyed by weight FQN), so the pass applies to any graph of the model.
 If an earlier pass already permuted the Linear's input (InsertPermutations / FoldPermutations set
 ``meta["pt2pass_input_permuted"]``) the op gets no ``perm``; otherwise an SSR permutation is
-passed to the op, whose kernel gathers x. Rows permuted by FoldPermutations
+passed to the op, whose kernel gathers x; an explicit gather that feeds only this Linear is
+fused back into the op the same way (a gather shared by q/k/v stays, computed once). Rows
+permuted by FoldPermutations
 (``meta["pt2pass_output_perm"]``) are applied to the packed rows, scales and bias. The
 full-precision weight is removed from the module.
 """
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 TERNARY_OP = torch.ops.pt2pass.ternary_linear.default
 INPUT_PERMUTED = "pt2pass_input_permuted"
 OUTPUT_PERM = "pt2pass_output_perm"
+GATHER = "pt2pass_gather"  # marks index_select nodes inserted by InsertPermutations
 
 
 class LowerTernaryLinear(Pass):
@@ -77,6 +80,8 @@ class LowerTernaryLinear(Pass):
         owner = gm.get_submodule(prefix) if prefix else gm
         names = {"packed": pack_ternary(T), "alpha": alpha, "mu": mu}
         needs_perm = layer.perm is not None and not node.meta.get(INPUT_PERMUTED, False)
+        if layer.perm is not None and x.meta.get(GATHER) and len(x.users) == 1:
+            x, needs_perm = x.args[0], True  # fuse the explicit gather into the kernel
         if needs_perm:
             names["input_perm"] = layer.perm
         for name, value in names.items():
