@@ -60,3 +60,29 @@ def dense_linear_bytes(model: nn.Module) -> Dict[str, int]:
             weights += m.weight.numel()
             nbytes += m.weight.numel() * m.weight.element_size()
     return {"weights": weights, "bytes": nbytes}
+
+
+CODE_BITS = {"2bit": 2.0, "trit5": 8.0 / 5.0}  # 2-bit codes, or 5 ternary digits per byte
+SCALE_BITS = 16   # alpha and mu are stored in fp16
+PERM_BITS = 32    # permutation indices are stored as int32
+
+
+def bits_per_weight(store, packing: str = "2bit") -> float:
+    """All-in storage bits per weight of the quantized Linears in ``store``: codes, the two 16-bit
+    scales per row per block, and permutation indices (GPTQ baselines: codes, an fp16 scale and a
+    ``bits``-bit zero point per group)."""
+    if packing not in CODE_BITS:
+        raise ValueError(f"packing={packing!r}; allowed: {sorted(CODE_BITS)}")
+    total_bits = total_weights = 0.0
+    for layer in store.layers.values():
+        n, k = layer.shape
+        groups = layer.alpha.shape[1]
+        if layer.is_ternary:
+            bits = n * k * CODE_BITS[packing] + 2 * SCALE_BITS * n * groups
+            bits += PERM_BITS * k if layer.perm is not None else 0
+        else:
+            b = int(layer.stats.get("bits", 2))
+            bits = n * k * b + (SCALE_BITS + b) * n * groups
+        total_bits += bits
+        total_weights += n * k
+    return total_bits / max(total_weights, 1)

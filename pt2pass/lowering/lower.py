@@ -83,7 +83,7 @@ class LowerTernaryLinear(Pass):
         if layer.perm is not None and x.meta.get(GATHER) and len(x.users) == 1:
             x, needs_perm = x.args[0], True  # fuse the explicit gather into the kernel
         if needs_perm:
-            names["input_perm"] = layer.perm
+            names["input_perm"] = layer.perm.to(torch.int32)  # stored as int32 (see sizes.py)
         for name, value in names.items():
             owner.register_buffer(name, value.to(w.device).contiguous())
         with gm.graph.inserting_before(node):

