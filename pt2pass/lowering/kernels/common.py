@@ -4,7 +4,8 @@ Autotuning: kernels are wrapped with ``triton.autotune`` keyed on (M bucket, N, 
 ``cache_results=True`` when the installed Triton has it (3.3+): the timings then go to Triton's own
 on-disk cache (``TRITON_CACHE_DIR``, default ``~/.triton/cache``, keyed by Triton version, GPU
 target, kernel source and configs), so a second process picks the best config without re-tuning.
-Under ``TRITON_INTERPRET=1`` (the CPU tests) no autotuning happens: one small fixed config runs.
+Under ``TRITON_INTERPRET=1`` (the CPU tests) no autotuning happens: one small fixed config runs;
+``PT2PASS_AUTOTUNE=0`` does the same on a GPU with a good default config.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import triton.language as tl
 
 # The interpreter runs tl.dot on bf16/fp16 through numpy and gives garbage: upcast there.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# PT2PASS_AUTOTUNE=0 launches one fixed config per path (quick checks: no tuning, fewer compiles).
+AUTOTUNE = not INTERPRET and os.environ.get("PT2PASS_AUTOTUNE", "1") != "0"
 # float32 1.0: OR-ed onto an extracted code it gives 1 + q * 2**(p - 23) with no int->float convert.
 # Passed as a runtime argument so that ptxas fuses the AND and the OR into one LOP3.
 ONE_BITS = 0x3F800000
@@ -31,7 +34,7 @@ def m_bucket(m: int) -> int:
 def autotune(configs, key):
     """triton.autotune with the on-disk cache when available; a plain jit kernel in the interpreter."""
     def wrap(fn):
-        if INTERPRET:
+        if not AUTOTUNE:
             return fn
         kwargs = {}
         if "cache_results" in inspect.signature(triton.autotune).parameters:

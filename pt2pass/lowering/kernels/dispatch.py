@@ -3,6 +3,9 @@
 Paths (M = number of rows of x once flattened):
 - M <= GEMV_MAX_M: :func:`ternary_gemv` (CUDA cores; memory bound decode), permutation gathered
   in the kernel, K split over programs when N is small.
+- M >= DEQUANT_MIN_M (prefill): the weight is dequantized once per call to x's dtype by a Triton
+  kernel (N*K*2 bytes written) and multiplied by cuBLAS: at these sizes the product is compute
+  bound and cuBLAS's matrix-unit efficiency beats the fused kernel (see docs/results.md).
 - otherwise: :func:`ternary_gemm` (tensor cores). Up to GATHER_MAX_M rows the permutation is
   gathered in the kernel (x is tiny and cached); above, x is permuted once with index_select
   (an in-kernel gather of a large x would read every x sector up to 16 times). Small M splits K.
@@ -21,13 +24,14 @@ import torch
 
 from ..reference import ternary_linear_reference
 from .common import BLOCK
-from .gemm import SMALL_M_MAX, gemm_split, ternary_gemm
+from .gemm import SMALL_M_MAX, gemm_split, ternary_dequant, ternary_gemm
 from .gemv import gemv_split, ternary_gemv
 
 log = logging.getLogger(__name__)
 
-GEMV_MAX_M = 2
+GEMV_MAX_M = 1
 GATHER_MAX_M = 16
+DEQUANT_MIN_M = 512
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -77,12 +81,18 @@ def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Te
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
-        return out.reshape(*lead, n)
+        return x.new_empty((*lead, n))
     packed, alpha, mu = packed.contiguous(), alpha.contiguous(), mu.contiguous()
     nb = k // BLOCK
     sms = _num_sms(x.device)
+    if m >= DEQUANT_MIN_M:
+        if perm is not None:
+            x2 = x2.index_select(1, perm)
+        w = ternary_dequant(packed, alpha, mu, x.dtype)
+        y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else torch.mm(x2, w.t())
+        return y.reshape(*lead, n)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m <= GEMV_MAX_M:
         ternary_gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(m, n, nb, sms))
     else:

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import BLOCK, INTERPRET, ONE_BITS, autotune, dot_in_fp32, launch, m_bucket, splitk_reduce
+from .common import AUTOTUNE, BLOCK, INTERPRET, ONE_BITS, autotune, dot_in_fp32, launch, m_bucket, splitk_reduce
 
 
 @triton.jit
@@ -54,7 +54,8 @@ def _configs(shapes):
 
 
 # (BM, BN, warps, stages). Small M runs with split-K, so tiles stay narrow; BM >= 64 gets wgmma.
-_SMALL_M = _configs([(64, 64, 4, 4), (64, 128, 4, 3), (16, 64, 4, 3), (32, 128, 4, 3)])
+_SMALL_M = _configs([(16, 64, 4, 3), (16, 64, 4, 5), (16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
+                     (64, 128, 4, 3)])
 _LARGE_M = _configs([(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 3)])
 SMALL_M_MAX = 64
 
@@ -111,7 +112,9 @@ def ternary_gemm_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
 _KEY = ["m_bucket", "N", "KW", "blocks_per_split"]
 _gemm_small = autotune(_SMALL_M, _KEY)(ternary_gemm_kernel)
 _gemm_large = autotune(_LARGE_M, _KEY)(ternary_gemm_kernel)
-_INTERPRET_CONFIG = {"BM": 16, "BN": 16, "GROUP_M": 4}
+# Without autotuning (interpreter / PT2PASS_AUTOTUNE=0): fixed configs.
+_FIXED_SMALL = {"BM": 16, "BN": 16, "GROUP_M": 4} if INTERPRET else {"BM": 16, "BN": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
+_FIXED_LARGE = {"BM": 16, "BN": 16, "GROUP_M": 4} if INTERPRET else {"BM": 128, "BN": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
 
 
 def gemm_split(m: int, n: int, nb: int, sms: int) -> int:
@@ -138,8 +141,8 @@ def ternary_gemm(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu:
             target, m, n, kw, nb, x.stride(0), bps, ONE_BITS, m_bucket(m))
     meta = dict(HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_OUT=split > 1,
                 DOT_F32=dot_in_fp32(x))
-    if INTERPRET:
-        cfg = _INTERPRET_CONFIG
+    if not AUTOTUNE:
+        cfg = _FIXED_SMALL if m <= SMALL_M_MAX else _FIXED_LARGE
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), split)
         launch(ternary_gemm_kernel, grid, *args, **meta, **cfg)
     else:
@@ -147,4 +150,29 @@ def ternary_gemm(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu:
         launch(kernel, lambda META: (triton.cdiv(m, META["BM"]) * triton.cdiv(n, META["BN"]), split), *args, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)
+    return out
+
+
+@triton.jit
+def ternary_dequant_kernel(w_ptr, a_ptr, mu_ptr, out_ptr, N, KW, NB, one_bits, BN: tl.constexpr):
+    """Dense W = alpha * T + mu (N, K) in out's dtype, one (BN, 128) block per program."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    b = tl.program_id(1)
+    n_ok = rn < N
+    words = tl.load(w_ptr + rn.to(tl.int64)[:, None] * KW + b * 8 + tl.arange(0, 8)[None, :], mask=n_ok[:, None])
+    al = tl.load(a_ptr + rn * NB + b, mask=n_ok, other=0.0).to(tl.float32)
+    mu = tl.load(mu_ptr + rn * NB + b, mask=n_ok, other=0.0).to(tl.float32)
+    w = _weight_tile(words, (4.0 * al)[:, None], (mu - 5.0 * al)[:, None], one_bits)
+    optr = out_ptr + rn.to(tl.int64)[:, None] * (KW * 16) + b * 128 + tl.arange(0, 128)[None, :]
+    tl.store(optr, w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+def ternary_dequant(packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The dense (N, K) weight in ``dtype`` (large-M path: dequantize once, then cuBLAS)."""
+    n, kw = packed.shape
+    nb = kw // 8
+    out = torch.empty((n, kw * 16), device=packed.device, dtype=dtype)
+    bn = 32
+    launch(ternary_dequant_kernel, (triton.cdiv(n, bn), nb), packed, alpha, mu, out, n, kw, nb, ONE_BITS, BN=bn,
+           num_warps=4)
     return out

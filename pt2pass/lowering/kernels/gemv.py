@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import BLOCK, INTERPRET, ONE_BITS, autotune, launch, m_bucket, splitk_reduce
+from .common import AUTOTUNE, BLOCK, INTERPRET, ONE_BITS, autotune, launch, m_bucket, splitk_reduce
 
 
 @triton.jit
@@ -44,6 +44,18 @@ def _load_x(x_row, perm_ptr, kk, ok, HAS_PERM: tl.constexpr):
     if HAS_PERM:
         kk = tl.load(perm_ptr + kk, mask=ok, other=0)
     return tl.load(x_row + kk, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_chunk(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB):
+    ij = tl.arange(0, 8)
+    words = tl.load(w_rows + (blk * 8)[None, :, None] + ij[None, None, :],
+                    mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
+    sofs = rows[:, None] * NB + blk[None, :]
+    smask = row_ok[:, None] & blk_ok[None, :]
+    al = tl.load(a_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+    mu = tl.load(mu_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+    return words, al, mu
 
 
 def _gemv_configs():
@@ -71,11 +83,13 @@ def ternary_gemv_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
     x_row = x_ptr + m.to(tl.int64) * stride_xm
     w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
     acc = tl.zeros((BN, NBT), tl.float32)
+    # A plain loop: a register-prefetch of the next chunk (+ tl.range(num_stages=3), which then
+    # streams x through shared memory) measured 10-25% slower on the H100 (more registers, fewer
+    # warps per SM); see docs/results.md.
     for b0 in range(b_lo, b_hi, NBT):
         blk = b0 + ib
         blk_ok = blk < b_hi
-        words = tl.load(w_rows + (blk * 8)[None, :, None] + ij[None, None, :],
-                        mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
+        words, al, mu = _load_chunk(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
         kk = blk[:, None] * 128 + ij[None, :]  # x offsets of slot 0; slot i adds 8 * i
         xok = blk_ok[:, None]
         xi = _load_x(x_row, perm_ptr, kk, xok, HAS_PERM)
@@ -90,10 +104,6 @@ def ternary_gemv_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
         s = tl.sum(sw, axis=1)
         c = tl.sum(cw, axis=1) + s  # S'_b + s_b
         p = tl.sum(pw, axis=2)
-        sofs = rows[:, None] * NB + blk[None, :]
-        smask = row_ok[:, None] & blk_ok[None, :]
-        al = tl.load(a_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
-        mu = tl.load(mu_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
         acc += al * (p - c[None, :]) + mu * s[None, :]
     y = tl.sum(acc, axis=1)
     if SPLIT_OUT:
@@ -104,8 +114,8 @@ def ternary_gemv_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
         tl.store(out_ptr + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
-# Under the interpreter there is no autotuning: the smallest config keeps the CPU tests fast.
-_INTERPRET_CONFIG = {"BN": 16, "NBT": 2}
+# Without autotuning: the smallest config keeps the interpreter (CPU tests) fast; on a GPU a good one.
+_FIXED_CONFIG = {"BN": 16, "NBT": 2} if INTERPRET else {"BN": 4, "NBT": 32, "num_warps": 2}
 
 
 def gemv_split(m: int, n: int, nb: int, sms: int) -> int:
@@ -131,8 +141,8 @@ def ternary_gemv(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu:
     args = (x, packed, alpha, mu, bias if bias is not None else alpha, perm if perm is not None else packed,
             target, m, n, kw, nb, x.stride(0), bps, ONE_BITS, m_bucket(m))
     meta = dict(HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_OUT=split > 1)
-    if INTERPRET:
-        cfg = _INTERPRET_CONFIG
+    if not AUTOTUNE:
+        cfg = _FIXED_CONFIG
         launch(ternary_gemv_kernel, (triton.cdiv(n, cfg["BN"]), split, m), *args, **meta, **cfg)
     else:
         launch(ternary_gemv_kernel, lambda META: (triton.cdiv(n, META["BN"]), split, m), *args, **meta)

@@ -1,0 +1,115 @@
+"""torch.ops.pt2pass.ternary_linear on CPU: opcheck, torch.compile without graph breaks, torch.export
+round trip through save/load in a fresh process, AOTInductor package. (The GPU counterparts run in
+benchmarks/check_gpu_lowering.py on the lent H100.)"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import pt2pass  # noqa: F401  (registers the op)
+from pt2pass.lowering.format import pack_ternary
+from pt2pass.lowering.reference import ternary_linear_reference
+
+OP = torch.ops.pt2pass.ternary_linear
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _layer(n=48, k=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    T = torch.randint(-1, 2, (n, k), generator=g)
+    alpha = torch.rand(n, k // 128, generator=g) + 0.5
+    mu = torch.randn(n, k // 128, generator=g) * 0.1
+    return pack_ternary(T), alpha, mu, torch.randn(n, generator=g), torch.randperm(k, generator=g)
+
+
+class TwoLayers(torch.nn.Module):
+    """Two ternary Linears, one with bias and permutation: two op nodes once exported."""
+
+    def __init__(self):
+        super().__init__()
+        for i, (packed, alpha, mu, bias, perm) in enumerate([_layer(128, 256, 1), _layer(64, 128, 2)]):
+            for name, t in (("packed", packed), ("alpha", alpha), ("mu", mu), ("bias", bias), ("perm", perm)):
+                self.register_buffer(f"{name}{i}", t)
+
+    def forward(self, x):
+        h = OP(x, self.packed0, self.alpha0, self.mu0, None, None)
+        return OP(torch.relu(h), self.packed1, self.alpha1, self.mu1, self.bias1, self.perm1)
+
+
+@pytest.mark.parametrize("with_extras", [False, True])
+@pytest.mark.parametrize("xshape", [(3, 256), (2, 5, 256)])
+def test_opcheck(with_extras, xshape):
+    packed, alpha, mu, bias, perm = _layer()
+    args = (torch.randn(*xshape), packed, alpha, mu, bias if with_extras else None, perm if with_extras else None)
+    torch.library.opcheck(OP.default, args)
+
+
+def test_op_matches_reference_and_rejects_bad_shapes():
+    packed, alpha, mu, bias, perm = _layer()
+    x = torch.randn(4, 256)
+    torch.testing.assert_close(OP(x, packed, alpha, mu, bias, perm),
+                               ternary_linear_reference(x, packed, alpha, mu, bias, perm))
+    with pytest.raises(Exception, match="features"):
+        OP(torch.randn(4, 128), packed, alpha, mu)
+
+
+def test_compile_fullgraph_has_one_graph_and_no_break():
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    model = TwoLayers()
+    x = torch.randn(3, 256)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x))
+    assert counter.frame_count == 1
+    assert counter.op_count >= 2
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0
+
+
+def test_compile_with_inductor_matches_eager():
+    torch._dynamo.reset()
+    model = TwoLayers()
+    x = torch.randn(2, 4, 256)
+    torch.testing.assert_close(torch.compile(model, fullgraph=True)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+_LOAD_AND_RUN = """
+import sys, torch
+import pt2pass  # registers the op before the program is loaded
+ep = torch.export.load(sys.argv[1])
+x = torch.load(sys.argv[2])
+torch.save(ep.module()(x), sys.argv[3])
+"""
+
+
+def test_export_keeps_one_node_per_call_and_round_trips_in_a_fresh_process(tmp_path):
+    model = TwoLayers()
+    x = torch.randn(3, 256)
+    ep = torch.export.export(model, (x,))
+    nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is OP.default]
+    assert len(nodes) == 2
+    path, xin, yout = tmp_path / "model.pt2", tmp_path / "x.pt", tmp_path / "y.pt"
+    torch.export.save(ep, path)
+    torch.save(x, xin)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-c", _LOAD_AND_RUN, str(path), str(xin), str(yout)],
+                   check=True, env=env, cwd=ROOT, timeout=300)
+    assert torch.equal(torch.load(yout), ep.module()(x))
+    torch.testing.assert_close(torch.load(yout), model(x))
+
+
+def test_aoti_package_runs_on_cpu(tmp_path):
+    """AOTInductor on CPU (compiles C++: ~20-60 s on a 2-core machine)."""
+    model = TwoLayers()
+    x = torch.randn(3, 256)
+    ep = torch.export.export(model, (x,))
+    start = time.time()
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    torch.testing.assert_close(runner(x), model(x), rtol=1e-5, atol=1e-5)
+    print(f"aoti_compile_and_package took {time.time() - start:.0f} s")
