@@ -123,11 +123,24 @@ def dequantize(packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
 
     Traceable (no data-dependent checks): the reference op path goes through here."""
     T = unpack_codes(packed)
+    check_scales(alpha, mu, T.shape[0], T.shape[1], block_size)
+    return affine_blocks(T, alpha, mu, block_size).to(dtype)
+
+
+def affine_blocks(T: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
+                  block_size: int) -> torch.Tensor:
+    """float32 ``alpha * T + mu`` per block of columns, broadcasting the (N, n_blocks) scales over
+    each block instead of materialising them per column (the CPU reference's hot path)."""
     n, k = T.shape
-    check_scales(alpha, mu, n, k, block_size)
-    a = expand_blocks(alpha.to(torch.float32), k, block_size)
-    m = expand_blocks(mu.to(torch.float32), k, block_size)
-    return (a * T.to(torch.float32) + m).to(dtype)
+    a, m = alpha.to(torch.float32), mu.to(torch.float32)
+    full = (k // block_size) * block_size
+    nf = full // block_size
+    w = (T[:, :full].to(torch.float32).view(n, nf, block_size) * a[:, :nf, None]
+         + m[:, :nf, None]).view(n, full)
+    if full == k:
+        return w
+    tail = T[:, full:].to(torch.float32) * a[:, nf:] + m[:, nf:]  # the partial last block
+    return torch.cat([w, tail], dim=1)
 
 
 def check_scales(alpha: torch.Tensor, mu: torch.Tensor, out_features: int, in_features: int,

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from ..config import TernaryConfig
-from ..lowering.format import expand_blocks
+from ..lowering.format import affine_blocks
 from ..store import LayerQuant
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,7 @@ def quantize_linear(fqn: str, W: torch.Tensor, H: Optional[torch.Tensor], config
 def dense_from_parts(T: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                      perm: Optional[torch.Tensor], block_size: int) -> torch.Tensor:
     """alpha * T + mu (float32), blocks along columns, with the column permutation undone."""
-    k = T.shape[1]
-    q = expand_blocks(alpha.float(), k, block_size) * T.float() + expand_blocks(mu.float(), k, block_size)
+    q = affine_blocks(T, alpha, mu, block_size)
     if perm is None:
         return q
     out = torch.empty_like(q)
