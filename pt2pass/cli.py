@@ -15,7 +15,8 @@ def _demo(args) -> int:
     from .demo import DemoSettings, format_demo, run_demo
 
     ternary = TernaryConfig(method=args.method, order=args.order, compensation=args.compensation,
-                            aga=not args.no_aga, block_size=args.block_size)
+                            aga=not args.no_aga, block_size=args.block_size,
+                            refine_rounds=args.refine_rounds)
     settings = DemoSettings(n_calib=args.n_calib, seqlen=args.seqlen, eval_windows=args.eval_windows,
                             new_tokens=args.new_tokens, ternary=ternary, sequential=args.sequential,
                             progress=not args.no_progress)
@@ -40,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--compensation", default="exact", choices=["exact", "diagonal", "none"])
     demo.add_argument("--no-aga", action="store_true", help="skip Activation-aware Grid Alignment")
     demo.add_argument("--block-size", type=int, default=128)
+    demo.add_argument("--refine-rounds", type=int, default=0,
+                      help="beyond the paper: rounds of Hessian-aware re-rounding of T (default 0)")
     demo.add_argument("--sequential", default="linear", choices=["linear", "stage"])
     demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
     demo.set_defaults(func=_demo)

@@ -45,6 +45,10 @@ class TernaryConfig:
     """Hessian damping, as a fraction of mean(diag H)."""
     bits: int = 2
     """Bit width of the "gptq" baseline (ignored by the ternary methods)."""
+    refine_rounds: int = 0
+    """Beyond the paper (pt2pass/quant/refine.py): rounds of GPTQ-style in-block re-rounding of T
+    plus grid re-fit against the compensated-loss metric after ITF + AGA. Needs
+    compensation="exact"; 0 is the paper's method."""
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -53,6 +57,11 @@ class TernaryConfig:
         _positive_int("block_size", self.block_size)
         _positive_int("itf_max_iters", self.itf_max_iters)
         _positive_int("bits", self.bits)
+        if not isinstance(self.refine_rounds, int) or self.refine_rounds < 0:
+            raise ValueError(f"refine_rounds={self.refine_rounds!r} must be an integer >= 0")
+        if self.refine_rounds and self.compensation != "exact":
+            raise ValueError(f"refine_rounds={self.refine_rounds} needs compensation='exact', got "
+                             f"{self.compensation!r}")
         if not (0.0 <= self.damp < 1.0):
             raise ValueError(f"damp={self.damp!r} must be in [0, 1)")
         if self.block_size % 16:

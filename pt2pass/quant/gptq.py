@@ -39,6 +39,7 @@ from ..config import TernaryConfig
 from .baselines import gptq_quantize, rtn_ternary
 from .hessian import cholesky_inverse_damped, prepare_hessian
 from .result import QuantResult, finish, n_blocks
+from .refine import refine_block
 from .ssr import next_block, static_order
 from .ternary import aga, canonicalize, dequant, itf
 
@@ -127,8 +128,10 @@ def ternarize_weight(W: Tensor, H: Optional[Tensor], config: Optional[TernaryCon
     return res
 
 
-def _quantize_block(WB: Tensor, C: Optional[Tensor], config: TernaryConfig, acc: dict):
-    """ITF then (optionally) AGA on one block; returns (T, alpha32, mu32, Q_B in WB's dtype)."""
+def _quantize_block(WB: Tensor, C: Optional[Tensor], config: TernaryConfig, acc: dict,
+                    Hinv_BB: Optional[Tensor] = None):
+    """ITF, then (optionally) AGA, then (optionally, given Hinv[B,B]) the T refinement of
+    refine.py on one block; returns (T, alpha32, mu32, Q_B in WB's dtype)."""
     r = itf(WB, config.itf_max_iters)
     T, alpha, mu = r.T, r.alpha.float(), r.mu.float()
     acc["iters"].append(r.iters)
@@ -139,6 +142,10 @@ def _quantize_block(WB: Tensor, C: Optional[Tensor], config: TernaryConfig, acc:
         T, a2 = canonicalize(T, a2)
         alpha, mu = a2.float(), m2.float()
         _add_errors(acc, "aga", WB, dequant(T, alpha, mu), C)
+    if config.refine_rounds and Hinv_BB is not None:
+        T, alpha, mu, kept = refine_block(WB, T, alpha, mu, Hinv_BB, config.refine_rounds)
+        acc["refine_rounds"] = acc.get("refine_rounds", 0) + kept
+        _add_errors(acc, "refined", WB, dequant(T, alpha, mu), C)
     return T, alpha, mu, dequant(T, alpha, mu).to(WB.dtype)
 
 
@@ -171,7 +178,8 @@ def _block_loop(W: Tensor, Hd: Optional[Tensor], config: TernaryConfig, schur: b
         C = Hd[cols.unsqueeze(1), cols] if Hd is not None else None
         if schur:
             C = torch.cholesky_inverse(torch.linalg.cholesky(Hinv[B.unsqueeze(1), B]))
-        T, alpha, mu, QB = _quantize_block(Wr[:, B], C, config, acc)
+        Hinv_BB = Hinv[B.unsqueeze(1), B] if comp == "exact" else None
+        T, alpha, mu, QB = _quantize_block(Wr[:, B], C, config, acc, Hinv_BB)
         E = Wr[:, B] - QB
         Wr, Hinv, U = _compensate(comp, Wr, Hinv, U, B, R, E)
         Ts.append(T), alphas.append(alpha), mus.append(mu), order.append(cols)
