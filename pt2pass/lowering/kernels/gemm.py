@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, BLOCK, INTERPRET, ONE_BITS, autotune, dot_in_fp32, launch, m_bucket, splitk_reduce
+from .common import (AUTOTUNE, INTERPRET, ONE_BITS, autotune, dot_in_fp32, launch, launch_args,
+                     m_bucket, splitk_reduce)
 
 
 @triton.jit
@@ -128,17 +129,8 @@ def gemm_split(m: int, n: int, nb: int, sms: int) -> int:
 def ternary_gemm(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                  bias, perm, out: torch.Tensor, split: int = 1) -> torch.Tensor:
     """y = x[:, perm] @ W^T + bias into ``out`` (M, N); x (M, K) with unit stride along K."""
-    m, k = x.shape
-    n, kw = packed.shape
-    nb = k // BLOCK
-    if k % BLOCK or kw * 16 != k or alpha.shape != (n, nb) or x.stride(1) != 1:
-        raise ValueError(f"ternary_gemm needs K % {BLOCK} == 0, 128-blocks and unit-stride x; "
-                         f"got x {tuple(x.shape)}, packed {tuple(packed.shape)}, alpha {tuple(alpha.shape)}")
-    bps = triton.cdiv(nb, split)
-    split = triton.cdiv(nb, bps)
-    target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-    args = (x, packed, alpha, mu, bias if bias is not None else alpha, perm if perm is not None else packed,
-            target, m, n, kw, nb, x.stride(0), bps, ONE_BITS, m_bucket(m))
+    m, n = x.shape[0], packed.shape[0]
+    args, split, target = launch_args("ternary_gemm", x, packed, alpha, mu, bias, perm, out, split)
     meta = dict(HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_OUT=split > 1,
                 DOT_F32=dot_in_fp32(x))
     if not AUTOTUNE:
