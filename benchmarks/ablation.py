@@ -40,6 +40,8 @@ CONFIGS = {
                           TernaryConfig(order="natural", compensation="diagonal")),
     "act_order": ("ITF + AGA, GPTQ compensation, act-order", TernaryConfig(order="act_order")),
     "full": ("PT²-LLM: ITF + AGA + GPTQ compensation + SSR", TernaryConfig()),
+    "full_refine": ("PT²-LLM + T refinement, 2 rounds (pt2pass, beyond the paper)",
+                    TernaryConfig(refine_rounds=2)),
     "gptq2": ("GPTQ 2-bit g128", TernaryConfig(method="gptq", bits=2, order="natural")),
     "gptq3": ("GPTQ 3-bit g128", TernaryConfig(method="gptq", bits=3, order="natural")),
 }
@@ -81,7 +83,8 @@ def table(rows, args) -> str:
             f"{', '.join(DEFAULT_EVAL_PLAYS)}; sequential={args.sequential}; "
             f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads.\n\n"
-            f"Command: `python benchmarks/ablation.py {' '.join(sys.argv[1:])}`\n\n")
+            f"Command: `python benchmarks/ablation.py --n-calib {args.n_calib} --seqlen {args.seqlen} "
+            f"--eval-windows {args.eval_windows} --sequential {args.sequential}`\n\n")
     lines = ["| configuration | perplexity | bits/weight (2-bit packed) | bits/weight (5 trits/byte) "
              "| quantize time (s) |", "|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -112,9 +115,17 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--merge-json", type=Path, nargs="+",
+                        help="build the table from rows saved by earlier --json runs (same settings) "
+                             "instead of running")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
-    rows = run(args)
+    if args.merge_json:
+        rows = [r for path in args.merge_json for r in json.loads(path.read_text())]
+        order = ["fp", *CONFIGS]
+        rows.sort(key=lambda r: order.index(r["key"]))
+    else:
+        rows = run(args)
     text = table(rows, args)
     print(text)
     if args.json:
