@@ -62,7 +62,7 @@ def dense_linear_bytes(model: nn.Module) -> Dict[str, int]:
     return {"weights": weights, "bytes": nbytes}
 
 
-CODE_BITS = {"2bit": 2.0, "trit5": 8.0 / 5.0}  # 2-bit codes, or 5 ternary digits per byte
+CODE_BITS = {"2bit": 2.0, "trit5": 8.0 / 5.0}  # 2-bit codes (kernels), or 5 trits per byte (format.pack_trits)
 SCALE_BITS = 16   # alpha and mu are stored in fp16
 PERM_BITS = 32    # permutation indices are stored as int32
 

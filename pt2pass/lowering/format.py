@@ -187,3 +187,36 @@ class PackedTernary:
         out = torch.empty_like(w)
         out[:, self.perm] = w
         return out
+
+
+TRITS_PER_BYTE = 5  # 3**5 = 243 <= 256: 1.6 bits per weight
+
+
+def pack_trits(T: torch.Tensor) -> torch.Tensor:
+    """Dense storage of a ternary matrix: 5 trits per byte (uint8 (N, ceil(K / 5))).
+
+    Byte b of a row holds codes c_i = T + 1 of columns 5b..5b+4 as sum(c_i * 3**i); a partial last
+    byte is padded with code 1 (T = 0). For checkpoints; the kernels read the 2-bit layout."""
+    if T.dim() != 2:
+        raise ValueError(f"pack_trits expects a 2-D matrix, got shape {tuple(T.shape)}")
+    n, k = T.shape
+    codes = T.to(torch.int16) + 1
+    if codes.numel() and (codes.min() < 0 or codes.max() > 2):
+        raise ValueError("pack_trits expects values in {-1, 0, 1}")
+    pad = -k % TRITS_PER_BYTE
+    codes = torch.nn.functional.pad(codes, (0, pad), value=1).view(n, -1, TRITS_PER_BYTE)
+    powers = 3 ** torch.arange(TRITS_PER_BYTE, dtype=torch.int16, device=T.device)
+    return (codes * powers).sum(-1).to(torch.uint8)
+
+
+def unpack_trits(data: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of :func:`pack_trits`: uint8 (N, ceil(K / 5)) -> int8 (N, K) in {-1, 0, 1}."""
+    if data.dtype != torch.uint8 or data.dim() != 2 or data.shape[1] != -(-in_features // TRITS_PER_BYTE):
+        raise ValueError(f"trit-packed weights must be uint8 (N, ceil({in_features} / 5)), got "
+                         f"{data.dtype} {tuple(data.shape)}")
+    if data.numel() and int(data.max()) >= 3 ** TRITS_PER_BYTE:
+        raise ValueError("corrupted trit-packed weight: byte value above 242")
+    v = data.to(torch.int16).unsqueeze(-1)
+    powers = 3 ** torch.arange(TRITS_PER_BYTE, dtype=torch.int16, device=data.device)
+    codes = (v // powers) % 3
+    return (codes.reshape(data.shape[0], -1)[:, :in_features] - 1).to(torch.int8)

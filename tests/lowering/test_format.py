@@ -72,3 +72,24 @@ def test_packed_ternary_undoes_the_permutation():
     x = torch.randn(3, k)
     permuted = x[:, perm] @ dequantize(layer.packed, alpha, mu).T
     torch.testing.assert_close(x @ layer.dequantize().T, permuted, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [5, 64, 576, 577])
+def test_trit_packing_round_trip_and_size(k):
+    from pt2pass.lowering.format import pack_trits, unpack_trits
+
+    T = torch.randint(-1, 2, (7, k), generator=torch.Generator().manual_seed(k), dtype=torch.int8)
+    data = pack_trits(T)
+    assert data.dtype == torch.uint8 and data.shape == (7, -(-k // 5))
+    assert torch.equal(unpack_trits(data, k), T)
+
+
+def test_trit_packing_rejects_corruption():
+    from pt2pass.lowering.format import pack_trits, unpack_trits
+
+    data = pack_trits(torch.zeros(2, 10, dtype=torch.int8))
+    data[1, 0] = 250
+    with pytest.raises(ValueError, match="byte value above 242"):
+        unpack_trits(data, 10)
+    with pytest.raises(ValueError, match="must be uint8"):
+        unpack_trits(data.to(torch.int32), 10)
