@@ -16,7 +16,6 @@ import json
 import math
 import platform
 import re
-import sys
 import time
 from pathlib import Path
 
