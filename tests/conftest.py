@@ -37,3 +37,24 @@ def make_tiny_llama(seed: int = 0, **overrides):
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()
+
+
+def ternarized_graph(model, ternary=None, n_calib: int = 4, seqlen: int = 32):
+    """``model`` captured and run through SequentialTernarize on seeded random calibration ids."""
+    from pt2pass import CompileConfig, PassManager, SequentialTernarize, TernaryConfig, capture
+    from pt2pass.runner import causal_lm_batches
+
+    ids = torch.randint(0, model.config.vocab_size, (n_calib, seqlen),
+                        generator=torch.Generator().manual_seed(0))
+    config = CompileConfig(seqlen=seqlen, ternary=ternary or TernaryConfig())
+    return PassManager([SequentialTernarize(causal_lm_batches(ids, 2), config, progress=False)])(
+        capture(model))
+
+
+def clone_graph(gm):
+    """A deep copy of a GraphModule including its meta (where the quantization store lives)."""
+    import copy
+
+    out = copy.deepcopy(gm)
+    out.meta = copy.deepcopy(gm.meta)
+    return out

@@ -1,14 +1,11 @@
 """LowerTernaryLinear: op counts, exact equality with the fake-quantized graph, weights removed."""
-import copy
-
 import pytest
 import torch
+from conftest import clone_graph, make_tiny_llama, ternarized_graph
 
-from pt2pass import (CompileConfig, LowerTernaryLinear, PassManager, SequentialTernarize,
-                     TernaryConfig, capture, store_of)
+from pt2pass import LowerTernaryLinear, PassManager, TernaryConfig, capture, store_of
 from pt2pass.capture import LINEAR_OP
 from pt2pass.lowering.lower import TERNARY_OP
-from pt2pass.runner import causal_lm_batches
 
 
 def _count(gm, target):
@@ -17,20 +14,12 @@ def _count(gm, target):
 
 @pytest.fixture(scope="module")
 def _ternarized_once():
-    from conftest import make_tiny_llama
-
-    tiny_llama = make_tiny_llama()
-    batches = causal_lm_batches(torch.randint(0, 256, (4, 32)), 2)
-    config = CompileConfig(seqlen=32, ternary=TernaryConfig(order="natural"))
-    gm = PassManager([SequentialTernarize(batches, config, progress=False)])(capture(tiny_llama))
-    return gm
+    return ternarized_graph(make_tiny_llama(), TernaryConfig(order="natural"))
 
 
 @pytest.fixture
 def ternarized(_ternarized_once):
-    gm = copy.deepcopy(_ternarized_once)
-    gm.meta = copy.deepcopy(_ternarized_once.meta)
-    return gm
+    return clone_graph(_ternarized_once)
 
 
 def test_lowering_replaces_every_ternarized_linear(ternarized):

@@ -1,14 +1,12 @@
 """InsertPermutations / FoldPermutations: outputs unchanged (float64), op counts as promised."""
-import copy
-
 import pytest
 import torch
+from conftest import clone_graph, make_tiny_llama, ternarized_graph
 
-from pt2pass import (CompileConfig, FoldPermutations, InsertPermutations, LowerTernaryLinear,
-                     PassManager, SequentialTernarize, capture, store_of)
+from pt2pass import (FoldPermutations, InsertPermutations, LowerTernaryLinear, PassManager,
+                     store_of)
 from pt2pass.lowering.lower import TERNARY_OP
 from pt2pass.passes.insert_permutations import INDEX_SELECT
-from pt2pass.runner import causal_lm_batches
 
 
 def _count(gm, target):
@@ -17,22 +15,14 @@ def _count(gm, target):
 
 @pytest.fixture(scope="module")
 def ssr_graph():
-    from conftest import make_tiny_llama
-
-    model = make_tiny_llama(hidden_size=256, intermediate_size=512).double()
-    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
-    gm = capture(model)
-    config = CompileConfig(seqlen=32)  # default: SSR order, exact compensation, AGA
-    gm = PassManager([SequentialTernarize(causal_lm_batches(ids, 2), config, progress=False)])(gm)
-    assert all(store_of(gm)[f].perm is not None for f in store_of(gm))
+    gm = ternarized_graph(make_tiny_llama(hidden_size=256, intermediate_size=512).double())
+    assert all(store_of(gm)[f].perm is not None for f in store_of(gm))  # default order: SSR
     return gm
 
 
 @pytest.fixture
 def gm(ssr_graph):
-    out = copy.deepcopy(ssr_graph)
-    out.meta = copy.deepcopy(ssr_graph.meta)
-    return out
+    return clone_graph(ssr_graph)
 
 
 IDS = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
