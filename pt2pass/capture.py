@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -44,7 +43,7 @@ def example_inputs_for(model: nn.Module, example_inputs=None) -> Tuple[tuple, di
         raise ValueError("example_inputs are required for a model that is not a Hugging Face causal LM")
     device = next(model.parameters()).device
     vocab = int(getattr(model.config, "vocab_size", 2))
-    ids = torch.randint(0, vocab, (2, 16), device=device, generator=None)
+    ids = torch.randint(0, vocab, (2, 16), device=device)
     return (), {"input_ids": ids, "use_cache": False}
 
 
