@@ -26,6 +26,8 @@ from typing import Optional
 
 import torch
 
+from ..quant.result import dequantize_blocks, n_blocks
+
 FORMAT_VERSION = 2  # 2: block-planar bit order (1: code of column k at word k//16, bits 2*(k%16))
 WEIGHTS_PER_WORD = 16
 BITS_PER_WEIGHT = 2
@@ -108,15 +110,6 @@ def _from_planar(slots: torch.Tensor) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def n_blocks(in_features: int, block_size: int) -> int:
-    return -(-in_features // block_size)
-
-
-def expand_blocks(scales: torch.Tensor, in_features: int, block_size: int) -> torch.Tensor:
-    """(N, n_blocks) per-block values -> (N, K) per-column values (last block may be partial)."""
-    return scales.repeat_interleave(block_size, dim=1)[:, :in_features]
-
-
 def dequantize(packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                block_size: int = DEFAULT_BLOCK_SIZE, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dense weight ``alpha * T + mu`` (N, K) in ``dtype``, in the packed (possibly permuted) order.
@@ -124,23 +117,7 @@ def dequantize(packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
     Traceable (no data-dependent checks): the reference op path goes through here."""
     T = unpack_codes(packed)
     check_scales(alpha, mu, T.shape[0], T.shape[1], block_size)
-    return affine_blocks(T, alpha, mu, block_size).to(dtype)
-
-
-def affine_blocks(T: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-                  block_size: int) -> torch.Tensor:
-    """float32 ``alpha * T + mu`` per block of columns, broadcasting the (N, n_blocks) scales over
-    each block instead of materialising them per column (the CPU reference's hot path)."""
-    n, k = T.shape
-    a, m = alpha.to(torch.float32), mu.to(torch.float32)
-    full = (k // block_size) * block_size
-    nf = full // block_size
-    w = (T[:, :full].to(torch.float32).view(n, nf, block_size) * a[:, :nf, None]
-         + m[:, :nf, None]).view(n, full)
-    if full == k:
-        return w
-    tail = T[:, full:].to(torch.float32) * a[:, nf:] + m[:, nf:]  # the partial last block
-    return torch.cat([w, tail], dim=1)
+    return dequantize_blocks(T, alpha, mu, block_size).to(dtype)
 
 
 def check_scales(alpha: torch.Tensor, mu: torch.Tensor, out_features: int, in_features: int,

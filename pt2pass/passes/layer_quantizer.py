@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from ..config import TernaryConfig
-from ..lowering.format import affine_blocks
+from ..quant.result import dequantize_blocks, unpermute
 from ..store import LayerQuant
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def quantize_linear(fqn: str, W: torch.Tensor, H: Optional[torch.Tensor], config
             log.warning("%s: scales exceed float16 range, stored as float32", fqn)
             scale_dtype = torch.float32
         alpha, mu = alpha.to(scale_dtype), mu.to(scale_dtype)
-        Q = dense_from_parts(result.T, alpha, mu, result.perm, config.block_size)
+        Q = unpermute(dequantize_blocks(result.T, alpha, mu, config.block_size), result.perm)
     stats = dict(result.stats)
     stats["seconds"] = round(time.perf_counter() - start, 4)
     layer = LayerQuant(fqn=fqn, method=config.method, T=result.T, alpha=alpha, mu=mu,
@@ -47,17 +47,6 @@ def quantize_linear(fqn: str, W: torch.Tensor, H: Optional[torch.Tensor], config
     log.info("quantized %s %s: %s", fqn, tuple(W.shape),
              ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
     return layer, Q.to(W.dtype)
-
-
-def dense_from_parts(T: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-                     perm: Optional[torch.Tensor], block_size: int) -> torch.Tensor:
-    """alpha * T + mu (float32), blocks along columns, with the column permutation undone."""
-    q = affine_blocks(T, alpha, mu, block_size)
-    if perm is None:
-        return q
-    out = torch.empty_like(q)
-    out[:, perm] = q
-    return out
 
 
 class HessianCache:

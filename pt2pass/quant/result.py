@@ -39,18 +39,21 @@ def n_blocks(m: int, block_size: int) -> int:
     return -(-m // block_size)
 
 
-def expand_blocks(scales: Tensor, m: int, block_size: int) -> Tensor:
-    """(n, n_blocks) per-block values -> (n, m) per-column values (the last block may be partial)."""
-    return scales.repeat_interleave(block_size, dim=1)[:, :m]
-
-
 def dequantize_blocks(T: Tensor, alpha: Tensor, mu: Tensor, block_size: int) -> Tensor:
-    """alpha_b * T + mu_b blockwise, float32, in T's (permuted) column order; computed exactly as
-    ``pt2pass.lowering.format.dequantize`` does, so the two agree bit for bit."""
-    m = T.shape[1]
-    a = expand_blocks(alpha.to(torch.float32), m, block_size)
-    b = expand_blocks(mu.to(torch.float32), m, block_size)
-    return a * T.to(torch.float32) + b
+    """float32 ``alpha_b * T + mu_b`` per block of columns, in T's (permuted) column order.
+
+    The one definition of the blockwise grid: the packed format's dequantize and the passes use it
+    too, so all agree bit for bit. Scales (n, n_blocks) are broadcast over each block rather than
+    materialised per column (the CPU reference's hot path); the last block may be partial."""
+    n, m = T.shape
+    a, b = alpha.to(torch.float32), mu.to(torch.float32)
+    full = (m // block_size) * block_size
+    nf = full // block_size
+    Q = (T[:, :full].to(torch.float32).view(n, nf, block_size) * a[:, :nf, None]
+         + b[:, :nf, None]).view(n, full)
+    if full == m:
+        return Q
+    return torch.cat([Q, T[:, full:].to(torch.float32) * a[:, nf:] + b[:, nf:]], dim=1)
 
 
 def unpermute(Qp: Tensor, perm: Optional[Tensor]) -> Tensor:
