@@ -7,13 +7,15 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .capture import capture, is_hf_causal_lm
+from .assemble import lowering_passes, wrap
+from .capture import capture, is_hf_causal_lm, unsupported_weight_modules
 from .config import CompileConfig
 from .data import calibration_tensor
-from .lowering.lower import LowerTernaryLinear
+from .decode import build_decode_graph, export_decode_graph, make_skeleton
 from .pass_manager import Pass, PassManager
-from .passes import FoldPermutations, InsertPermutations, SequentialTernarize, TernarizeWeights
-from .quantized_model import QuantizedCausalLM, QuantizedModel
+from .passes import SequentialTernarize, TernarizeWeights
+from .passes.linear_sites import classify_linears
+from .quantized_model import QuantizedModel
 from .runner import causal_lm_batches
 from .store import store_of
 
@@ -57,7 +59,7 @@ def default_passes(batches, config: CompileConfig, progress: bool = True) -> Lis
         quantize: Pass = SequentialTernarize(batches, config, progress=progress)
     else:
         quantize = TernarizeWeights(config, progress=progress)
-    return [quantize, InsertPermutations(), FoldPermutations(), LowerTernaryLinear()]
+    return [quantize, *lowering_passes()]
 
 
 def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[CompileConfig] = None,
@@ -71,7 +73,9 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
     """
     config = config or CompileConfig()
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layers: nothing to ternarize")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layers: nothing to ternarize"
+                         + _unsupported_hint(model))
+    check_finite_weights(model, config.skip)
     was_training = model.training
     model.eval()
     try:
@@ -81,6 +85,8 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
         elif config.ternary.needs_calibration:
             raise ValueError(f"method {config.ternary.method!r} needs calibration data (calib_data)")
         gm = capture(model, example_inputs)
+        if passes is None:
+            check_quantizable(model, gm, config)
         store = store_of(gm)
         store.config.update({"ternary": vars(config.ternary), "seqlen": config.seqlen,
                              "n_calibration_sequences": sum(_rows(b) for b in batches)})
@@ -89,8 +95,47 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
         gm = manager(gm)
     finally:
         model.train(was_training)
-    cls = QuantizedCausalLM if is_hf_causal_lm(model) else QuantizedModel
-    return cls(gm, store, model_config=getattr(model, "config", None), pass_history=manager.history)
+    # Decode graphs are captured later from a skeleton sharing the model's other tensors but
+    # holding no copy of the quantized weights (meta), so the FP Linears can be freed.
+    skeleton = make_skeleton(model, store) if is_hf_causal_lm(model) else model
+    return wrap(gm, store, skeleton, pass_history=manager.history)
+
+
+def check_finite_weights(model: nn.Module, skip: Sequence[str] = ()) -> None:
+    """Refuse NaN/Inf in the weight of a Linear that would be quantized, before any work, naming it."""
+    for name, module in model.named_modules():
+        fqn = f"{name}.weight" if name else "weight"
+        if not isinstance(module, nn.Linear) or any(s in fqn for s in skip):
+            continue
+        w = module.weight
+        if w.device.type == "meta":
+            continue
+        bad = ~torch.isfinite(w)
+        if bool(bad.any()):
+            row, col = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{fqn} contains {int(bad.sum())} NaN/Inf value(s) (the first at "
+                             f"[{row}, {col}]): the model's weights are corrupt, nothing was "
+                             "quantized")
+
+
+def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
+    """At least one Linear of the captured graph must be quantizable; otherwise say why each one
+    is left out and which weight-holding modules pt2pass does not support."""
+    sites, excluded = classify_linears(gm, config.skip)
+    if sites:
+        return
+    found = "; ".join(f"{fqn} {reason}" for fqn, reason in excluded.items()) or "none"
+    raise ValueError(f"{type(model).__name__}: no Linear layer can be ternarized (Linear weights "
+                     f"in the graph: {found}){_unsupported_hint(model)}")
+
+
+def _unsupported_hint(model: nn.Module) -> str:
+    others = unsupported_weight_modules(model)
+    if not others:
+        return ""
+    shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    return (f". {len(others)} module(s) hold a 2-D weight but are not nn.Linear, e.g. {shown}: "
+            "pt2pass ternarizes nn.Linear (aten.linear) only; convert them to nn.Linear first")
 
 
 def _rows(batch) -> int:
@@ -99,8 +144,21 @@ def _rows(batch) -> int:
     return int(x.shape[0]) if isinstance(x, torch.Tensor) else 0
 
 
-def export(qm: QuantizedModel, example_inputs=None) -> torch.export.ExportedProgram:
-    """``torch.export`` the compiled model (dynamic batch and sequence length for causal LMs)."""
+def export(qm: QuantizedModel, example_inputs=None, *, graph: str = "full", batch_size: int = 1,
+           max_cache_len: Optional[int] = None) -> torch.export.ExportedProgram:
+    """``torch.export`` the compiled model.
+
+    ``graph="full"``: the model's forward, ``program.module()(input_ids).logits`` (dynamic batch
+    and sequence length for causal LMs). ``graph="decode"`` (causal LMs): the static-KV-cache
+    step, ``(input_ids (batch_size, S), cache_position (S,)) -> logits (batch_size, 1, vocab)`` of
+    the last position, S in [1, max_cache_len]: the prompt at positions 0..S-1, then one token per
+    call. The cache is the program's buffers (``pt2pass_kv_*``), written in place; generate with
+    ``pt2pass.decode.generate_with_program``. ``max_cache_len`` (prompt + new tokens) is required.
+    """
+    if graph == "decode":
+        return _export_decode(qm, example_inputs, batch_size, max_cache_len)
+    if graph != "full":
+        raise ValueError(f"graph={graph!r} is not supported; allowed: 'full', 'decode'")
     if example_inputs is None:
         if not qm.causal_lm:
             raise ValueError("example_inputs are required to export a non-LM module")
@@ -111,3 +169,23 @@ def export(qm: QuantizedModel, example_inputs=None) -> torch.export.ExportedProg
                  else None for x in example_inputs)
     with torch.no_grad():
         return torch.export.export(qm, tuple(example_inputs), dynamic_shapes=dims, strict=False)
+
+
+def _export_decode(qm: QuantizedModel, example_inputs, batch_size: int,
+                   max_cache_len: Optional[int]) -> torch.export.ExportedProgram:
+    if not qm.causal_lm:
+        raise ValueError('graph="decode" needs a causal LM (a QuantizedCausalLM)')
+    if example_inputs is not None:
+        raise ValueError('graph="decode" takes batch_size and max_cache_len, not example_inputs')
+    if max_cache_len is None:
+        raise ValueError('graph="decode" needs max_cache_len (prompt + new tokens to hold)')
+    limit = qm.max_positions
+    if limit is not None and max_cache_len > limit:
+        raise ValueError(f"max_cache_len={max_cache_len} exceeds the model's "
+                         f"max_position_embeddings ({limit})")
+    if qm.skeleton is None:
+        raise ValueError("this QuantizedCausalLM has no skeleton model to capture a decode graph "
+                         "from (pass skeleton= when constructing it)")
+    # A graph of its own (not the one generate uses), so the program starts from an empty cache.
+    gm = build_decode_graph(qm.skeleton, qm.store, batch_size, max_cache_len, share_with=qm.gm)
+    return export_decode_graph(gm)

@@ -5,13 +5,14 @@ an output with ``.logits``). It carries the quantization store (per-layer result
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
 from torch import nn
 
 from .lowering.lower import TERNARY_OP
+from .sampling import Sampling, check_prompt, generation_loop
 from .store import QuantStore
 
 
@@ -40,29 +41,94 @@ class QuantizedModel(nn.Module):
         return sum(1 for n in self.gm.graph.nodes if n.target is TERNARY_OP)
 
 
-
 class QuantizedCausalLM(QuantizedModel):
-    """A compiled HF causal LM: ``qm(input_ids).logits`` as with the original model."""
+    """A compiled HF causal LM: ``qm(input_ids).logits`` as with the original model, and
+    ``qm.generate`` with a static KV cache (``pt2pass/decode.py``).
+
+    ``skeleton``: the HF model to capture the decode graphs from, whose quantized Linear weights
+    may be on the meta device (``decode.make_skeleton``). It is held outside the module tree, so
+    ``state_dict``, ``parameters`` and ``export`` of this module see the lowered graph only.
+    """
 
     causal_lm = True
+
+    def __init__(self, graph: fx.GraphModule, store: QuantStore, model_config: Any = None,
+                 pass_history: Optional[list] = None, skeleton: Optional[nn.Module] = None):
+        super().__init__(graph, store, model_config, pass_history)
+        object.__setattr__(self, "skeleton", skeleton)
+        # (batch, cache length, dtype, device) -> CachedDecoder, built on first use
+        self._decoders: Dict[Tuple, Any] = {}
 
     def forward(self, input_ids: torch.Tensor):
         return self.gm(input_ids=input_ids, use_cache=False)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32,
-                 eos_token_id: Optional[int] = None) -> torch.Tensor:
-        """Greedy decoding by re-running the full sequence each step (no KV cache)."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-        ids = input_ids
-        for _ in range(max_new_tokens):
-            logits = self(ids).logits[:, -1, :]
-            next_id = logits.argmax(dim=-1, keepdim=True)
-            ids = torch.cat([ids, next_id], dim=1)
-            if eos_token_id is not None and bool((next_id == eos_token_id).all()):
-                break
-        return ids
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
+                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 use_cache: bool = True, compile_decode: Optional[bool] = None) -> torch.Tensor:
+        """Prompt ``input_ids`` (B, P) followed by up to ``max_new_tokens`` tokens, (B, P + n).
+
+        Greedy by default; ``do_sample`` draws from softmax(logits / temperature), restricted to
+        the ``top_k`` most likely tokens, with ``generator`` for reproducibility. With
+        ``eos_token_id`` a finished row is padded with it and generation stops once all rows
+        finished. ``use_cache``: prefill + one decode step per token over a static KV cache (a
+        decode graph built on first use per batch size and cache length, the cache length being
+        P + max_new_tokens rounded up to a multiple of 256); False re-runs the full sequence per
+        token (``generate_no_cache``). ``compile_decode``: CUDA-graph the decode step with
+        ``torch.compile(mode="reduce-overhead")``; default True on CUDA, False on CPU.
+        """
+        sampling = Sampling(do_sample, temperature, top_k, generator)
+        check_prompt(input_ids, max_new_tokens, self.max_positions)
+        if max_new_tokens == 0:
+            return input_ids
+        if use_cache:
+            if compile_decode is None:
+                compile_decode = input_ids.device.type == "cuda"
+            decoder = self.decoder(input_ids.shape[0], input_ids.shape[1] + max_new_tokens,
+                                   input_ids.device)
+            next_logits = decoder.logits_fn(compile_decode)
+        else:
+            next_logits = self._full_sequence_logits
+        return generation_loop(next_logits, input_ids, max_new_tokens, sampling, eos_token_id)
+
+    def generate_no_cache(self, input_ids: torch.Tensor, max_new_tokens: int = 32,
+                          **sampling) -> torch.Tensor:
+        """``generate`` re-running the full-sequence graph over the whole sequence per token
+        (no cache, no decode graph): the reference the cached path must match."""
+        return self.generate(input_ids, max_new_tokens, use_cache=False, **sampling)
+
+    def _full_sequence_logits(self, ids: torch.Tensor, first: bool) -> torch.Tensor:
+        return self(ids).logits[:, -1, :]
+
+    @property
+    def max_positions(self) -> Optional[int]:
+        """The model's max_position_embeddings (None when its config does not say)."""
+        return getattr(self.model_config, "max_position_embeddings", None)
+
+    def decoder(self, batch_size: int, total_tokens: int, device: torch.device):
+        """The ``CachedDecoder`` for this batch size whose cache holds ``total_tokens`` (its
+        length rounded up, see ``decode.cache_length_for``); captured and lowered on first use."""
+        from .decode import CachedDecoder, build_decode_graph, cache_length_for, model_placement
+
+        if self.skeleton is None:
+            raise ValueError("this QuantizedCausalLM has no skeleton model to capture a decode "
+                             "graph from: pass skeleton= when constructing it, or use "
+                             "generate(use_cache=False)")
+        dtype, model_device = model_placement(self.skeleton)
+        if torch.device(device) != model_device:
+            raise ValueError(f"input_ids are on {device} but the model is on {model_device}")
+        length = cache_length_for(total_tokens, self.max_positions)
+        key = (batch_size, length, dtype, model_device)
+        if key not in self._decoders:
+            graph = build_decode_graph(self.skeleton, self.store, batch_size, length,
+                                       share_with=self.gm)
+            self._decoders[key] = CachedDecoder(graph)
+        return self._decoders[key]
+
+    def clear_decoders(self) -> None:
+        """Drop the decode graphs (and their KV caches) built by ``generate``."""
+        self._decoders.clear()
 
 
 def _freeze_parameters(gm: fx.GraphModule) -> None:

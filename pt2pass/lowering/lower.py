@@ -16,6 +16,7 @@ full-precision weight is removed from the module.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Optional
 
@@ -84,8 +85,9 @@ class LowerTernaryLinear(Pass):
             x, needs_perm = x.args[0], True  # fuse the explicit gather into the kernel
         if needs_perm:
             names["input_perm"] = layer.perm.to(torch.int32)  # stored as int32 (see sizes.py)
+        device = buffer_device(gm, w)
         for name, value in names.items():
-            owner.register_buffer(name, value.to(w.device).contiguous())
+            owner.register_buffer(name, value.to(device).contiguous())
         with gm.graph.inserting_before(node):
             attrs = {k: gm.graph.get_attr(f"{prefix}.{k}" if prefix else k) for k in names}
             new = gm.graph.call_function(
@@ -96,6 +98,18 @@ class LowerTernaryLinear(Pass):
             new.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
+
+
+def buffer_device(gm: fx.GraphModule, weight: torch.Tensor) -> torch.device:
+    """Where buffers derived from ``weight`` go: its device, or, for a weight on the meta device
+    (a model rebuilt from a checkpoint never materialises the replaced weights), the device of
+    the graph's real tensors."""
+    if weight.device.type != "meta":
+        return weight.device
+    for t in itertools.chain(gm.parameters(), gm.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    raise ValueError("every tensor of the graph is on the meta device: no device to lower onto")
 
 
 def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:

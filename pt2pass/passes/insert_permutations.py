@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import LINEAR_OP, STAGE, WEIGHT_FQN
-from ..lowering.lower import GATHER, INPUT_PERMUTED
+from ..lowering.lower import GATHER, INPUT_PERMUTED, buffer_device
 from ..pass_manager import Pass, PassResult
 from ..store import store_of
 from .linear_sites import get_weight, set_weight
@@ -63,7 +63,7 @@ def _insert_gather(gm: fx.GraphModule, x: fx.Node, perm: torch.Tensor, fqn: str,
     prefix = fqn.rpartition(".")[0]
     owner = gm.get_submodule(prefix) if prefix else gm
     weight = get_weight(gm, fqn)
-    owner.register_buffer("input_perm", perm.to(weight.device, torch.int32))
+    owner.register_buffer("input_perm", perm.to(buffer_device(gm, weight), torch.int32))
     with gm.graph.inserting_before(first_user):
         perm_node = gm.graph.get_attr(f"{prefix}.input_perm" if prefix else "input_perm")
         gather = gm.graph.call_function(INDEX_SELECT, (x, -1, perm_node))

@@ -1,0 +1,164 @@
+"""Checkpoints of compiled models: ``pt2pass.save(qm, path)`` and ``pt2pass.load(path)``.
+
+A checkpoint is a folder with ``model.safetensors`` (the quantization store, ternary codes at
+5 trits per byte, plus the model's other tensors) and ``pt2pass.json`` (see ``manifest``). Loading
+needs no calibration: the store is put back on a freshly captured graph of the model and the
+lowering passes run again, which rebuilds exactly the saved model (see ``pt2pass.assemble``).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Dict
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from ..assemble import assemble
+from ..quantized_model import QuantizedModel
+from ..store import QuantStore
+from .errors import CheckpointError
+from .files import (atomic_folder, check_folder, existing_file, file_digest, read_tensors,
+                    write_bytes)
+from .layers import decode_layer, encode_layer, layer_tensor_names, parse_dtype
+from .manifest import (CHECKPOINT_FORMAT_VERSION, MANIFEST_FILE, TENSORS_FILE, build_manifest,
+                       layer_stats, manifest_bytes, parse_manifest)
+from .model_tensors import graph_model_tensors, install_tensors, meta_copy, skeleton_device
+
+log = logging.getLogger(__name__)
+
+__all__ = ["save", "load", "CheckpointError", "CHECKPOINT_FORMAT_VERSION", "MANIFEST_FILE",
+           "TENSORS_FILE"]
+
+
+def save(qm: QuantizedModel, path, *, source=None, calibration=None) -> Path:
+    """Write ``qm`` to the folder ``path`` (created, or an earlier checkpoint replaced atomically).
+
+    ``source``: what the model was made from (e.g. a hub id or file path), ``calibration``: a
+    description of the calibration data; both JSON-like, recorded in ``pt2pass.json``.
+    """
+    if not isinstance(qm, QuantizedModel):
+        raise TypeError(f"pt2pass.save takes the QuantizedModel that pt2pass.compile or pt2pass.load "
+                        f"returns, got {type(qm).__name__}")
+    tensors, tied, weight_dtypes = graph_model_tensors(qm.gm, qm.store)
+    layers = {}
+    for fqn in sorted(qm.store.layers):
+        layer_tensors, layers[fqn] = encode_layer(qm.store[fqn], weight_dtypes[fqn])
+        clash = sorted(layer_tensors.keys() & tensors.keys())
+        if clash:
+            raise CheckpointError(f"tensor name {clash[0]} is both a model tensor and a part of "
+                                  f"quantized layer {fqn}")
+        tensors.update(layer_tensors)
+    path = Path(path)
+    with atomic_folder(path) as staging:
+        # One metadata key only: safetensors writes its metadata map in hash order.
+        safetensors.torch.save_file(tensors, staging / TENSORS_FILE, metadata={"format": "pt"})
+        size, digest = file_digest(staging / TENSORS_FILE)
+        manifest = build_manifest(qm, layers, tied, size, digest, source=source,
+                                  calibration=calibration)
+        write_bytes(staging / MANIFEST_FILE, manifest_bytes(manifest))  # last: marks completion
+    log.info("saved %d quantized layers and %d other tensors to %s (%.2f MB)", len(layers),
+             len(tensors) - sum(len(layer_tensor_names(f, e)) for f, e in layers.items()), path,
+             size / 1e6)
+    return path
+
+
+def load(path, model=None, *, device=None, example_inputs=None) -> QuantizedModel:
+    """Rebuild the compiled model saved at ``path``, without calibration.
+
+    ``model``: None (build the HF model from the saved config), a ``transformers``
+    ``PretrainedConfig``, or a module of the same architecture (its weights are not used; the
+    module is not modified). ``device``: where the model goes (default: ``model``'s device, else
+    the CPU). ``example_inputs``: for capture, as in ``pt2pass.compile`` (needed for non-HF
+    modules). Raises :class:`CheckpointError` naming the problem for a missing, damaged or
+    too new checkpoint, or one that does not fit ``model``.
+    """
+    folder = check_folder(path)
+    manifest = parse_manifest(existing_file(folder, MANIFEST_FILE).read_bytes())
+    tensors = _read_tensors(folder, manifest)
+    store = _read_store(manifest, tensors)
+    tied = manifest["tensors"].get("tied") or {}
+    if not isinstance(tied, dict):
+        raise CheckpointError(f"{MANIFEST_FILE}: tensors.tied must map names to stored names")
+    lost = sorted(set(tied.values()) - set(tensors))
+    if lost:
+        raise CheckpointError(f"missing tensor {lost[0]} (other names are tied to it)")
+    skeleton = _skeleton(model, manifest)
+    quantized = {fqn: (layer.shape, parse_dtype(manifest["layers"][fqn].get("weight_dtype"), fqn))
+                 for fqn, layer in store.layers.items()}
+    device = skeleton_device(model, device)
+    install_tensors(skeleton, tensors, tied, quantized, device)
+    for layer in store.layers.values():  # lowering indexes them with graph tensors
+        layer.T, layer.alpha, layer.mu = (t.to(device) for t in (layer.T, layer.alpha, layer.mu))
+        layer.perm = None if layer.perm is None else layer.perm.to(device)
+    qm = assemble(skeleton, store, example_inputs=example_inputs)
+    log.info("loaded %s: %d quantized layers", folder, len(store))
+    return qm
+
+
+def _read_tensors(folder: Path, manifest: dict) -> Dict[str, torch.Tensor]:
+    """The tensor file, checked against the size and SHA-256 that the manifest records."""
+    path = existing_file(folder, TENSORS_FILE)
+    size, digest = file_digest(path)
+    record = manifest["tensors"]
+    if size != record.get("bytes"):
+        raise CheckpointError(f"{TENSORS_FILE} is {size} bytes but {MANIFEST_FILE} records "
+                              f"{record.get('bytes')}: the file is truncated or was replaced")
+    if digest != record.get("sha256"):
+        raise CheckpointError(f"{TENSORS_FILE} does not match the SHA-256 recorded in "
+                              f"{MANIFEST_FILE}: the file is corrupted or was modified")
+    return read_tensors(path)
+
+
+def _read_store(manifest: dict, tensors: Dict[str, torch.Tensor]) -> QuantStore:
+    """The quantization store; its tensors are taken out of ``tensors``."""
+    stats = layer_stats(manifest)
+    store = QuantStore(config=dict(manifest["quantization"]))
+    # The report keeps the store's order (the graph's): the loaded store lists layers alike.
+    order = [f for f in stats if f in manifest["layers"]]
+    order += sorted(set(manifest["layers"]) - set(order))
+    for fqn in order:
+        entry = manifest["layers"][fqn]
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{MANIFEST_FILE}: layer {fqn} must be a JSON object")
+        names = layer_tensor_names(fqn, entry)
+        absent = [n for n in names if n not in tensors]
+        if absent:
+            raise CheckpointError(f"missing tensor {absent[0]} of quantized layer {fqn}")
+        parts = {n: tensors.pop(n) for n in names}
+        store[fqn] = decode_layer(fqn, entry, parts, stats.get(fqn, {}))
+    return store
+
+
+def _skeleton(model, manifest: dict) -> nn.Module:
+    """The module to capture: a meta-device copy of ``model``, or an HF model built on the meta
+    device from a config (the saved one when ``model`` is None)."""
+    if isinstance(model, nn.Module):
+        return meta_copy(model)
+    saved = manifest["model"]
+    if model is None:
+        if not saved.get("causal_lm") or not isinstance(saved.get("config"), dict):
+            raise CheckpointError("the checkpoint was saved from a module that is not a Hugging Face "
+                                  "causal LM: pass the module as load(path, model)")
+        model = _config_from_dict(saved["config"])
+    from transformers import AutoModelForCausalLM, PretrainedConfig
+
+    if not isinstance(model, PretrainedConfig):
+        raise TypeError(f"model must be None, a transformers PretrainedConfig or an nn.Module, "
+                        f"got {type(model).__name__}")
+    # The attention kernel changes the logits' last bits: rebuild with the saved one unless the
+    # given config chose its own.
+    attn = model._attn_implementation or saved.get("attn_implementation")
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model, **({"attn_implementation": attn} if attn else {}))
+
+
+def _config_from_dict(config: dict):
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise CheckpointError(f"{MANIFEST_FILE}: model_type {model_type!r} is not known to this "
+                              "transformers version")
+    return CONFIG_MAPPING[model_type].from_dict(config)

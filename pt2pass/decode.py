@@ -1,0 +1,301 @@
+"""Generation with a static KV cache: one more captured graph per (batch, cache length).
+
+The full-sequence graph (``capture.py``, ``use_cache=False``) recomputes the whole prefix for
+every new token. For generation the model is captured again, wrapped in :class:`StaticCacheLM`:
+
+    step(input_ids (B, S), cache_position (S,)) -> logits of the last position (B, 1, V)
+
+with a transformers ``StaticCache`` whose key/value/length tensors are *buffers* of the captured
+module, written in place (``index_copy_`` / ``copy_``) at ``cache_position``. The same graph is
+the prefill (S = prompt length, positions 0..S-1) and the decode step (S = 1, position t): export
+keeps S symbolic in [1, max_cache_len]. Because the write position is an input, one graph serves
+any number of generations without a reset. Batch and cache length are fixed at capture.
+
+The graph carries the same ``pt2pass_weight_fqn`` tags as the full one and is lowered by the same
+passes from the same store (``assemble.lowering_passes``: InsertPermutations, FoldPermutations,
+LowerTernaryLinear), so it computes what the full-sequence graph computes. Packed weights equal
+to the full graph's are shared with it rather than held twice.
+
+A causal LM's *skeleton* (:func:`make_skeleton`) is what later captures start from: the model's
+module tree with its non-quantized tensors and the quantized Linear weights on the meta device.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .assemble import _graph_weight, _traceable_weights, lowering_passes, real_device
+from .capture import CaptureError, capture_error_message, tag_linears
+from .pass_manager import PassManager
+from .passes.linear_sites import set_weight
+from .sampling import NextLogits, Sampling, check_prompt, generation_loop
+from .store import STORE_KEY, QuantStore
+
+log = logging.getLogger(__name__)
+
+CACHE_PREFIX = "pt2pass_kv_"   # buffer names: pt2pass_kv_keys_<layer>, _values_, _length_
+CACHE_LEN_MULTIPLE = 256       # cache lengths are rounded up so that prompts share one graph
+
+
+def make_skeleton(model: nn.Module, store: QuantStore) -> nn.Module:
+    """A copy of ``model``'s module tree holding no quantized Linear weight.
+
+    Every module is a new object (the user's later ``train()``, hooks or attribute changes do not
+    reach it); parameters are frozen ``Parameter``s sharing storage with ``model``'s (tied
+    weights stay tied), buffers are shared; the weights named in ``store`` become meta tensors of
+    the same shape and dtype, so the skeleton keeps no second full-precision copy of them.
+    """
+    params: Dict[int, nn.Parameter] = {}
+    modules: Dict[int, nn.Module] = {}
+
+    def clone(module: nn.Module, prefix: str) -> nn.Module:
+        if id(module) in modules:
+            return modules[id(module)]
+        new = modules[id(module)] = copy.copy(module)
+        for key, value in vars(module).items():
+            if isinstance(value, (dict, set)):  # _parameters, _modules, hook tables, ...
+                new.__dict__[key] = copy.copy(value)
+        for name, p in module._parameters.items():
+            if p is None:
+                continue
+            if prefix + name in store:
+                new._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                                     requires_grad=False)
+            else:
+                if id(p) not in params:
+                    params[id(p)] = nn.Parameter(p.detach(), requires_grad=False)
+                new._parameters[name] = params[id(p)]
+        for name, child in module._modules.items():
+            new._modules[name] = None if child is None else clone(child, f"{prefix}{name}.")
+        return new
+
+    return clone(model, "").eval()
+
+
+def cache_length_for(total_tokens: int, max_positions: Optional[int]) -> int:
+    """The cache length a generation of ``total_tokens`` uses: rounded up to a multiple of
+    CACHE_LEN_MULTIPLE (so varied prompt lengths reuse one graph), capped at the model's limit."""
+    length = -(-total_tokens // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
+    return min(length, max_positions) if max_positions else length
+
+
+class StaticCacheLM(nn.Module):
+    """``lm`` over a StaticCache held in buffers: forward(input_ids, cache_position) -> logits.
+
+    The LM's children are registered on this module directly (the LM itself is not), so parameter
+    FQNs — and the capture's weight tags — are the LM's own, i.e. the store's keys.
+    """
+
+    def __init__(self, lm: nn.Module, batch_size: int, max_cache_len: int,
+                 dtype: torch.dtype, device: torch.device):
+        from transformers.cache_utils import StaticCache, StaticLayer
+
+        super().__init__()
+        object.__setattr__(self, "lm", lm)
+        for name, child in lm.named_children():
+            self.add_module(name, child)
+        for name, p in lm.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in lm.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        config = lm.config.get_text_config(decoder=True)
+        self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        other = {type(layer).__name__ for layer in self.cache.layers
+                 if type(layer) is not StaticLayer}
+        if other:
+            raise NotImplementedError(
+                f"{type(lm).__name__} needs cache layers of type {sorted(other)} (e.g. sliding-"
+                "window attention); the static decode graph supports full-attention layers only")
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        head_dim = (getattr(config, "head_dim", None)
+                    or config.hidden_size // config.num_attention_heads)
+        self.cache.early_initialization(batch_size, heads, head_dim, dtype, device)
+        for i, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"{CACHE_PREFIX}keys_{i}", layer.keys, persistent=False)
+            self.register_buffer(f"{CACHE_PREFIX}values_{i}", layer.values, persistent=False)
+            self.register_buffer(f"{CACHE_PREFIX}length_{i}", layer.cumulative_length,
+                                 persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.cache.layers):
+            # Read the cache through this module's attributes: torch.export traces those (the
+            # layer's own references would be baked in as constants).
+            layer.keys = getattr(self, f"{CACHE_PREFIX}keys_{i}")
+            layer.values = getattr(self, f"{CACHE_PREFIX}values_{i}")
+            layer.cumulative_length = getattr(self, f"{CACHE_PREFIX}length_{i}")
+            # Writes go at cache_position, not after whatever earlier calls left in the cache.
+            layer.cumulative_length.copy_(cache_position[0])
+        out = self.lm(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
+                      logits_to_keep=1)
+        return out.logits
+
+
+def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, max_cache_len: int,
+                       share_with: Optional[fx.GraphModule] = None) -> fx.GraphModule:
+    """Capture ``skeleton`` around a static cache and lower it with the store's results.
+
+    ``share_with``: a lowered graph of the same model whose equal buffers (packed weights,
+    scales, permutations) the new graph should reuse instead of holding copies.
+    """
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
+    if not (isinstance(max_cache_len, int) and max_cache_len >= 2):
+        raise ValueError(f"max_cache_len={max_cache_len!r} must be an integer >= 2")
+    weights = dict(skeleton.named_parameters(remove_duplicate=False))
+    missing = [fqn for fqn in store.layers if fqn not in weights]
+    if missing:
+        raise ValueError(f"quantized layers {missing[:3]} are not parameters of "
+                         f"{type(skeleton).__name__}: the skeleton does not match the store")
+    dtype, device = model_placement(skeleton)
+    module = StaticCacheLM(skeleton, batch_size, max_cache_len, dtype, device)
+    args, dims = step_inputs(batch_size, max_cache_len, device)
+    try:
+        with _traceable_weights(skeleton, store, device), torch.no_grad():
+            ep = torch.export.export(module, args, dynamic_shapes=dims, strict=False)
+    except Exception as exc:  # noqa: BLE001 - re-raised with guidance
+        raise CaptureError(capture_error_message(skeleton, exc)) from exc
+    gm = ep.module()
+    tag_linears(gm, module)
+    gm.meta[STORE_KEY] = store
+    for fqn, layer in store.layers.items():
+        set_weight(gm, fqn, _graph_weight(layer, weights[fqn].dtype, device))
+    gm = PassManager(lowering_passes())(gm)
+    left = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise ValueError(f"the decode graph still reads meta tensors after lowering: {left[:3]} "
+                         "(a quantized weight used by an op other than its Linear?)")
+    if share_with is not None:
+        share_equal_buffers(gm, share_with)
+    log.info("decode graph: batch %d, cache length %d, %s on %s", batch_size, max_cache_len,
+             dtype, device)
+    return gm
+
+
+def model_placement(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
+    """(dtype of the activations and so of the cache: that of the first real floating-point
+    parameter, device of the model's real tensors)."""
+    for p in model.parameters():
+        if p.device.type != "meta" and p.is_floating_point():
+            return p.dtype, real_device(model)
+    raise ValueError(f"{type(model).__name__} has no real floating-point parameter")
+
+
+def share_equal_buffers(gm: fx.GraphModule, source: nn.Module) -> int:
+    """Point ``gm``'s buffers at ``source``'s buffers of the same name where they are equal
+    (same shape, dtype, device and values): lowering the same store twice yields equal packed
+    weights, which need not be held twice. Returns how many were shared."""
+    theirs = dict(source.named_buffers())
+    shared = 0
+    for name, mine in list(gm.named_buffers()):
+        other = theirs.get(name)
+        if (other is None or other is mine or other.shape != mine.shape or other.dtype != mine.dtype
+                or other.device != mine.device or not torch.equal(other, mine)):
+            continue
+        prefix, _, attr = name.rpartition(".")
+        (gm.get_submodule(prefix) if prefix else gm).register_buffer(attr, other)
+        shared += 1
+    return shared
+
+
+class CachedDecoder:
+    """Runs a static-cache step module (a lowered decode graph or a loaded program's module):
+    the prompt in one call, then one token per call, optionally CUDA-graphed (``compile_decode``:
+    the default of :meth:`generate` and :meth:`logits_fn`)."""
+
+    def __init__(self, step: nn.Module, compile_decode: bool = False):
+        keys = [t for n, t in step.named_buffers() if n.startswith(f"{CACHE_PREFIX}keys_")]
+        if not keys:
+            raise ValueError(f"{type(step).__name__} has no {CACHE_PREFIX}* cache buffers: not a "
+                             "pt2pass decode graph")
+        self.step = step
+        self.batch_size, _, self.max_cache_len, _ = keys[0].shape
+        self.device = keys[0].device
+        self.compile_decode = compile_decode
+        self._compiled: Optional[nn.Module] = None
+
+    def compiled_step(self) -> nn.Module:
+        """The step compiled with CUDA graphs (``mode="reduce-overhead"``), compiled once. The
+        cache buffers are written in place, so their addresses are fixed and the graph can be
+        replayed; the first one-token call records it."""
+        if self._compiled is None:
+            for name, t in self.step.named_buffers():
+                if name.startswith(CACHE_PREFIX):
+                    torch._dynamo.mark_static_address(t)
+            self._compiled = torch.compile(self.step, mode="reduce-overhead", fullgraph=True,
+                                           dynamic=False)
+        return self._compiled
+
+    def logits_fn(self, compile_decode: Optional[bool] = None) -> NextLogits:
+        """``sampling.NextLogits`` over this cache: the prompt on the first call (eagerly), then
+        only ids[:, -1] (through the compiled step when ``compile_decode``)."""
+        if compile_decode is None:
+            compile_decode = self.compile_decode
+        one_token = self.compiled_step() if compile_decode else None
+
+        def next_logits(ids: torch.Tensor, first: bool) -> torch.Tensor:
+            if ids.shape[0] != self.batch_size:
+                raise ValueError(f"this decode graph was built for batch {self.batch_size}, got "
+                                 f"{ids.shape[0]}")
+            if ids.shape[1] > self.max_cache_len:
+                raise ValueError(f"{ids.shape[1]} tokens do not fit the cache of "
+                                 f"{self.max_cache_len}")
+            start = 0 if first else ids.shape[1] - 1
+            # contiguous: a column sliced from the growing (B, T) ids has stride T, which would
+            # fail the compiled step's guards (a recompile) at every step
+            tokens = ids[:, start:].contiguous()
+            positions = torch.arange(start, ids.shape[1], device=ids.device)
+            if one_token is not None and tokens.shape[1] == 1:
+                # CUDA graphs reuse their output memory: start a new step so that the previous
+                # logits (already consumed) may be overwritten, and copy these out.
+                torch.compiler.cudagraph_mark_step_begin()
+                return one_token(tokens, positions)[:, -1].clone()
+            return self.step(tokens, positions)[:, -1]
+
+        return next_logits
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
+                 compile_decode: Optional[bool] = None, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: Optional[int] = None,
+                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """As ``QuantizedCausalLM.generate``, limited by this cache's batch size and length."""
+        sampling = Sampling(do_sample, temperature, top_k, generator)
+        check_prompt(input_ids, max_new_tokens, self.max_cache_len, "the cache length")
+        with torch.no_grad():
+            return generation_loop(self.logits_fn(compile_decode), input_ids, max_new_tokens,
+                                   sampling, eos_token_id)
+
+
+def generate_with_program(program: torch.export.ExportedProgram, input_ids: torch.Tensor,
+                          max_new_tokens: int = 32, **sampling) -> torch.Tensor:
+    """Generate with a decode program from ``pt2pass.export(qm, graph="decode", ...)``, e.g.
+    after ``torch.export.load`` in a process that imported pt2pass.
+
+    The cache lives in the program's buffers and is written in place by each call, so one
+    ``program.module()`` must serve the whole generation: this calls it once. To generate many
+    times without re-unlifting, keep ``CachedDecoder(program.module())`` and call its
+    ``generate``. Sampling keywords are those of ``QuantizedCausalLM.generate``.
+    """
+    return CachedDecoder(program.module()).generate(input_ids, max_new_tokens, **sampling)
+
+
+def export_decode_graph(gm: fx.GraphModule) -> torch.export.ExportedProgram:
+    """``torch.export`` a lowered decode graph: the cache buffers stay buffers, mutated in place,
+    and the token count S stays symbolic in [1, cache length]."""
+    step = CachedDecoder(gm)
+    args, dims = step_inputs(step.batch_size, step.max_cache_len, step.device)
+    with torch.no_grad():
+        return torch.export.export(gm, args, dynamic_shapes=dims, strict=False)
+
+
+def step_inputs(batch_size: int, max_cache_len: int, device: torch.device):
+    """Example (input_ids, cache_position) and their dynamic shapes: S tokens, S in
+    [1, max_cache_len] (S = 1 is the decode step, so export must not specialise it away)."""
+    args = (torch.zeros(batch_size, 2, dtype=torch.long, device=device),
+            torch.arange(2, device=device))
+    tokens = torch.export.Dim("tokens", min=1, max=max_cache_len)
+    return args, ({1: tokens}, {0: tokens})

@@ -1,0 +1,88 @@
+"""Token selection and the autoregressive loop shared by every way pt2pass generates.
+
+``qm.generate`` (static KV cache), ``qm.generate_no_cache`` (full sequence re-run each step) and
+``pt2pass.decode.generate_with_program`` (a loaded ExportedProgram) differ only in how they get
+the next logits; they share :func:`generation_loop`, so the same arguments and the same
+``torch.Generator`` give the same tokens whenever the logits agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+# (ids so far (B, T), first call?) -> logits of the last position (B, V). ``first`` is True for
+# the prompt, False for each new token (then only ids[:, -1] is new).
+NextLogits = Callable[[torch.Tensor, bool], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy (argmax) or sampled from softmax(logits / T), top-k."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    generator: Optional[torch.Generator] = None
+
+    def __post_init__(self):
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
+            raise ValueError(f"temperature={self.temperature!r} must be a number > 0 "
+                             "(for greedy decoding use do_sample=False)")
+        k = self.top_k
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise ValueError(f"top_k={self.top_k!r} must be None or an integer >= 1")
+
+    def choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, V) logits -> (B,) int64 token ids."""
+        if not self.do_sample:
+            return logits.argmax(dim=-1)
+        scores = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            kth = scores.topk(self.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if self.generator is not None and self.generator.device != scores.device:
+            raise ValueError(f"the generator is on {self.generator.device} but the logits are on "
+                             f"{scores.device}: create it with torch.Generator(device=...)")
+        probs = scores.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1)
+
+
+def check_prompt(input_ids: torch.Tensor, max_new_tokens: int, max_positions: Optional[int] = None,
+                 limit: str = "the model's max_position_embeddings") -> None:
+    """Clear errors for inputs no generation path can handle; ``limit`` names ``max_positions``."""
+    n = max_new_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a 2-D (batch, prompt length) tensor of token ids, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be non-empty integer token ids, got dtype "
+                         f"{input_ids.dtype} and shape {tuple(input_ids.shape)}")
+    total = input_ids.shape[1] + max_new_tokens
+    if max_positions is not None and total > max_positions:
+        raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens "
+                         f"({max_new_tokens}) = {total} exceeds {limit} ({max_positions})")
+
+
+def generation_loop(next_logits: NextLogits, input_ids: torch.Tensor, max_new_tokens: int,
+                    sampling: Sampling, eos_token_id: Optional[int] = None) -> torch.Tensor:
+    """Prompt + up to ``max_new_tokens`` tokens, (B, P + n).
+
+    With ``eos_token_id``, a row that produced it keeps producing it (it is also the padding) and
+    generation stops early once every row has.
+    """
+    ids = input_ids.long()
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+    for step in range(max_new_tokens):
+        token = sampling.choose(next_logits(ids, step == 0))
+        if eos_token_id is not None:
+            token = token.masked_fill(finished, eos_token_id)
+            finished |= token == eos_token_id
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        if eos_token_id is not None and bool(finished.all()):
+            break
+    return ids

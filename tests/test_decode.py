@@ -1,0 +1,255 @@
+"""Generation over a static KV cache (pt2pass/decode.py) on a tiny LLaMA: token-for-token equal to
+re-running the full-sequence graph, sampling, the skeleton, and the exported decode program."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pt2pass
+from pt2pass.decode import CACHE_PREFIX, CachedDecoder, generate_with_program
+from pt2pass.lowering.lower import TERNARY_OP
+from pt2pass.quantized_model import QuantizedCausalLM
+
+N_LINEARS = 14  # 2 blocks x 7 Linears; lm_head is skipped
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from conftest import make_tiny_llama
+
+    return make_tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def wide():
+    from conftest import make_tiny_llama
+
+    return make_tiny_llama(hidden_size=256, intermediate_size=512)
+
+
+@pytest.fixture(scope="module")
+def qm_ssr(wide):
+    """PT²-LLM with SSR on a model 2 blocks wide: every Linear has a column permutation (folded
+    into gate/up for down_proj, fused into the op elsewhere)."""
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    config = pt2pass.CompileConfig(seqlen=32, batch_size=4,
+                                   ternary=pt2pass.TernaryConfig(itf_max_iters=4))
+    return pt2pass.compile(wide, calib, config=config, progress=False)
+
+
+@pytest.fixture(scope="module")
+def qm_natural(tiny):
+    """RTN in natural order: no permutation anywhere."""
+    ternary = pt2pass.TernaryConfig(method="rtn", aga=False, compensation="none", order="natural")
+    config = pt2pass.CompileConfig(ternary=ternary)
+    return pt2pass.compile(tiny, None, config=config, progress=False)
+
+
+def prompt(batch, length, seed=0):
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_fixtures_cover_both_permutation_cases(qm_ssr, qm_natural):
+    assert sum(q.perm is not None for q in qm_ssr.store.layers.values()) == N_LINEARS
+    ops = [n for n in qm_ssr.gm.graph.nodes if n.target is TERNARY_OP]
+    assert sum(n.args[5] is not None for n in ops) == N_LINEARS - 2  # down_proj's were folded
+    assert all(q.perm is None for q in qm_natural.store.layers.values())
+
+
+@pytest.mark.parametrize("which, batch, length", [
+    ("qm_ssr", 1, 1), ("qm_ssr", 1, 7), ("qm_ssr", 2, 5), ("qm_ssr", 2, 19),
+    ("qm_natural", 1, 7), ("qm_natural", 2, 19)])
+def test_greedy_with_cache_equals_full_sequence_loop(request, which, batch, length):
+    qm = request.getfixturevalue(which)
+    ids = prompt(batch, length, seed=length)
+    cached = qm.generate(ids, 10)
+    assert cached.shape == (batch, length + 10) and torch.equal(cached[:, :length], ids)
+    assert torch.equal(cached, qm.generate_no_cache(ids, 10))
+
+
+def test_one_decode_graph_per_batch_size_for_all_prompt_lengths(qm_natural):
+    for length in (3, 40, 200):
+        qm_natural.generate(prompt(1, length), 4)
+    qm_natural.generate(prompt(2, 3), 4)
+    # the tiny model's max_position_embeddings is 256: every cache is rounded up to it
+    assert sorted((b, n) for b, n, _, _ in qm_natural._decoders) == [(1, 256), (2, 256)]
+
+
+def test_decode_graph_is_lowered_from_the_store_and_shares_its_buffers(qm_ssr):
+    qm_ssr.generate(prompt(1, 4), 2)
+    step = qm_ssr._decoders[(1, 256, torch.float32, torch.device("cpu"))].step
+    assert sum(n.target is TERNARY_OP for n in step.graph.nodes) == N_LINEARS
+    assert not [n for n in step.graph.nodes if n.target is torch.ops.aten.linear.default
+                and n.meta.get("pt2pass_weight_fqn") in qm_ssr.store]
+    full = dict(qm_ssr.gm.named_buffers())
+    packed = {n: b for n, b in step.named_buffers() if n.endswith((".packed", ".alpha", ".mu"))}
+    assert len(packed) == 3 * N_LINEARS
+    assert all(b is full[n] for n, b in packed.items())  # no second copy of the packed weights
+    cache = [b for n, b in step.named_buffers() if n.startswith(CACHE_PREFIX)]
+    assert len(cache) == 3 * 2 and cache[0].shape == (1, 2, 256, 64)
+
+
+def test_skeleton_holds_no_quantized_weight_and_shares_the_rest(wide, qm_ssr):
+    skeleton = qm_ssr.skeleton
+    params = dict(skeleton.named_parameters())
+    assert {f for f, p in params.items() if p.device.type == "meta"} == set(qm_ssr.store.layers)
+    theirs = dict(wide.named_parameters())
+    for fqn, p in params.items():
+        if fqn not in qm_ssr.store:
+            assert p.data_ptr() == theirs[fqn].data_ptr() and not p.requires_grad
+    assert theirs["model.norm.weight"].requires_grad  # the user's flags are untouched
+    assert skeleton is not wide and skeleton.model.layers[0] is not wide.model.layers[0]
+    assert "skeleton" not in dict(qm_ssr.named_modules())  # not part of state_dict / export
+
+
+def test_compiled_model_does_not_keep_the_full_precision_linears_alive():
+    import gc
+    import weakref
+
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama(seed=1)
+    ternary = pt2pass.TernaryConfig(method="rtn", aga=False, compensation="none", order="natural")
+    qm = pt2pass.compile(model, None, config=pt2pass.CompileConfig(ternary=ternary), progress=False)
+    ids = prompt(1, 5)
+    before = qm.generate(ids, 6)
+    weight, whole = weakref.ref(model.model.layers[0].mlp.up_proj.weight), weakref.ref(model)
+    del model
+    gc.collect()
+    assert weight() is None and whole() is None
+    qm.clear_decoders()  # rebuilt from the skeleton alone
+    assert torch.equal(qm.generate(ids, 6), before)
+
+
+def test_top_k_1_sampling_is_greedy(qm_ssr):
+    ids = prompt(2, 6)
+    out = qm_ssr.generate(ids, 8, do_sample=True, top_k=1, temperature=0.7)
+    assert torch.equal(out, qm_ssr.generate(ids, 8))
+
+
+def test_sampling_is_reproducible_and_the_same_with_or_without_cache(qm_ssr):
+    ids = prompt(2, 6)
+
+    def sample(seed, **kw):
+        return qm_ssr.generate(ids, 10, do_sample=True, top_k=50, temperature=1.3,
+                               generator=torch.Generator().manual_seed(seed), **kw)
+
+    first = sample(1)
+    assert torch.equal(first, sample(1))
+    assert torch.equal(first, sample(1, use_cache=False))
+    assert not torch.equal(first[:, 6:], sample(2)[:, 6:])
+
+
+def test_eos_stops_a_row_and_pads_it(qm_ssr):
+    ids = prompt(2, 5)
+    free = qm_ssr.generate(ids, 8)
+    eos = int(free[0, 5 + 2])  # row 0's third new token
+    stops = []  # where each row first produces eos (None: never)
+    for row in free[:, 5:]:
+        hits = (row == eos).nonzero()
+        stops.append(5 + int(hits[0]) if len(hits) else None)
+    end = free.shape[1] if None in stops else max(stops) + 1
+    want = free[:, :end].clone()
+    for r, stop in enumerate(stops):
+        if stop is not None:
+            want[r, stop + 1:] = eos
+    out = qm_ssr.generate(ids, 8, eos_token_id=eos)
+    assert stops[0] is not None and torch.equal(out, want)
+    assert torch.equal(out, qm_ssr.generate_no_cache(ids, 8, eos_token_id=eos))
+
+
+def test_zero_new_tokens_returns_the_prompt(qm_natural):
+    ids = prompt(3, 4)
+    assert qm_natural.generate(ids, 0) is ids
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(max_new_tokens=-1), "max_new_tokens=-1 must be an integer >= 0"),
+    (dict(do_sample=True, temperature=0.0), "temperature=0.0 must be a number > 0"),
+    (dict(temperature=-1.0), "temperature=-1.0 must be a number > 0"),
+    (dict(do_sample=True, top_k=0), "top_k=0 must be None or an integer >= 1"),
+    (dict(max_new_tokens=250), r"prompt \(7 tokens\) \+ max_new_tokens \(250\) = 257 exceeds the "
+                               r"model's max_position_embeddings \(256\)"),
+])
+def test_bad_generation_arguments_are_rejected(qm_natural, kwargs, match):
+    kwargs = {"max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        qm_natural.generate(prompt(1, 7), **kwargs)
+
+
+def test_bad_prompts_are_rejected(qm_natural):
+    with pytest.raises(ValueError, match="2-D"):
+        qm_natural.generate(torch.arange(5), 3)
+    with pytest.raises(ValueError, match="non-empty integer token ids"):
+        qm_natural.generate(torch.zeros(1, 3), 3)
+
+
+def test_without_skeleton_only_the_uncached_path_works(qm_natural):
+    bare = QuantizedCausalLM(qm_natural.gm, qm_natural.store, qm_natural.model_config)
+    ids = prompt(1, 4)
+    with pytest.raises(ValueError, match="no skeleton model"):
+        bare.generate(ids, 3)
+    assert torch.equal(bare.generate(ids, 3, use_cache=False), qm_natural.generate(ids, 3))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(graph="decode"), "needs max_cache_len"),
+    (dict(graph="decode", max_cache_len=300), r"max_cache_len=300 exceeds .* \(256\)"),
+    (dict(graph="prefill"), "graph='prefill' is not supported"),
+])
+def test_bad_export_arguments_are_rejected(qm_natural, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        pt2pass.export(qm_natural, **kwargs)
+
+
+def test_exported_decode_program_generates_the_same_tokens_in_a_fresh_process(qm_ssr, tmp_path):
+    ep = pt2pass.export(qm_ssr, graph="decode", batch_size=2, max_cache_len=64)
+    assert sum(n.target is TERNARY_OP for n in ep.graph.nodes) == N_LINEARS
+    long_ids, short_ids = prompt(2, 9, seed=3), prompt(2, 2, seed=4)
+    want = [qm_ssr.generate(long_ids, 12), qm_ssr.generate(short_ids, 20)]
+    assert torch.equal(generate_with_program(ep, long_ids, 12), want[0])
+    path = tmp_path / "decode.pt2"
+    torch.export.save(ep, str(path))
+    torch.save([long_ids, short_ids], tmp_path / "ids.pt")
+    script = textwrap.dedent(f"""
+        import torch, pt2pass
+        from pt2pass.decode import CachedDecoder
+        ep = torch.export.load({str(path)!r})
+        decoder = CachedDecoder(ep.module())   # one module: its buffers are the cache
+        long_ids, short_ids = torch.load({str(tmp_path / 'ids.pt')!r})
+        torch.save([decoder.generate(long_ids, 12), decoder.generate(short_ids, 20)],
+                   {str(tmp_path / 'out.pt')!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    got = torch.load(tmp_path / "out.pt")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_a_decoder_rejects_what_its_cache_cannot_hold(qm_natural):
+    qm_natural.generate(prompt(1, 3), 1)
+    decoder = qm_natural._decoders[(1, 256, torch.float32, torch.device("cpu"))]
+    with pytest.raises(ValueError, match="exceeds the cache length"):
+        decoder.generate(prompt(1, 250), 10)
+    with pytest.raises(ValueError, match="built for batch 1, got 2"):
+        decoder.logits_fn()(prompt(2, 3), True)
+    with pytest.raises(ValueError, match="not a pt2pass decode graph"):
+        CachedDecoder(qm_natural.gm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphed_decode_matches_eager():
+    from conftest import make_tiny_llama
+
+    model = make_tiny_llama().cuda()
+    ternary = pt2pass.TernaryConfig(method="rtn", aga=False, compensation="none", order="natural")
+    qm = pt2pass.compile(model, None, config=pt2pass.CompileConfig(ternary=ternary), progress=False)
+    ids = prompt(2, 7).cuda()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    graphed = qm.generate(ids, 16)  # compile_decode defaults to True on CUDA
+    assert counters["inductor"]["cudagraph_skips"] == 0
+    assert torch.equal(graphed, qm.generate(ids, 16, compile_decode=False))
+    assert torch.equal(graphed, qm.generate_no_cache(ids, 16))
