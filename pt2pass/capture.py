@@ -7,6 +7,7 @@ decoder block, head) from ``node.meta["nn_module_stack"]``: the calibration loop
 """
 from __future__ import annotations
 
+import linecache
 import logging
 import re
 from typing import Dict, List, Optional, Tuple
@@ -75,16 +76,75 @@ def capture(model: nn.Module, example_inputs=None) -> fx.GraphModule:
         with torch.no_grad():
             ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with guidance
-        raise CaptureError(
-            f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}\nThe failing construct is named above. "
-            "Data-dependent Python control flow or unsupported ops must be rewritten (torch.cond) or "
-            "the offending submodule excluded from capture; HF models must be called with "
-            "use_cache=False.") from exc
+        raise CaptureError(capture_error_message(model, exc)) from exc
     gm = ep.module()
     tag_linears(gm, model)
     tag_stages(gm, model)
     return gm
+
+
+def capture_error_message(model: nn.Module, exc: BaseException) -> str:
+    """What failed (the exception's first line), where (the innermost submodule of ``model`` whose
+    code was running, with file, line and source) and what to do about it."""
+    summary = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    lines = [f"torch.export could not trace {type(model).__name__}: {type(exc).__name__}: {summary}"]
+    site = failing_site(model, exc)
+    if site is not None:
+        fqn, cls, where, code = site
+        lines.append(f"failing construct: `{code}` at {where}, in the forward of submodule "
+                     f"{fqn!r} ({cls})" if fqn else
+                     f"failing construct: `{code}` at {where}, in the forward of {cls}")
+    data_dependent = "data-dependent" in str(exc) or "GuardOnDataDependent" in type(exc).__name__
+    if data_dependent:
+        lines.append("Python control flow on a tensor's value (`if x.sum() > 0:`, `while`, "
+                     "`.item()`) cannot be captured: rewrite it with torch.where or torch.cond.")
+    lines.append(
+        "The whole forward must be traceable: CompileConfig.skip only keeps Linears in full "
+        "precision, it does not exclude code from capture. To leave the construct out, compile the "
+        "traceable submodules on their own (pt2pass.compile(model.<submodule>, calib, "
+        "example_inputs=...)) and assign the results back in their place; give example_inputs "
+        "that match the forward's signature; HF models must be called with use_cache=False.")
+    return "\n".join(lines)
+
+
+def failing_site(model: nn.Module, exc: BaseException) -> Optional[Tuple[str, str, str, str]]:
+    """(submodule FQN, class name, "file:line", source line) of the innermost forward frame of a
+    submodule of ``model`` in the traceback of ``exc`` or of its causes; None if there is none
+    (non-strict export runs the user's Python, so the frames are in the traceback)."""
+    names = {id(m): name for name, m in model.named_modules()}
+    seen, found = set(), None
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        tb = exc.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            owner = frame.f_locals.get("self")
+            if (isinstance(owner, nn.Module) and id(owner) in names
+                    and frame.f_code.co_filename != _MODULE_FILE):  # not nn.Module.__call__
+                code = linecache.getline(frame.f_code.co_filename, tb.tb_lineno).strip()
+                found = (names[id(owner)], type(owner).__name__,
+                         f"{frame.f_code.co_filename}:{tb.tb_lineno}", code)
+            tb = tb.tb_next
+        if found is not None:
+            return found
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+_MODULE_FILE = nn.modules.module.__file__
+
+
+def unsupported_weight_modules(model: nn.Module) -> List[str]:
+    """"fqn (Class)" of the modules that hold a 2-D weight but are not nn.Linear (nor an
+    embedding), e.g. transformers' Conv1D in GPT-2: their matmuls are not aten.linear calls, so
+    pt2pass cannot ternarize them."""
+    found = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if (isinstance(weight, torch.Tensor) and weight.dim() == 2
+                and not isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag))):
+            found.append(f"{name} ({type(module).__name__})")
+    return found
 
 
 def tag_linears(gm: fx.GraphModule, model: nn.Module) -> Dict[str, fx.Node]:

@@ -23,6 +23,24 @@ def _positive_int(name: str, value) -> None:
         raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
+def _number(name: str, value) -> None:
+    # Checked before any comparison so that e.g. damp="0.01" is not a bare TypeError from "<=".
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        raise ValueError(f"{name}={value!r} must be a real number")
+
+
+def _skip_tuple(value) -> Tuple[str, ...]:
+    """``skip`` as a tuple of strings. A bare string is refused: iterating it would give its
+    characters, and every FQN contains "e" (from "weight"), so all Linears would be skipped."""
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise ValueError(f"skip={value!r} must be a tuple of FQN substrings, e.g. ('lm_head',) "
+                         "(a bare string is not accepted)")
+    bad = [s for s in value if not isinstance(s, str) or not s]
+    if bad:
+        raise ValueError(f"skip={value!r}: every entry must be a non-empty string, got {bad!r}")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class TernaryConfig:
     """How one Linear weight is quantized (pure math settings, see pt2pass/quant)."""
@@ -62,6 +80,7 @@ class TernaryConfig:
         if self.refine_rounds and self.compensation != "exact":
             raise ValueError(f"refine_rounds={self.refine_rounds} needs compensation='exact', got "
                              f"{self.compensation!r}")
+        _number("damp", self.damp)
         if not (0.0 <= self.damp < 1.0):
             raise ValueError(f"damp={self.damp!r} must be in [0, 1)")
         if self.block_size % 16:
@@ -91,6 +110,10 @@ class CompileConfig:
     skip: Tuple[str, ...] = ("lm_head",)
     """Weight FQN substrings kept in full precision (the LM head by default)."""
     seed: int = 0
+    offload_activations: bool = False
+    """Keep the per-batch calibration activations between graph nodes on the CPU and move each
+    batch to the model's device only while a node computes on it: the accelerator then holds one
+    batch's values instead of the whole calibration set's (slower: two copies per node and batch)."""
 
     def __post_init__(self):
         _choice("sequential", self.sequential, SEQUENTIAL_MODES)
@@ -100,3 +123,8 @@ class CompileConfig:
             _positive_int("n_samples", self.n_samples)
         if not isinstance(self.ternary, TernaryConfig):
             raise ValueError(f"ternary={self.ternary!r} must be a TernaryConfig")
+        object.__setattr__(self, "skip", _skip_tuple(self.skip))  # frozen: normalise a list
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise ValueError(f"seed={self.seed!r} must be an integer")
+        if not isinstance(self.offload_activations, bool):
+            raise ValueError(f"offload_activations={self.offload_activations!r} must be True or False")

@@ -5,12 +5,17 @@ Why not ``torch.fx.Interpreter``: sequential quantization needs *all* batches' i
 the loop must be node-major, batch-minor. Values that differ per batch are held as
 :class:`PerBatch` lists; values that do not (weights, shapes) are held once. A value is dropped as
 soon as its last user has run, so at most the activations live across one point of the graph stay
-in memory (for a decoder: about one stage's worth).
+in memory (for a decoder: about one stage's worth). ``peak_bytes`` records the most activation
+bytes held at once (distinct storages, so views are not counted twice).
+
+Offload (``offload_to="cpu"``): per-batch values are stored on the CPU and each batch is moved to
+the compute device only while a node runs on it, so the accelerator holds one batch's values
+instead of the whole calibration set's. Values that are the same for every batch stay put.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -62,13 +67,22 @@ def stage_segments(nodes: Sequence[fx.Node]) -> List[Tuple[str, List[fx.Node]]]:
 class BatchedGraphRunner:
     """Runs the nodes of ``gm`` needed for ``targets`` over ``batches`` of inputs.
 
-    ``batches`` is a list of (args, kwargs) pairs, each a valid call of the captured model.
-    ``self.weights`` maps get_attr targets to replacement tensors (e.g. already-quantized weights).
+    ``batches`` is a list of (args, kwargs) pairs, each a valid call of the captured model; nodes
+    compute on the device of the batches' tensors. ``offload_to``: where per-batch values are
+    kept between nodes (None: where they were computed). ``self.weights`` maps get_attr targets
+    to replacement tensors (e.g. already-quantized weights).
     """
 
     def __init__(self, gm: fx.GraphModule, batches: List[Tuple[tuple, dict]],
-                 targets: Iterable[fx.Node]):
+                 targets: Iterable[fx.Node], offload_to: Union[str, torch.device, None] = None):
         self.gm = gm
+        self.offload_to = torch.device(offload_to) if offload_to is not None else None
+        self.compute_device = _device_of_batches(gm, batches)
+        self.peak_bytes = 0
+        # node -> [(storage key, bytes)] of its stored value, and value dicts held outside env
+        # (see pin): what live_bytes() counts.
+        self._footprint: Dict[fx.Node, List[Tuple[Any, int]]] = {}
+        self._pinned: List[Dict[fx.Node, Any]] = []
         self.batches = batches
         needed = ancestors(targets)
         # get_attr nodes are resolved on demand (see _resolve) so that a weight replaced after
@@ -84,7 +98,7 @@ class BatchedGraphRunner:
         self.env: Dict[fx.Node, Any] = {}
         self.weights: Dict[str, torch.Tensor] = {}
         flat = [flatten_inputs(gm, a, k) for a, k in batches]
-        self._inputs = {n: PerBatch([f[i] for f in flat])
+        self._inputs = {n: PerBatch([self._keep(f[i]) for f in flat])
                         for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
 
     def segments(self) -> List[Tuple[str, List[fx.Node]]]:
@@ -92,7 +106,10 @@ class BatchedGraphRunner:
 
     def run_node(self, node: fx.Node) -> Any:
         """Compute ``node`` for every batch, store it, and drop inputs that are no longer needed."""
-        self.env[node] = self._compute(node)
+        value = self.env[node] = self._compute(node)
+        self._footprint[node] = _footprint(value) if isinstance(value, PerBatch) else []
+        # the peak is now: this node's inputs are still held while its output exists
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes())
         for inp in node.all_input_nodes:
             if self.last_use.get(inp, -1) <= self.position[node]:
                 self.env.pop(inp, None)
@@ -100,6 +117,22 @@ class BatchedGraphRunner:
 
     def value(self, node: fx.Node) -> Any:
         return self._resolve(node)
+
+    def live_bytes(self) -> int:
+        """Bytes of the per-batch values held now (in env or pinned), each storage counted once."""
+        held: Dict[Any, int] = {}
+        for values in (self.env, *self._pinned):
+            for node in values:
+                held.update(self._footprint.get(node, ()))
+        return sum(held.values())
+
+    def pin(self, values: Dict[fx.Node, Any]) -> Dict[fx.Node, Any]:
+        """Count ``values`` (node -> value, e.g. a snapshot of env) as held until :meth:`unpin`."""
+        self._pinned.append(values)
+        return values
+
+    def unpin(self, values: Dict[fx.Node, Any]) -> None:
+        self._pinned = [p for p in self._pinned if p is not values]  # identity: values hold tensors
 
     def _resolve(self, node: fx.Node) -> Any:
         if node.op == "get_attr":
@@ -118,7 +151,44 @@ class BatchedGraphRunner:
         n_batches = _batch_count((args, kwargs))
         if n_batches is None:
             return node.target(*args, **kwargs)
-        return PerBatch([node.target(*_pick(args, i), **_pick(kwargs, i)) for i in range(n_batches)])
+        return PerBatch([self._keep(node.target(*self._fetch(_pick(args, i)),
+                                                **self._fetch(_pick(kwargs, i))))
+                         for i in range(n_batches)])
+
+    def _keep(self, value):
+        """A per-batch value as stored between nodes (on the offload device, if any)."""
+        return value if self.offload_to is None else _move(value, self.offload_to)
+
+    def _fetch(self, value):
+        """A stored per-batch value brought back to the compute device for a node to use."""
+        return value if self.offload_to is None else _move(value, self.compute_device)
+
+
+def _move(tree, device: torch.device):
+    return map_aggregate(tree, lambda v: v.to(device) if isinstance(v, torch.Tensor) else v)
+
+
+def _footprint(value: PerBatch) -> List[Tuple[Any, int]]:
+    """(storage key, bytes) of every tensor in the value; views of one storage share the key."""
+    out: List[Tuple[Any, int]] = []
+
+    def add(v):
+        if isinstance(v, torch.Tensor):
+            storage = v.untyped_storage()
+            out.append(((v.device, storage.data_ptr()), storage.nbytes()))
+    map_aggregate(value.values, add)
+    return out
+
+
+def _device_of_batches(gm: fx.GraphModule, batches) -> torch.device:
+    """Where the nodes compute: the device of the first input tensor (else of the parameters)."""
+    found: List[torch.device] = []
+    map_aggregate([list(a) + list(k.values()) for a, k in batches],
+                  lambda v: found.append(v.device) if isinstance(v, torch.Tensor) else None)
+    if found:
+        return found[0]
+    param = next(iter(gm.parameters()), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def _fetch_attr(gm: fx.GraphModule, target: str):

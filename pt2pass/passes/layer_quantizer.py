@@ -19,7 +19,8 @@ from ..store import LayerQuant
 log = logging.getLogger(__name__)
 
 QuantizeFn = Callable[[str, torch.Tensor, Optional[torch.Tensor], TernaryConfig], "tuple"]
-FP16_MAX = torch.finfo(torch.float16).max
+# Rounding alpha and mu to float16 moves Q by about 2^-11 relative; 4x that means precision loss.
+FP16_REL_CHANGE = 2.0 ** -9
 
 
 def quantize_linear(fqn: str, W: torch.Tensor, H: Optional[torch.Tensor], config: TernaryConfig,
@@ -32,21 +33,44 @@ def quantize_linear(fqn: str, W: torch.Tensor, H: Optional[torch.Tensor], config
     from ..quant import ternarize_weight  # the math package (no torch.fx inside)
 
     start = time.perf_counter()
-    result = ternarize_weight(W.detach().float(), H, config)
+    try:
+        result = ternarize_weight(W.detach().float(), H, config)
+    except ValueError as exc:  # the math does not know the layer's name
+        raise ValueError(f"{fqn}: {exc}") from exc
     alpha, mu, Q = result.alpha, result.mu, result.Q
     if config.method in ("pt2", "rtn"):
-        if scale_dtype == torch.float16 and max(alpha.abs().max(), mu.abs().max()) > FP16_MAX:
-            log.warning("%s: scales exceed float16 range, stored as float32", fqn)
-            scale_dtype = torch.float32
+        scale_dtype = _scale_dtype(fqn, result, scale_dtype)
         alpha, mu = alpha.to(scale_dtype), mu.to(scale_dtype)
         Q = unpermute(dequantize_blocks(result.T, alpha, mu, config.block_size), result.perm)
     stats = dict(result.stats)
     stats["seconds"] = round(time.perf_counter() - start, 4)
     layer = LayerQuant(fqn=fqn, method=config.method, T=result.T, alpha=alpha, mu=mu,
                        perm=result.perm, block_size=config.block_size, stats=stats)
-    log.info("quantized %s %s: %s", fqn, tuple(W.shape),
-             ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
+    log.info("quantized %s %s: %s", fqn, tuple(W.shape), _describe(stats))
     return layer, Q.to(W.dtype)
+
+
+def _scale_dtype(fqn: str, result, scale_dtype: torch.dtype) -> torch.dtype:
+    """``scale_dtype``, or float32 when storing the scales in float16 would change the layer by
+    more than float16's own rounding: overflow (> 65504) or tiny scales (subnormal below ~6e-5,
+    e.g. 1e-6 keeps only ~4 significant bits)."""
+    if scale_dtype != torch.float16:
+        return scale_dtype
+    exact = dequantize_blocks(result.T, result.alpha, result.mu, result.block_size)
+    rounded = dequantize_blocks(result.T, result.alpha.half(), result.mu.half(), result.block_size)
+    change = float((rounded - exact).norm())
+    if change == change and change <= FP16_REL_CHANGE * float(exact.norm()):  # NaN fails too
+        return scale_dtype
+    log.warning("%s: float16 scales would change the weight by %.3g relative (overflow or "
+                "subnormal scales); stored as float32", fqn,
+                change / max(float(exact.norm()), torch.finfo(torch.float32).tiny))
+    return torch.float32
+
+
+def _describe(stats) -> str:
+    """One log line of the scalar statistics (histories are for plots, not for the log)."""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in stats.items() if not isinstance(v, (list, tuple)))
 
 
 class HessianCache:
@@ -61,16 +85,23 @@ class HessianCache:
             self.pending.setdefault(node.args[0], []).append(fqn)
         self.hessians: Dict[fx.Node, torch.Tensor] = {}
 
-    def take(self, fqn: str, linear: fx.Node, activations: List[torch.Tensor]) -> torch.Tensor:
-        """The Hessian of ``linear``'s input, accumulated from ``activations`` on first request."""
+    def take(self, fqn: str, linear: fx.Node, activations: List[torch.Tensor],
+             device: Optional[torch.device] = None) -> torch.Tensor:
+        """The Hessian of ``linear``'s input, accumulated from ``activations`` on first request,
+        on ``device`` (default: the activations' own; offloaded activations are moved per batch)."""
         from ..quant import HessianAccumulator
 
         x_node = linear.args[0]
         if x_node not in self.hessians:
             first = activations[0]
-            acc = HessianAccumulator(first.shape[-1], device=first.device)
+            acc = HessianAccumulator(first.shape[-1], device=device or first.device)
             for x in activations:
-                acc.add(x)
+                try:
+                    acc.add(x)
+                except ValueError as exc:  # name the layer: "activations contain NaN" alone is not
+                    readers = ", ".join(self.pending[x_node])
+                    raise ValueError(f"calibration input of {readers} (graph node {x_node.name}): "
+                                     f"{exc}") from exc
             self.hessians[x_node] = acc.hessian()
         H = self.hessians[x_node]
         self.pending[x_node].remove(fqn)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Tuple
 
 import torch
 import torch.fx as fx
@@ -13,33 +13,67 @@ from ..capture import LINEAR_OP, WEIGHT_FQN
 log = logging.getLogger(__name__)
 
 
+PACKING_UNIT = 16  # weights per int32 word of the packed format (lowering/format.py)
+
+
 def quantizable_linears(gm: fx.GraphModule, skip: Iterable[str] = ()) -> Dict[str, fx.Node]:
     """Weight FQN -> its aten.linear node, for the Linears a quantizer should rewrite.
 
-    Left out (and logged): FQNs containing a ``skip`` substring; weights also read by other ops
-    (tied weights, e.g. an LM head tied to the embedding: quantizing would change the embedding
-    too); weights used by more than one Linear call.
+    Left out (and logged, see :func:`classify_linears`): FQNs containing a ``skip`` substring;
+    weights also read by other ops (tied weights, e.g. an LM head tied to the embedding:
+    quantizing would change the embedding too); weights used by more than one Linear call;
+    in_features not a multiple of 16 (the packing unit of the ternary format).
     """
+    sites, excluded = classify_linears(gm, skip)
+    for fqn, reason in excluded.items():
+        if not reason.startswith("skipped"):  # a skip is the user's choice: no warning needed
+            log.warning("%s %s: kept in full precision", fqn, reason)
+    return sites
+
+
+def classify_linears(gm: fx.GraphModule, skip: Iterable[str] = ()
+                     ) -> Tuple[Dict[str, fx.Node], Dict[str, str]]:
+    """(quantizable sites: weight FQN -> aten.linear node, excluded: weight FQN -> reason)."""
     skip = tuple(skip)
     by_fqn: Dict[str, list] = {}
     for node in gm.graph.nodes:
         if node.target is LINEAR_OP and WEIGHT_FQN in node.meta:
             by_fqn.setdefault(node.meta[WEIGHT_FQN], []).append(node)
-    sites = {}
+    sites, excluded = {}, {}
+    readers = _readers_by_tensor(gm)
     for fqn, nodes in by_fqn.items():
-        if any(s in fqn for s in skip):
+        matched = [s for s in skip if s in fqn]
+        if matched:
+            excluded[fqn] = f"skipped by CompileConfig.skip ({matched[0]!r})"
             continue
-        weight = nodes[0].args[1]
-        other_users = [u for u in weight.users if u not in nodes]
+        weight = get_weight(gm, fqn)
+        other_users = [u for u in readers.get(id(weight), []) if u not in nodes]
         if other_users:
-            log.warning("%s is tied (also used by %s): kept in full precision", fqn,
-                        ", ".join(u.name for u in other_users))
+            excluded[fqn] = f"is tied (also used by {', '.join(u.name for u in other_users)})"
             continue
         if len(nodes) > 1:
-            log.warning("%s is used by %d Linear calls: kept in full precision", fqn, len(nodes))
+            excluded[fqn] = f"is used by {len(nodes)} Linear calls"
+            continue
+        if weight.shape[-1] % PACKING_UNIT:
+            excluded[fqn] = (f"has in_features={weight.shape[-1]}, not a multiple of {PACKING_UNIT} "
+                             "(the packing unit of the ternary format)")
             continue
         sites[fqn] = nodes[0]
-    return sites
+    return sites, excluded
+
+
+def _readers_by_tensor(gm: fx.GraphModule) -> Dict[int, list]:
+    """id(tensor) -> the nodes reading it through any get_attr: a tie can appear as one
+    get_attr node with several users or as two attribute names of one Parameter."""
+    readers: Dict[int, list] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                tensor = get_weight(gm, node.target)
+            except AttributeError:
+                continue
+            readers.setdefault(id(tensor), []).extend(node.users)
+    return readers
 
 
 def set_weight(gm: fx.GraphModule, fqn: str, value: torch.Tensor) -> None:

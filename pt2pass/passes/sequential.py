@@ -24,7 +24,7 @@ from ..pass_manager import Pass, PassResult
 from ..runner import BatchedGraphRunner, PerBatch
 from ..store import store_of
 from .layer_quantizer import HessianCache, quantize_linear
-from .linear_sites import get_weight, quantizable_linears, set_weight
+from .linear_sites import classify_linears, get_weight, quantizable_linears, set_weight
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,23 @@ class SequentialTernarize(Pass):
         self.fqns: List[str] = []
 
     def requires(self, gm: fx.GraphModule) -> None:
-        if not quantizable_linears(gm, self.config.skip):
+        if not classify_linears(gm, self.config.skip)[0]:  # silent: call() logs the exclusions
             raise ValueError("the graph has no quantizable Linear nodes (are they all skipped?)")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         sites = quantizable_linears(gm, self.config.skip)
         by_node = {node: fqn for fqn, node in sites.items()}
-        runner = BatchedGraphRunner(gm, self.batches, targets=sites.values())
+        runner = BatchedGraphRunner(gm, self.batches, targets=sites.values(),
+                                    offload_to="cpu" if self.config.offload_activations else None)
         hessians = HessianCache(sites)
         store = store_of(gm)
         segments = runner.segments()
-        bar = tqdm(segments, desc="ternarize", unit="stage", disable=not self.progress)
-        with torch.no_grad():
+        # Two bars: stages (decoder blocks) show where the calibration forward is, layers show
+        # the quantizer's progress (most of the time is spent there).
+        bar = tqdm(segments, desc="stages", unit="stage", disable=not self.progress)
+        self._layer_bar = tqdm(total=len(sites), desc="ternarize", unit="layer",
+                               disable=not self.progress)
+        with torch.no_grad(), bar, self._layer_bar:
             for stage, nodes in bar:
                 bar.set_postfix_str(stage)
                 stage_sites = [n for n in nodes if n in by_node]
@@ -66,18 +71,25 @@ class SequentialTernarize(Pass):
         for fqn in sites:
             set_weight(gm, fqn, runner.weights[fqn])
         self.fqns = list(sites)
+        self.peak_activation_bytes = runner.peak_bytes
+        store.config["peak_activation_bytes"] = runner.peak_bytes
+        log.info("calibration activations: peak %.1f MiB held at once (%s)", runner.peak_bytes / 2**20,
+                 "offloaded to the CPU" if runner.offload_to is not None else "on the model's device")
         return PassResult(gm, modified=True)
 
     def _run_stage_twice(self, runner, nodes, stage_sites, by_node, hessians, store) -> None:
         """Full-precision pass to collect this stage's Hessians, quantize, re-run quantized."""
-        snapshot = dict(runner.env)
-        activations = {}
+        snapshot = runner.pin(dict(runner.env))  # pinned: counted in the runner's peak bytes
+        inputs = runner.pin({})
         for node in nodes:
             if node in by_node:
-                activations[node] = _per_batch(runner.value(node.args[0]))
+                inputs[node.args[0]] = runner.value(node.args[0])
             runner.run_node(node)
         for node in stage_sites:
-            self._quantize(runner, node, by_node[node], hessians, store, activations[node])
+            self._quantize(runner, node, by_node[node], hessians, store,
+                           _per_batch(inputs[node.args[0]]))
+        runner.unpin(inputs)
+        runner.unpin(snapshot)
         runner.env = snapshot
         for node in nodes:
             runner.run_node(node)
@@ -85,11 +97,13 @@ class SequentialTernarize(Pass):
     def _quantize(self, runner, node, fqn, hessians, store, activations=None) -> None:
         if activations is None:
             activations = _per_batch(runner.value(node.args[0]))
-        H = hessians.take(fqn, node, activations)
         W = get_weight(runner.gm, fqn)
+        H = hessians.take(fqn, node, activations, device=W.device)  # activations may be offloaded
+        self._layer_bar.set_postfix_str(fqn, refresh=False)
         layer, Q = self.quantize_fn(fqn, W, H, self.config.ternary)
         store[fqn] = layer
         runner.weights[fqn] = Q
+        self._layer_bar.update(1)
 
 
 def _per_batch(value) -> List[torch.Tensor]:

@@ -29,6 +29,7 @@ dead-column-fixed H[B, B]. Everything stays on W's device.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Optional
@@ -41,7 +42,7 @@ from .hessian import cholesky_inverse_damped, prepare_hessian
 from .result import QuantResult, finish, n_blocks
 from .refine import refine_block
 from .ssr import next_block, static_order
-from .ternary import aga, canonicalize, dequant, itf
+from .ternary import aga, canonicalize, dequant, itf, output_error
 
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
@@ -95,7 +96,8 @@ def ternarize_weight(W: Tensor, H: Optional[Tensor], config: Optional[TernaryCon
     ``block_size``, act_order iff order == "act_order"). W may be float32/bf16/fp16 (upcast).
     stats: E_w_itf, E_x_itf, E_w_aga, E_x_aga (per-block errors of the compensated W summed over
     blocks; the E_x use H[B,B]; E_x keys only when H is given, *_aga only when AGA runs),
-    itf_iters_mean/max, n_sign_flips (AGA rows given alpha >= 0 by flipping T), n_dead_columns,
+    itf_iters_mean/max, E_w_itf_history (the layer's E_w after ITF's init and each iteration,
+    blocks summed), n_sign_flips (AGA rows given alpha >= 0 by flipping T), n_dead_columns,
     E_w/E_x of the whole layer vs the original W and H, mean_abs_shift, frac_blocks_reordered,
     seconds.
 
@@ -124,8 +126,40 @@ def ternarize_weight(W: Tensor, H: Optional[Tensor], config: Optional[TernaryCon
     T, alpha, mu, perm, stats = _block_loop(Wc, Hd, config, aga_metric == "schur")
     stats.update(method="pt2", n_dead_columns=n_dead)
     res = finish(W.to(torch.float32), H, T, alpha, mu, perm, stats, config.block_size)
+    if config.order == "ssr" and H is not None and has_outlier_columns(W):
+        res = _guard_ssr(W, H, config, aga_metric, res)
     res.stats["seconds"] = time.perf_counter() - t0
     return res
+
+
+# A column whose norm exceeds this multiple of the median column norm is an outlier column.
+OUTLIER_COLUMN_RATIO = 30.0
+
+
+def has_outlier_columns(W: Tensor) -> bool:
+    """Two or more outlier columns (one alone cannot share a block with another)."""
+    norms = W.detach().to(torch.float32).norm(dim=0)
+    return int((norms > OUTLIER_COLUMN_RATIO * norms.median()).sum()) >= 2
+
+
+def _guard_ssr(W: Tensor, H: Tensor, config: TernaryConfig, aga_metric: str,
+               res: QuantResult) -> QuantResult:
+    """SSR's mean column is dominated by outlier columns, so they all get the highest cosine and
+    land in one block, where one 3-level grid per row cannot hold several unrelated huge values:
+    with 2-4 columns at 1e3-1e4x the others, E_x came out 14-35000x that of calibration-free
+    RTN. On such layers the result is compared with RTN and, if worse, the layer is re-run in
+    the natural order; the best of the three is kept (stats["ssr_fallback"] names it), so the
+    layer is never worse than RTN. Layers without outlier columns are untouched."""
+    rtn = rtn_ternary(W, config.block_size)
+    e_rtn = rtn.stats["E_x"] = output_error(W, rtn.Q, H)
+    if res.stats["E_x"] <= e_rtn:
+        return res
+    natural = ternarize_weight(W, H, dataclasses.replace(config, order="natural"), aga_metric)
+    best, name = min((natural, "natural"), (rtn, "rtn"), key=lambda c: c[0].stats["E_x"])
+    log.warning("SSR order gave E_x=%.3g > RTN's %.3g on a layer with outlier columns; kept the "
+                "%s result (E_x=%.3g)", res.stats["E_x"], e_rtn, name, best.stats["E_x"])
+    best.stats["ssr_fallback"] = name
+    return best
 
 
 def _quantize_block(WB: Tensor, C: Optional[Tensor], config: TernaryConfig, acc: dict,
@@ -135,6 +169,7 @@ def _quantize_block(WB: Tensor, C: Optional[Tensor], config: TernaryConfig, acc:
     r = itf(WB, config.itf_max_iters)
     T, alpha, mu = r.T, r.alpha.float(), r.mu.float()
     acc["iters"].append(r.iters)
+    acc["itf_histories"].append(r.history)
     _add_errors(acc, "itf", WB, dequant(T, alpha, mu), C)
     if config.aga:
         a2, m2 = aga(WB, T, C)
@@ -165,7 +200,7 @@ def _block_loop(W: Tensor, Hd: Optional[Tensor], config: TernaryConfig, schur: b
     Wr = W[:, rem]
     Hinv = cholesky_inverse_damped(Hd[rem.unsqueeze(1), rem]) if comp != "none" else None
     U = torch.linalg.cholesky(Hinv, upper=True) if comp == "diagonal" and static else None
-    acc = {"iters": [], "n_sign_flips": 0}
+    acc = {"iters": [], "itf_histories": [], "n_sign_flips": 0}
     Ts, alphas, mus, order = [], [], [], []
     for _ in range(n_blocks(m, bs)):
         k = rem.numel()
@@ -185,9 +220,18 @@ def _block_loop(W: Tensor, Hd: Optional[Tensor], config: TernaryConfig, schur: b
         Ts.append(T), alphas.append(alpha), mus.append(mu), order.append(cols)
         rem = rem[R]
     iters = acc.pop("iters")
-    acc.update(itf_iters_mean=sum(iters) / len(iters), itf_iters_max=max(iters))
+    acc.update(itf_iters_mean=sum(iters) / len(iters), itf_iters_max=max(iters),
+               E_w_itf_history=_layer_history(acc.pop("itf_histories")))
     return (torch.cat(Ts, 1), torch.stack(alphas, 1), torch.stack(mus, 1),
             torch.cat(order), acc)
+
+
+def _layer_history(histories) -> list:
+    """E_w of the whole layer after ITF's init and after each iteration: the blocks' histories
+    summed, a block that converged early counting with its final value (for the convergence plot;
+    the last entry matches E_w_itf up to the float32 rounding of the grid)."""
+    length = max(len(h) for h in histories)
+    return [sum(h[min(i, len(h) - 1)] for h in histories) for i in range(length)]
 
 
 def _compensate(comp: str, Wr, Hinv, U, B, R, E):

@@ -1,0 +1,101 @@
+"""pt2pass.compile on tiny random LLaMA, Qwen2 (q/k/v bias), Qwen3 (q/k norms) and Mistral, with
+tied and untied embeddings; and a clear refusal of an architecture without nn.Linear (GPT-2).
+
+All four model classes exist in transformers 5.17 (the GPU machine) and 5.23.
+"""
+import logging
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import pt2pass
+from pt2pass import CompileConfig, TernaryConfig
+from pt2pass.capture import LINEAR_OP, WEIGHT_FQN
+from pt2pass.lowering.lower import TERNARY_OP
+
+ARCHITECTURES = {  # name: (config class, model class, extra settings)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+}
+LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
+RTN = TernaryConfig(method="rtn", aga=False, compensation="none", order="natural")
+
+
+def tiny(arch: str, tied: bool, layers: int = 2):
+    config_cls, model_cls, extra = ARCHITECTURES[arch]
+    config = getattr(transformers, config_cls)(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=tied, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def linear_weight_fqns(model):
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def _logits(qm, model):
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return qm(ids).logits, model(input_ids=ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_rtn_with_nothing_skipped(arch, tied, caplog):
+    """Every Linear is tagged at capture; with skip=() an untied lm_head is ternarized too, a tied
+    one stays in full precision (ternarizing it would change the embedding) and the log says why."""
+    model = tiny(arch, tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    with caplog.at_level(logging.WARNING, logger="pt2pass.passes.linear_sites"):
+        qm = pt2pass.compile(model, None, config=CompileConfig(skip=(), ternary=RTN), progress=False)
+    tagged = {n.meta[WEIGHT_FQN] for n in qm.gm.graph.nodes
+              if n.target in (TERNARY_OP, LINEAR_OP) and WEIGHT_FQN in n.meta}
+    head = {"lm_head.weight", "model.embed_tokens.weight"}  # a tied head may carry either name
+    assert tagged - head == linear_weight_fqns(model) - head and len(tagged & head) == 1
+    assert qm.ternary_node_count() == 2 * LINEARS_PER_BLOCK + (0 if tied else 1)
+    assert ("is tied (also used by embedding): kept in full precision" in caplog.text) == tied
+    logits, _ = _logits(qm, model)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_pt2_default_config_ternarizes_all_but_the_head(arch):
+    model = tiny(arch, tied=False, layers=1)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    config = CompileConfig(seqlen=32, batch_size=2, ternary=TernaryConfig(block_size=64))
+    qm = pt2pass.compile(model, calib, config=config, progress=False)
+    assert qm.ternary_node_count() == LINEARS_PER_BLOCK
+    assert "lm_head.weight" not in qm.store and len(qm.store) == LINEARS_PER_BLOCK
+    logits, ref = _logits(qm, model)
+    assert torch.isfinite(logits).all()
+    assert (logits.softmax(-1) - ref.softmax(-1)).abs().sum(-1).mean() < 0.5
+    biased = {n.meta[WEIGHT_FQN].split(".")[-2] for n in qm.gm.graph.nodes
+              if n.target is TERNARY_OP and n.args[4] is not None}
+    assert biased == ({"q_proj", "k_proj", "v_proj"} if arch == "qwen2" else set())
+
+
+def test_qwen3_keeps_its_q_and_k_norms():
+    qm = pt2pass.compile(tiny("qwen3", tied=False, layers=1), None,
+                         config=CompileConfig(ternary=RTN), progress=False)
+    params = dict(qm.gm.named_parameters())
+    assert {"model.layers.0.self_attn.q_norm.weight", "model.layers.0.self_attn.k_norm.weight"} <= set(params)
+
+
+def test_gpt2_conv1d_is_refused_naming_what_is_missing():
+    """GPT-2's blocks use transformers' Conv1D, not nn.Linear; its only Linear is the tied head."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel: no Linear layer can be ternarized "
+                                         r"\(Linear weights in the graph: lm_head\.weight skipped by "
+                                         r"CompileConfig\.skip \('lm_head'\)\)\. 8 module\(s\) hold a "
+                                         r"2-D weight but are not nn\.Linear, e\.g\. "
+                                         r"transformer\.h\.0\.attn\.c_attn \(Conv1D\)"):
+        pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
