@@ -23,7 +23,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import pt2pass  # noqa: E402,F401  (registers the op)
-from pt2pass.lowering.format import dequantize, pack_ternary  # noqa: E402
+from pt2pass.bench import ROTATE_BYTES, rel_err, time_graph  # noqa: E402
+from pt2pass.bench import random_ternary_layer as make_layer  # noqa: E402
+from pt2pass.bench import rotating_copies as copies  # noqa: E402
+from pt2pass.lowering.format import dequantize  # noqa: E402
 from pt2pass.lowering.kernels import dispatch  # noqa: E402
 from pt2pass.lowering.kernels.gemm import ternary_gemm  # noqa: E402
 from pt2pass.lowering.kernels.gemv import ternary_gemv  # noqa: E402
@@ -32,51 +35,7 @@ from pt2pass.lowering.kernels.gemv import ternary_gemv  # noqa: E402
 SHAPES = [(28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]
 MS = [1, 4, 16, 64, 256, 2048]
 PEAK_BW = 3.0e12  # measured device-to-device copy bandwidth of the lent H100 (bytes read + written)
-ROTATE_BYTES = 200e6  # > 4x the 50 MB L2
 OP = torch.ops.pt2pass.ternary_linear
-
-
-def rel_err(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
-
-
-def make_layer(n, k, dev):
-    T = torch.randint(-1, 2, (n, k), device=dev, dtype=torch.int8)
-    alpha = ((torch.rand(n, k // 128, device=dev) + 0.5) * 0.02).to(torch.bfloat16)
-    mu = (torch.randn(n, k // 128, device=dev) * 0.005).to(torch.bfloat16)
-    return T, pack_ternary(T), alpha, mu
-
-
-def time_graph(calls, n_calls, replays=10):
-    """Median time per call (s) of a CUDA graph that runs calls[i % len(calls)] n_calls times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for c in calls[: min(len(calls), 3)]:
-            c()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(n_calls):
-            calls[i % len(calls)]()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / n_calls)
-    del g
-    return statistics.median(times)
-
-
-def copies(tensors, nbytes):
-    r = max(2, math.ceil(ROTATE_BYTES / nbytes))
-    return [tuple(t.clone() for t in tensors) for _ in range(r)]
 
 
 def gemlite_layers(T, alpha, mu, r):

@@ -1,0 +1,177 @@
+"""Timing of ``pt2pass::ternary_linear`` against dense ``F.linear``, shared by ``pt2pass bench``
+and ``benchmarks/bench_kernels.py``.
+
+On CUDA a call is timed inside a CUDA graph that cycles through enough weight copies that the
+L2 cache holds none of them (otherwise a repeated call reads its weight from L2 and looks faster
+than decoding ever is). On CPU the op runs its plain-torch reference path (unpack the 2-bit codes,
+dequantize, matmul), timed with ``time.perf_counter``; the report says which path ran.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .lowering.format import WEIGHTS_PER_WORD, dequantize, n_blocks, pack_ternary
+
+log = logging.getLogger(__name__)
+
+ROTATE_BYTES = 200e6  # > 4x the 50 MB L2 of an H100
+SCALE_BLOCK = 128     # columns per (alpha, mu) block of the random layers
+MAX_REL_ERR = 1e-2    # bf16 output rounding is ~2e-3; a wrong kernel is far above this
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error of ``out`` against a float64 reference."""
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def random_ternary_layer(n: int, k: int, device, scale_dtype=torch.bfloat16):
+    """Random codes and scales of an (n, k) ternary layer: (T int8, packed, alpha, mu).
+    K must be a multiple of 16 (the packing unit); a last partial scale block is allowed."""
+    if k % WEIGHTS_PER_WORD:
+        raise ValueError(f"in_features K={k} must be a multiple of {WEIGHTS_PER_WORD}")
+    blocks = n_blocks(k, SCALE_BLOCK)
+    T = torch.randint(-1, 2, (n, k), device=device, dtype=torch.int8)
+    alpha = ((torch.rand(n, blocks, device=device) + 0.5) * 0.02).to(scale_dtype)
+    mu = (torch.randn(n, blocks, device=device) * 0.005).to(scale_dtype)
+    return T, pack_ternary(T), alpha, mu
+
+
+def rotating_copies(tensors: Sequence[torch.Tensor], nbytes: float) -> List[tuple]:
+    """Enough clones of ``tensors`` (``nbytes`` each set) to cover ROTATE_BYTES, at least 2."""
+    r = max(2, math.ceil(ROTATE_BYTES / nbytes))
+    return [tuple(t.clone() for t in tensors) for _ in range(r)]
+
+
+def time_graph(calls: Sequence[Callable], n_calls: int, replays: int = 10) -> float:
+    """Median time per call (s) of a CUDA graph that runs calls[i % len(calls)] n_calls times."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up (autotuning, lazy init) outside the capture
+        for c in calls[: min(len(calls), 3)]:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for i in range(n_calls):
+            calls[i % len(calls)]()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / n_calls)
+    del g
+    return statistics.median(times)
+
+
+def time_cpu(fn: Callable, repeats: int = 10, warmup: int = 2) -> float:
+    """Median wall time (s) of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def op_path(device: torch.device, m: int, x: torch.Tensor, packed, alpha) -> str:
+    """Which implementation ``pt2pass::ternary_linear`` runs for this call (see dispatch.py)."""
+    if device.type != "cuda":
+        return "CPU reference (plain torch: unpack, dequantize, matmul)"
+    from .lowering.kernels import dispatch
+
+    reason = dispatch.unsupported_reason(x, packed, alpha, SCALE_BLOCK)
+    if reason is not None:
+        return f"plain-torch reference on the GPU ({reason})"
+    if m <= dispatch.GEMV_MAX_M:
+        return "Triton GEMV"
+    if m >= dispatch.DEQUANT_MIN_M:
+        return "Triton dequantize + cuBLAS"
+    return "Triton GEMM"
+
+
+@dataclass
+class BenchRow:
+    N: int
+    K: int
+    M: int
+    t_ternary: float
+    """Median seconds per ternary_linear call."""
+    t_dense: float
+    """Median seconds per F.linear call with the dequantized weight in the activation dtype."""
+    err: float
+    """Relative error of ternary_linear vs a float64 product with the dequantized weight."""
+    path: str
+
+    @property
+    def speedup(self) -> float:
+        return self.t_dense / self.t_ternary
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "speedup": self.speedup}
+
+
+def bench_ternary_vs_dense(shapes: Iterable[Tuple[int, int]], ms: Iterable[int], device,
+                           dtype: torch.dtype, repeats: int = 10,
+                           progress: Optional[Callable[[BenchRow], None]] = None) -> List[BenchRow]:
+    """Check, then time ``ternary_linear`` and ``F.linear`` for every (N, K) x M.
+
+    Raises ValueError when the op's result is off by more than MAX_REL_ERR (timing a wrong
+    kernel would be meaningless). ``progress(row)`` is called after each row.
+    """
+    device = torch.device(device)
+    op = torch.ops.pt2pass.ternary_linear
+    rows = []
+    for n, k in shapes:
+        _, packed, alpha, mu = random_ternary_layer(n, k, device, scale_dtype=dtype)
+        w64 = dequantize(packed, alpha.double(), mu.double(), dtype=torch.float64)
+        w = w64.to(dtype)
+        for m in ms:
+            x = torch.randn(m, k, device=device, dtype=dtype)
+            err = rel_err(op(x, packed, alpha, mu), x.double() @ w64.T)
+            if not err < MAX_REL_ERR:
+                raise ValueError(f"ternary_linear {m}x{n}x{k} on {device}: relative error "
+                                 f"{err:.2e} > {MAX_REL_ERR}")
+            path = op_path(device, m, x, packed, alpha)
+            if device.type == "cuda":
+                tern = rotating_copies((packed, alpha, mu), packed.numel() * 4 + alpha.numel() * 4)
+                dense = rotating_copies((w,), w.numel() * w.element_size())
+                t_tern = time_graph([lambda p=p: op(x, *p) for p in tern], max(len(tern), 10))
+                t_dense = time_graph([lambda d=d: F.linear(x, d[0]) for d in dense],
+                                     max(len(dense), 10))
+            else:
+                t_tern = time_cpu(lambda: op(x, packed, alpha, mu), repeats)
+                t_dense = time_cpu(lambda: F.linear(x, w), repeats)
+            row = BenchRow(n, k, m, t_tern, t_dense, err, path)
+            log.info("%dx%d M=%d: ternary %.1f us, dense %.1f us (%s)", n, k, m, t_tern * 1e6,
+                     t_dense * 1e6, path)
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    return rows
+
+
+def format_bench_table(rows: Sequence[BenchRow]) -> str:
+    """A fixed-width table of the rows (times in microseconds)."""
+    head = (f"{'N x K':>13} {'M':>5} {'ternary us':>11} {'dense us':>10} {'dense/tern':>10} "
+            f"{'rel err':>8}  path")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.N:6d}x{r.K:<6d} {r.M:5d} {r.t_ternary * 1e6:11.1f} "
+                     f"{r.t_dense * 1e6:10.1f} {r.speedup:10.2f} {r.err:8.1e}  {r.path}")
+    return "\n".join(lines)
