@@ -35,3 +35,24 @@ def test_export_and_reload():
 def test_quantize_and_generate():
     out = _run("quantize_and_generate.py")
     assert "KING HENRY" in out and "largest output error" in out
+
+
+def test_export_decode_and_generate():
+    out = _run("export_decode_and_generate.py")
+    tokens = [line.split(":", 1)[1].strip() for line in out.splitlines()
+              if line.startswith(("static cache:", "no cache:", "fresh process:"))]
+    assert len(tokens) == 3 and len(set(tokens)) == 1 and tokens[0].count(",") == 15
+
+
+def test_bench_e2e_runs_on_a_tiny_shape():
+    """The GPU end-to-end benchmark's code path (decode graphs, rtn compile, quantizer timing) on
+    CPU with a tiny model, so the script does not rot between GPU sessions."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_e2e.py"
+    done = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--prompt", "8",
+                           "--new-tokens", "4", "--prefill", "32", "--batch", "1",
+                           "--quant-layers", "1", "--calib", "2x32", "--calib-batch", "2"],
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| decode tok/s, batch 1 |" in done.stdout
+    assert "2.250 bits/weight in graph" in done.stdout
