@@ -84,7 +84,7 @@ def table(rows, args) -> str:
             f"{torch.get_num_threads()} threads.\n\n"
             f"Command: `python benchmarks/ablation.py --n-calib {args.n_calib} --seqlen {args.seqlen} "
             f"--eval-windows {args.eval_windows} --sequential {args.sequential}`\n\n")
-    lines = ["| configuration | perplexity | bits/weight (2-bit packed) | bits/weight (5 trits/byte) "
+    lines = ["| configuration | perplexity | bits/weight (2-bit packed, in graph) | bits/weight (checkpoint) "
              "| quantize time (s) |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['ppl']:,.1f} | {r['bits']:.2f} | {r['bits_trit']:.2f} | "

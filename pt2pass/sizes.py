@@ -62,15 +62,26 @@ def dense_linear_bytes(model: nn.Module) -> Dict[str, int]:
     return {"weights": weights, "bytes": nbytes}
 
 
-CODE_BITS = {"2bit": 2.0, "trit5": 8.0 / 5.0}  # 2-bit codes (kernels), or 5 trits per byte (format.pack_trits)
+# "2bit": as held by the lowered graph (2-bit codes for the kernels, int32 permutation indices);
+# "trit5": as saved by pt2pass.save (5 trits per byte, indices at ceil(log2 K) bits).
+CODE_BITS = {"2bit": 2.0, "trit5": 8.0 / 5.0}
 SCALE_BITS = 16   # alpha and mu are stored in fp16
-PERM_BITS = 32    # permutation indices are stored as int32
+PERM_BITS = 32    # permutation indices in the graph are int32
+
+
+def _perm_bits(packing: str, k: int) -> int:
+    if packing == "2bit":
+        return PERM_BITS * k
+    from .checkpoint.bitpack import index_bits
+
+    return 8 * -(-k * index_bits(k) // 8)
 
 
 def bits_per_weight(store, packing: str = "2bit") -> float:
     """All-in storage bits per weight of the quantized Linears in ``store``: codes, the two 16-bit
     scales per row per block, and permutation indices (GPTQ baselines: codes, an fp16 scale and a
-    ``bits``-bit zero point per group)."""
+    ``bits``-bit zero point per group). ``packing``: "2bit" (the lowered graph) or "trit5" (a
+    checkpoint of ``pt2pass.save``; its codes are rounded up to whole bytes per row here too)."""
     if packing not in CODE_BITS:
         raise ValueError(f"packing={packing!r}; allowed: {sorted(CODE_BITS)}")
     total_bits = total_weights = 0.0
@@ -78,8 +89,9 @@ def bits_per_weight(store, packing: str = "2bit") -> float:
         n, k = layer.shape
         groups = layer.alpha.shape[1]
         if layer.is_ternary:
-            bits = n * k * CODE_BITS[packing] + 2 * SCALE_BITS * n * groups
-            bits += PERM_BITS * k if layer.perm is not None else 0
+            codes = n * k * 2 if packing == "2bit" else n * 8 * -(-k // 5)
+            bits = codes + 2 * SCALE_BITS * n * groups
+            bits += _perm_bits(packing, k) if layer.perm is not None else 0
         else:
             b = int(layer.stats.get("bits", 2))
             bits = n * k * b + (SCALE_BITS + b) * n * groups

@@ -167,6 +167,9 @@ def test_ternary_data_is_at_most_1_9_bits_per_weight_on_disk(wide, tmp_path):
     # codes 1.6 (+ row padding), fp16 alpha/mu 0.25, perms at ceil(log2 K) bits: K = 512 -> 9,
     # K = 1024 -> 10 bits per index, i.e. 9/512 or 10/512 per weight: 1.872265625 exactly here
     assert file_bits_per_weight(path) == 1.872265625
+    # pt2pass.sizes predicts the checkpoint's size from the store alone
+    from pt2pass.sizes import bits_per_weight
+    assert bits_per_weight(wide.store, "trit5") == 1.872265625
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 256, 257, 576, 1536, 40000])

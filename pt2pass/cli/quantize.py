@@ -135,7 +135,7 @@ def _size(summary: dict, ternary) -> str:
     if ternary.method == "gptq":
         return f"{summary['bits_per_weight']:.2f} bits/weight all-in ({ternary.bits}-bit codes)"
     return (f"{summary['bits_per_weight']:.2f} bits/weight all-in with 2-bit codes "
-            f"({summary['bits_per_weight_trit5']:.2f} with 5 trits/byte)")
+            f"({summary['bits_per_weight_trit5']:.2f} in the checkpoint: 5 trits/byte, bit-packed permutations)")
 
 
 def _summary(qm, ternary, times) -> dict:
