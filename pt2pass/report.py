@@ -18,6 +18,8 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from .checkpoint.files import apply_umask
+
 REPORT_VERSION = 1
 LAYERS_KEY = "layers"
 CHECKPOINT_META = "pt2pass.json"
@@ -168,6 +170,7 @@ def write_report_json(rows: Sequence[Dict[str, Any]], path, extra: Optional[Dict
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, indent=1, allow_nan=False)
             f.write("\n")
+        apply_umask(Path(tmp))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """pt2pass.save / pt2pass.load: exact round trips, determinism, atomicity and validation."""
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -413,3 +414,12 @@ def _attr(gm, target):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def test_checkpoint_files_follow_the_umask(saved):
+    """Bug: safetensors' writer and tempfile.mkstemp created model.safetensors and report.json
+    readable by their owner only (0600), unlike every other file a user writes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for child in Path(saved).iterdir():
+        assert child.stat().st_mode & 0o777 == 0o666 & ~umask, child.name

@@ -37,6 +37,14 @@ def file_digest(path: Path) -> Tuple[int, str]:
     return size, digest.hexdigest()
 
 
+def apply_umask(path: Path) -> None:
+    """Give a file the permissions a plain ``open(path, "w")`` would have: temporary files
+    (``tempfile.mkstemp``) and safetensors' writer create them readable by the owner only."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_folder(path: Path) -> Iterator[Path]:
     """Yield an empty staging folder; when the block ends without error, make it ``path``
@@ -51,6 +59,7 @@ def atomic_folder(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         for child in tmp.iterdir():
+            apply_umask(child)
             fsync_file(child)
         _fsync_dir(tmp)
         if path.exists():
