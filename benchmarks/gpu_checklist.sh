@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The GPU measurements still owed, in the order of their value per device minute. Run one step
+# per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
+#   bash benchmarks/gpu_checklist.sh fuzz | e2e7b | e2e8b | lowering | kernels
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+case "${1:-}" in
+  fuzz)     python3 benchmarks/fuzz_kernels.py --cases 256 --no-autotune ;;      # issue 7: >= 200 cases
+  e2e7b)    python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 8 --quant-layers 2 ;;  # issue 5
+  e2e8b)    python3 benchmarks/bench_e2e.py --shape llama3-8b --batch 1 8 --skip-quant-timing ;;
+  lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py ;;       # opcheck, compile, export, AOTI
+  kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels)
+            python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
+            PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py ;;
+  *) echo "usage: $0 fuzz|e2e7b|e2e8b|lowering|kernels" >&2; exit 2 ;;
+esac
