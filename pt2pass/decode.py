@@ -245,9 +245,10 @@ class CachedDecoder:
                 raise ValueError(f"{ids.shape[1]} tokens do not fit the cache of "
                                  f"{self.max_cache_len}")
             start = 0 if first else ids.shape[1] - 1
-            # contiguous: a column sliced from the growing (B, T) ids has stride T, which would
-            # fail the compiled step's guards (a recompile) at every step
-            tokens = ids[:, start:].contiguous()
+            # A fresh copy: a column sliced from the growing (B, T) ids has strides (T, 1), which
+            # fail the compiled step's stride guards (a recompile per token, until dynamo's limit).
+            # .contiguous() does not help when B == 1: a (1, 1) view counts as contiguous.
+            tokens = ids[:, start:].clone(memory_format=torch.contiguous_format)
             positions = torch.arange(start, ids.shape[1], device=ids.device)
             if one_token is not None and tokens.shape[1] == 1:
                 # CUDA graphs reuse their output memory: start a new step so that the previous

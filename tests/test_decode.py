@@ -238,6 +238,20 @@ def test_a_decoder_rejects_what_its_cache_cannot_hold(qm_natural):
         CachedDecoder(qm_natural.gm)
 
 
+def test_compiled_decode_step_never_recompiles(qm_natural, monkeypatch):
+    """Bug: the one-token input was ids[:, -1:] made .contiguous(), but a (1, 1) view of the
+    growing (1, T) ids already counts as contiguous and keeps stride (T, 1): the compiled step's
+    stride guard failed at every token and, with fullgraph=True, generation died at dynamo's
+    recompile limit (FailOnRecompileLimitHit on the H100 after 8 tokens)."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    ids = prompt(1, 5)
+    compiled = CachedDecoder(qm_natural.decoder(1, 20, ids.device).step, compile_decode=True)
+    out = compiled.generate(ids, 12)
+    assert torch.equal(out, qm_natural.generate(ids, 12, compile_decode=False))
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graphed_decode_matches_eager():
     from conftest import make_tiny_llama
