@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -72,17 +72,25 @@ def assemble(model: nn.Module, store: QuantStore, *, example_inputs=None,
     was_training = model.training
     model.eval()
     try:
-        with _traceable_weights(model, store, device):
+        with traceable_weights(model, store, device):
             gm = capture(model, example_inputs)
     finally:
         model.train(was_training)
-    gm.meta[STORE_KEY] = store
-    for fqn, layer in store.layers.items():
-        set_weight(gm, fqn, _graph_weight(layer, params[fqn].dtype, device))
-    manager = PassManager(lowering_passes())
-    gm = manager(gm)
+    gm, manager = lower_from_store(gm, store, params, device)
     log.info("assembled %s: %d quantized layers", type(model).__name__, len(store))
     return wrap(gm, store, model, model_config=model_config, pass_history=manager.history)
+
+
+def lower_from_store(gm: fx.GraphModule, store: QuantStore, params: Dict[str, torch.Tensor],
+                     device: torch.device) -> Tuple[fx.GraphModule, PassManager]:
+    """Attach ``store`` to a graph captured under :func:`traceable_weights`, give it the weights
+    the passes expect (:func:`graph_weight`, dtype from ``params``) and run the lowering passes.
+    Shared by :func:`assemble` and the decode-graph capture (``decode.build_decode_graph``)."""
+    gm.meta[STORE_KEY] = store
+    for fqn, layer in store.layers.items():
+        set_weight(gm, fqn, graph_weight(layer, params[fqn].dtype, device))
+    manager = PassManager(lowering_passes())
+    return manager(gm), manager
 
 
 def real_device(model: nn.Module) -> torch.device:
@@ -96,7 +104,7 @@ def real_device(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def _traceable_weights(model: nn.Module, store: QuantStore, device: torch.device) -> Iterator[None]:
+def traceable_weights(model: nn.Module, store: QuantStore, device: torch.device) -> Iterator[None]:
     """Stand in a broadcast zero on ``device`` for each meta quantized weight while tracing."""
     swapped: Dict[str, nn.Parameter] = {}
     for fqn in store.layers:
@@ -114,7 +122,7 @@ def _traceable_weights(model: nn.Module, store: QuantStore, device: torch.device
             owner._parameters[attr] = weight
 
 
-def _graph_weight(layer: LayerQuant, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def graph_weight(layer: LayerQuant, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """What the graph holds for a quantized weight before lowering: nothing real for ternary
     layers (lowering replaces them from the store), the dequantized weight for the others."""
     if layer.is_ternary:

@@ -29,12 +29,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .assemble import _graph_weight, _traceable_weights, lowering_passes, real_device
+from .assemble import lower_from_store, real_device, traceable_weights
 from .capture import CaptureError, capture_error_message, tag_linears
-from .pass_manager import PassManager
-from .passes.linear_sites import set_weight
 from .sampling import NextLogits, Sampling, check_prompt, generation_loop
-from .store import STORE_KEY, QuantStore
+from .store import QuantStore
 
 log = logging.getLogger(__name__)
 
@@ -155,16 +153,13 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
     module = StaticCacheLM(skeleton, batch_size, max_cache_len, dtype, device)
     args, dims = step_inputs(batch_size, max_cache_len, device)
     try:
-        with _traceable_weights(skeleton, store, device), torch.no_grad():
+        with traceable_weights(skeleton, store, device), torch.no_grad():
             ep = torch.export.export(module, args, dynamic_shapes=dims, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with guidance
         raise CaptureError(capture_error_message(skeleton, exc)) from exc
     gm = ep.module()
     tag_linears(gm, module)
-    gm.meta[STORE_KEY] = store
-    for fqn, layer in store.layers.items():
-        set_weight(gm, fqn, _graph_weight(layer, weights[fqn].dtype, device))
-    gm = PassManager(lowering_passes())(gm)
+    gm, _ = lower_from_store(gm, store, weights, device)
     left = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.device.type == "meta"]
     if left:
         raise ValueError(f"the decode graph still reads meta tensors after lowering: {left[:3]} "

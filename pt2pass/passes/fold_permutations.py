@@ -17,7 +17,7 @@ output feeding o_proj) stay, and ``self.remaining`` says why.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Set, Tuple
+from typing import List, Optional, Set, Tuple
 
 import torch
 import torch.fx as fx
