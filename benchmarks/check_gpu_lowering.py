@@ -2,6 +2,7 @@
 kernels, torch.export save/load/run in a fresh process, AOTInductor package.
 
     PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py   # one PASS/FAIL line per check; exit 1 on FAIL
+    PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_aoti   # only the named checks
 """
 from __future__ import annotations
 
@@ -107,20 +108,44 @@ def check_export_round_trip():
     assert torch.equal(y, ep.module()(x).cpu()), "fresh-process output differs"
 
 
+# One AOTInductor round trip per subprocess (a crash in compiled C++ kills only that step);
+# faulthandler prints where it died. argv: what ("linear": plain torch control, "ternary"), M.
+_AOTI = r"""
+import os, sys, tempfile, time, torch
+sys.path.insert(0, os.environ["PT2PASS_ROOT"]); sys.path.insert(0, os.path.join(os.environ["PT2PASS_ROOT"], "benchmarks"))
+from check_gpu_lowering import TwoLayers, rel
+what, m = sys.argv[1], int(sys.argv[2])
+model = TwoLayers() if what == "ternary" else torch.nn.Linear(512, 384).cuda().to(torch.bfloat16)
+x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+ep = torch.export.export(model, (x,)); print("exported", flush=True)
+d = tempfile.mkdtemp(); t = time.time()
+path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, "m.pt2"))
+print(f"compiled in {time.time() - t:.0f} s", flush=True)
+runner = torch._inductor.aoti_load_package(path); print("loaded", flush=True)
+y = runner(x); torch.cuda.synchronize(); print("ran", flush=True)
+err = rel(y, model(x)); print(f"rel err {err:.2e}", flush=True)
+assert err < 1e-2
+"""
+
+
 def check_aoti():
-    model = TwoLayers()
-    x = torch.randn(5, 512, device=DEV, dtype=torch.bfloat16)
-    ep = torch.export.export(model, (x,))
-    with tempfile.TemporaryDirectory() as d:
-        path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, "m.pt2"))
-        runner = torch._inductor.aoti_load_package(path)
-        y = runner(x)
-    assert rel(y, model(x)) < 1e-2
+    env = dict(os.environ, PT2PASS_ROOT=ROOT)
+    failed = []
+    for what, m in (("linear", 5), ("ternary", 1), ("ternary", 5)):
+        r = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _AOTI, what, str(m)], env=env,
+                           capture_output=True, text=True, timeout=400)
+        tail = [l for l in (r.stdout + r.stderr).splitlines() if "Warning" not in l][-25:]
+        print(f"  AOTI {what} M={m}: exit {r.returncode}\n    " + "\n    ".join(tail), flush=True)
+        if r.returncode:
+            failed.append(f"{what} M={m}")
+    assert not failed, f"AOTInductor failed: {failed}"
 
 
 def main():
     failed = 0
-    for check in (check_opcheck, check_compile_inlines_kernels, check_export_round_trip, check_aoti):
+    checks = (check_opcheck, check_compile_inlines_kernels, check_export_round_trip, check_aoti)
+    only = sys.argv[1:]  # e.g. check_aoti: run just these
+    for check in [c for c in checks if not only or c.__name__ in only]:
         t = time.time()
         try:
             check()

@@ -12,31 +12,66 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 import torch.fx as fx
 
+from .lowering.format import WEIGHTS_PER_WORD, pack_ternary, unpack_codes
+
 STORE_KEY = "pt2pass_store"
 TERNARY_METHODS = ("pt2", "rtn")
 
 
-@dataclass
 class LayerQuant:
-    """What the quantizer produced for one Linear weight."""
+    """What the quantizer produced for one Linear weight.
 
-    fqn: str
-    method: str
-    T: torch.Tensor                       # int8 (N, K), columns in quantization (perm) order
-    alpha: torch.Tensor                   # (N, ceil(K / block)) scales, blocks in perm order
-    mu: torch.Tensor                      # (N, ceil(K / block)) offsets
-    perm: Optional[torch.Tensor]          # int64 (K,) or None (natural order)
-    block_size: int = 128                 # columns per (alpha, mu) block; the last may be partial
-    stats: Dict[str, Any] = field(default_factory=dict)
+    Ternary codes are held 2-bit packed (``packed``, the kernels' format, see
+    ``lowering/format.py``): an int8 ``T`` would cost 8 bits per weight for as long as the model
+    lives, more than the lowered graph itself (a 7B model: 6.5 GB next to 1.8 GB). ``T`` unpacks
+    on access; lowering uses ``packed`` directly, so every graph lowered from the store (full
+    sequence, decode step) shares one copy of the codes. Codes of other methods (GPTQ baselines:
+    integer levels) and ternary layers whose K is not a multiple of 16 stay unpacked.
+    """
+
+    def __init__(self, fqn: str, method: str, T: torch.Tensor, alpha: torch.Tensor,
+                 mu: torch.Tensor, perm: Optional[torch.Tensor], block_size: int = 128,
+                 stats: Optional[Dict[str, Any]] = None):
+        self.fqn = fqn
+        self.method = method
+        self.alpha = alpha            # (N, ceil(K / block)) scales, blocks in perm order
+        self.mu = mu                  # (N, ceil(K / block)) offsets
+        self.perm = perm              # int64 (K,) or None (natural order)
+        self.block_size = block_size  # columns per (alpha, mu) block; the last may be partial
+        self.stats = dict(stats or {})
+        self.T = T                    # int8 (N, K), columns in quantization (perm) order
+
+    @property
+    def T(self) -> torch.Tensor:
+        if self.packed is None:
+            return self._T
+        return unpack_codes(self.packed)
+
+    @T.setter
+    def T(self, value: torch.Tensor) -> None:
+        self.shape = tuple(value.shape)
+        if self.is_ternary and value.dim() == 2 and value.shape[1] % WEIGHTS_PER_WORD == 0:
+            self.packed, self._T = pack_ternary(value), None  # rejects values outside {-1, 0, 1}
+        else:
+            self.packed, self._T = None, value
 
     @property
     def is_ternary(self) -> bool:
         """True when the layer can be lowered to ``pt2pass::ternary_linear``."""
         return self.method in TERNARY_METHODS
 
-    @property
-    def shape(self):
-        return tuple(self.T.shape)
+    def to(self, device) -> "LayerQuant":
+        """Move codes, scales and permutation to ``device`` (in place; returns self)."""
+        if self.packed is not None:
+            self.packed = self.packed.to(device)
+        else:
+            self._T = self._T.to(device)
+        self.alpha, self.mu = self.alpha.to(device), self.mu.to(device)
+        self.perm = None if self.perm is None else self.perm.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        return f"LayerQuant({self.fqn!r}, {self.method!r}, shape={self.shape}, perm={self.perm is not None})"
 
 
 @dataclass

@@ -267,3 +267,19 @@ def test_cuda_graphed_decode_matches_eager():
     assert counters["inductor"]["cudagraph_skips"] == 0
     assert torch.equal(graphed, qm.generate(ids, 16, compile_decode=False))
     assert torch.equal(graphed, qm.generate_no_cache(ids, 16))
+
+
+def test_store_keeps_codes_2_bit_packed_and_the_graph_shares_them(qm_ssr):
+    """Regression (bug found on the H100 by bench_e2e: a ternary LLaMA-2-7B held 10.2 GiB in
+    decode, not ~2.5): the store kept every layer's codes as int8 T, 8 bits per weight, for the
+    life of the model, next to the graph's 2-bit packed copy."""
+    full = dict(qm_ssr.gm.named_buffers())
+    for fqn, layer in qm_ssr.store.layers.items():
+        n, k = layer.shape
+        assert layer.packed.dtype == torch.int32 and layer.packed.shape == (n, k // 16)
+        assert layer._T is None  # no unpacked copy alive
+        buf = full[fqn.rpartition(".")[0] + ".packed"]
+        rows_permuted = not torch.equal(buf, layer.packed)  # gate/up rows follow down_proj's order
+        assert rows_permuted or buf.data_ptr() == layer.packed.data_ptr()
+    T = next(iter(qm_ssr.store.layers.values())).T
+    assert T.dtype == torch.int8 and set(T.unique().tolist()) <= {-1, 0, 1}

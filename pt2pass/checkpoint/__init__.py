@@ -90,8 +90,7 @@ def load(path, model=None, *, device=None, example_inputs=None) -> QuantizedMode
     device = skeleton_device(model, device)
     install_tensors(skeleton, tensors, tied, quantized, device)
     for layer in store.layers.values():  # lowering indexes them with graph tensors
-        layer.T, layer.alpha, layer.mu = (t.to(device) for t in (layer.T, layer.alpha, layer.mu))
-        layer.perm = None if layer.perm is None else layer.perm.to(device)
+        layer.to(device)
     qm = assemble(skeleton, store, example_inputs=example_inputs)
     log.info("loaded %s: %d quantized layers", folder, len(store))
     return qm

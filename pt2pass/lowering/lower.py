@@ -73,13 +73,15 @@ class LowerTernaryLinear(Pass):
         if tuple(w.shape) != layer.shape:
             raise ValueError(f"{layer.fqn}: graph weight {tuple(w.shape)} does not match the "
                              f"quantized layer {layer.shape}")
-        T, alpha, mu = layer.T, layer.alpha, layer.mu
+        # the store's packed codes themselves (no copy): every graph lowered from it shares them
+        packed = layer.packed if layer.packed is not None else pack_ternary(layer.T)
+        alpha, mu = layer.alpha, layer.mu
         rows = node.meta.get(OUTPUT_PERM)
-        if rows is not None:
-            T, alpha, mu = T[rows], alpha[rows], mu[rows]
+        if rows is not None:  # packing is per row: permuting rows permutes packed rows
+            packed, alpha, mu = packed[rows], alpha[rows], mu[rows]
         prefix = layer.fqn.rpartition(".")[0]
         owner = gm.get_submodule(prefix) if prefix else gm
-        names = {"packed": pack_ternary(T), "alpha": alpha, "mu": mu}
+        names = {"packed": packed, "alpha": alpha, "mu": mu}
         needs_perm = layer.perm is not None and not node.meta.get(INPUT_PERMUTED, False)
         if layer.perm is not None and x.meta.get(GATHER) and len(x.users) == 1:
             x, needs_perm = x.args[0], True  # fuse the explicit gather into the kernel
