@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pt2pass.lowering.kernels.gemv import code_as_float
+
 ONE_BITS = 0x3F800000
 
 
@@ -56,14 +58,7 @@ def _load(ptr, mask, EVEN: tl.constexpr):
 
 @triton.jit
 def _term(words, xi, i: tl.constexpr, one_bits):
-    P: tl.constexpr = 15 + 2 * (i % 4)
-    SH: tl.constexpr = P - 2 * i
-    if SH >= 0:
-        t = words << SH
-    else:
-        t = words >> (-SH)
-    v = ((t & (3 << P)) | one_bits).to(tl.float32, bitcast=True)
-    return v * xi
+    return code_as_float(words, i, one_bits) * xi
 
 
 @triton.jit

@@ -28,16 +28,23 @@ from .common import (AUTOTUNE, INTERPRET, autotune, launch, launch_args, m_bucke
 
 
 @triton.jit
-def _slot_term(words, xi, i: tl.constexpr, one_bits):
-    """v * x' for code slot i of every word: v = 1 + q * 2**(p-23), x' = x * 2**(23-p)."""
+def code_as_float(words, i: tl.constexpr, one_bits):
+    """v = 1 + q * 2**(p-23), p = 15 + 2*(i % 4), for code slot i of every word: one shift per
+    4 slots (shared by the slots with the same i // 4) and one LOP3."""
     P: tl.constexpr = 15 + 2 * (i % 4)
     SH: tl.constexpr = P - 2 * i
     if SH >= 0:
         t = words << SH
     else:
         t = words >> (-SH)
-    v = ((t & (3 << P)) | one_bits).to(tl.float32, bitcast=True)
-    return v * (xi * (1 << (23 - P)))[None, :, :]
+    return ((t & (3 << P)) | one_bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _slot_term(words, xi, i: tl.constexpr, one_bits):
+    """v * x' for code slot i of every word: x' = x * 2**(23-p)."""
+    P: tl.constexpr = 15 + 2 * (i % 4)
+    return code_as_float(words, i, one_bits) * (xi * (1 << (23 - P)))[None, :, :]
 
 
 @triton.jit
