@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_e2e.py --shape llama2-7b            # on the device machine
     python3 benchmarks/bench_e2e.py --shape llama3-8b --skip-quant-timing
+    python3 benchmarks/bench_e2e.py --quant-only --quant-layers 32   # the whole 7B quantization
 
 Weights are random bf16 (speed does not depend on their values; no hub is needed). Both models
 run through the same machinery: the decode step is pt2pass's static-KV-cache graph
@@ -125,8 +126,15 @@ def quant_timing(args) -> dict:
     peak = peak_gib()
     total_layers = SHAPES[args.shape]["num_hidden_layers"]
     return {"quant_layers": args.quant_layers, "calib": args.calib, "quant_s": seconds,
-            "quant_peak_gib": peak,
-            "quant_s_full_extrapolated": seconds * total_layers / args.quant_layers}
+            "quant_peak_gib": peak, "quant_s_full": seconds * total_layers / args.quant_layers,
+            "extrapolated": args.quant_layers != total_layers}
+
+
+def print_quant_row(q: dict) -> None:
+    full = (f"full model ~{q['quant_s_full'] / 60:.1f} min (extrapolated)" if q["extrapolated"]
+            else f"full model {q['quant_s_full'] / 60:.1f} min (measured)")
+    print(f"| PT² quantization, {q['quant_layers']} layers, {q['calib']} calib | | {q['quant_s']:.1f} s "
+          f"(peak {q['quant_peak_gib']:.1f} GiB) | {full} |")
 
 
 def main() -> None:
@@ -142,12 +150,20 @@ def main() -> None:
     parser.add_argument("--calib", default="128x2048", help="calibration windows x tokens")
     parser.add_argument("--calib-batch", type=int, default=8)
     parser.add_argument("--skip-quant-timing", action="store_true")
+    parser.add_argument("--quant-only", action="store_true",
+                        help="only the quantizer timing (e.g. --quant-layers 32: the whole model)")
     parser.add_argument("--json", help="also write the results as JSON")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test: reference op path)"
     print(name, "torch", torch.__version__, flush=True)
     results = {"shape": args.shape, "args": vars(args)}
+    if args.quant_only:
+        results["quant"] = quant_timing(args)
+        print("quant", results["quant"], flush=True)
+        print_quant_row(results["quant"])
+        write_json(args.json, results)
+        return
 
     model = build_model(args.shape)
     vocab = model.config.vocab_size
@@ -187,12 +203,13 @@ def main() -> None:
     print(f"| Linear weights (MB) | {b['linear_bytes'] / 1e6:.0f} | {t['linear_bytes'] / 1e6:.0f} | "
           f"{t['bits_per_weight_in_graph']:.3f} bits/weight in graph, {t['bits_per_weight_2bit']:.3f} all-in |")
     if "quant" in results:
-        q = results["quant"]
-        print(f"| PT² quantization, {q['quant_layers']} layers, {q['calib']} calib | | {q['quant_s']:.1f} s "
-              f"(peak {q['quant_peak_gib']:.1f} GiB) | full model ~{q['quant_s_full_extrapolated'] / 60:.1f} min "
-              "(extrapolated) |")
-    if args.json:
-        with open(args.json, "w") as f:
+        print_quant_row(results["quant"])
+    write_json(args.json, results)
+
+
+def write_json(path, results: dict) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=1)
 
 
