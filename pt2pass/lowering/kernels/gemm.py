@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import (AUTOTUNE, INTERPRET, ONE_BITS, autotune, dot_in_fp32, launch, launch_args,
-                     m_bucket, splitk_reduce)
+                     splitk_reduce)
 
 
 @triton.jit

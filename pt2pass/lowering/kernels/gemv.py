@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (AUTOTUNE, INTERPRET, autotune, launch, launch_args, m_bucket,
-                     splitk_reduce)
+from .common import AUTOTUNE, INTERPRET, autotune, launch, launch_args, splitk_reduce
 
 
 @triton.jit
