@@ -56,3 +56,11 @@ def test_bench_e2e_runs_on_a_tiny_shape():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| decode tok/s, batch 1 |" in done.stdout
     assert "2.250 bits/weight in graph" in done.stdout
+    # --quant-only over every layer: the whole-model quantization time, labelled measured
+    done = subprocess.run([sys.executable, str(script), "--shape", "tiny", "--quant-only",
+                           "--quant-layers", "2", "--calib", "2x32", "--calib-batch", "2"],
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| PT² quantization, 2 layers, 2x32 calib |" in done.stdout
+    assert "(measured)" in done.stdout and "decode" not in done.stdout
