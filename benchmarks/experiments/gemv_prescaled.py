@@ -1,17 +1,12 @@
-"""Experimental GEMV with pre-scaled activations (kernel experiment, GPU; see sweep_gemv.py).
+"""Experimental x-stationary GEMV (kernel experiment, GPU; measured by sweep_gemv.py and
+sweep_gemv_diag.py, not adopted: see docs/results.md, "Session 3").
 
-The committed GEMV (pt2pass/lowering/kernels/gemv.py) re-does, in every program, the x work of
-the mantissa trick: gather through the permutation, convert to fp32, scale slot i by
-2**(8 - 2*(i % 4)), and sum x and x' per block. That is ~4 instructions per x element, shared by
-only BN weight rows (~1 instruction per weight at BN = 4, a third of the loop), and 64 fp32
-registers. Here a tiny kernel does it once per call:
-
-    xs[m, i, b, j] = x[m, perm[128 b + 8 i + j]] * 2**(8 - 2 (i % 4))      (fp32, slot-major)
-    cs[m, b] = sum_k xs + sum_k x,   ss[m, b] = sum_k x                     (fp32 per block)
-
-and the main loop per weight is one LOP3 + one FFMA (+ a shift per 4), reading xs with 16-byte
-vector loads (slot-major: for a fixed slot i the (b, j) of a warp are contiguous). MB rows of x
-share each extracted code (the LOP3), so M = 2..8 costs MB FFMAs per weight, not MB passes.
+The committed GEMV (pt2pass/lowering/kernels/gemv.py) re-does, for every chunk of every row
+tile, the x work of the mantissa trick: gather through the permutation, convert to fp32, scale
+slot i by 2**(8 - 2*(i % 4)), and sum x and x' per block (~1 instruction per weight at BN = 4).
+Here a program owns one K chunk, prepares that x slice once (in registers) and walks many weight
+rows, so the loop per weight is one LOP3 + one FFMA (+ a shift per 4 slots): 2.75 instructions
+per weight in the SASS against 3.3-4.0.
 """
 from __future__ import annotations
 
@@ -25,137 +20,8 @@ ONE_BITS = 0x3F800000
 
 
 @triton.jit
-def prescale_x_kernel(x_ptr, perm_ptr, xs_ptr, cs_ptr, ss_ptr, K, NB, stride_xm,
-                      HAS_PERM: tl.constexpr, BB: tl.constexpr):
-    """xs, cs, ss of the module doc for BB blocks of one row m."""
-    m = tl.program_id(1)
-    blk = tl.program_id(0) * BB + tl.arange(0, BB)
-    i = tl.arange(0, 16)
-    j = tl.arange(0, 8)
-    ok = (blk < NB)[:, None, None]
-    kk = blk[:, None, None] * 128 + i[None, :, None] * 8 + j[None, None, :]
-    if HAS_PERM:
-        kk = tl.load(perm_ptr + kk, mask=ok, other=0)
-    x = tl.load(x_ptr + m.to(tl.int64) * stride_xm + kk, mask=ok, other=0.0).to(tl.float32)
-    scale = (1 << (8 - 2 * (i % 4))).to(tl.float32)
-    xs = x * scale[None, :, None]
-    dst = xs_ptr + m.to(tl.int64) * K + i[None, :, None] * (NB * 8) + blk[:, None, None] * 8 + j[None, None, :]
-    tl.store(dst, xs, mask=ok)
-    s = tl.sum(tl.sum(x, axis=2), axis=1)
-    c = tl.sum(tl.sum(xs, axis=2), axis=1) + s
-    bok = blk < NB
-    tl.store(cs_ptr + m * NB + blk, c, mask=bok)
-    tl.store(ss_ptr + m * NB + blk, s, mask=bok)
-
-
-@triton.jit
-def _load(ptr, mask, EVEN: tl.constexpr):
-    if EVEN:
-        return tl.load(ptr)
-    else:
-        return tl.load(ptr, mask=mask, other=0.0)
-
-
-@triton.jit
 def _term(words, xi, i: tl.constexpr, one_bits):
     return code_as_float(words, i, one_bits) * xi
-
-
-@triton.jit
-def gemv_prescaled_kernel(xs_ptr, cs_ptr, ss_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
-                          M, N, KW, NB, blocks_per_split, one_bits,
-                          HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, LOAD_ONLY: tl.constexpr, EVEN: tl.constexpr,
-                          BN: tl.constexpr, NBT: tl.constexpr, MB: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m0 = tl.program_id(2) * MB
-    rows = pid_n * BN + tl.arange(0, BN)
-    row_ok = rows < N
-    mm = m0 + tl.arange(0, MB)
-    m_ok = mm < M
-    ib = tl.arange(0, NBT)
-    ij = tl.arange(0, 8)
-    b_lo = pid_k * blocks_per_split
-    b_hi = tl.minimum(b_lo + blocks_per_split, NB)
-    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
-    xs_rows = xs_ptr + mm.to(tl.int64)[:, None, None, None] * (KW * 16)  # (MB, 1, 1, 1)
-    acc = tl.zeros((MB, BN, NBT), tl.float32)
-    for b0 in range(b_lo, b_hi, NBT):
-        blk = b0 + ib
-        blk_ok = blk < b_hi
-        sofs = rows[:, None] * NB + blk[None, :]
-        col = (blk[:, None] * 8 + ij[None, :])[None, None, :, :]  # (1, 1, NBT, 8)
-        if EVEN:  # every chunk full: no masks (a masked load also zeroes its registers first)
-            words = tl.load(w_rows + (blk * 8)[None, :, None] + ij[None, None, :])
-            al = tl.load(a_ptr + sofs).to(tl.float32)[None, :, :]
-            mu = tl.load(mu_ptr + sofs).to(tl.float32)[None, :, :]
-            xok = None
-        else:
-            words = tl.load(w_rows + (blk * 8)[None, :, None] + ij[None, None, :],
-                            mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-            smask = row_ok[:, None] & blk_ok[None, :]
-            al = tl.load(a_ptr + sofs, mask=smask, other=0.0).to(tl.float32)[None, :, :]
-            mu = tl.load(mu_ptr + sofs, mask=smask, other=0.0).to(tl.float32)[None, :, :]
-            xok = m_ok[:, None, None, None] & blk_ok[None, None, :, None]
-        w4 = words[None, :, :, :]
-        if LOAD_ONLY:
-            pw = (w4 & 1).to(tl.float32)
-            for i in tl.static_range(16):
-                pw += _load(xs_rows + i * KW + col, xok, EVEN)
-        else:
-            pw = _term(w4, _load(xs_rows + col, xok, EVEN), 0, one_bits)
-            for i in tl.static_range(1, 16):
-                pw += _term(w4, _load(xs_rows + i * KW + col, xok, EVEN), i, one_bits)
-        p = tl.sum(pw, axis=3)
-        cofs = mm[:, None, None] * NB + blk[None, None, :]
-        cmask = m_ok[:, None, None] & blk_ok[None, None, :]
-        if EVEN:
-            c = tl.load(cs_ptr + cofs)
-            s = tl.load(ss_ptr + cofs)
-        else:
-            c = tl.load(cs_ptr + cofs, mask=cmask, other=0.0)
-            s = tl.load(ss_ptr + cofs, mask=cmask, other=0.0)
-        acc += al * (p - c) + mu * s
-    y = tl.sum(acc, axis=2)  # (MB, BN)
-    omask = m_ok[:, None] & row_ok[None, :]
-    if SPLIT_OUT:
-        tl.store(out_ptr + (pid_k * M + mm[:, None]) * N + rows[None, :], y, mask=omask)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + mm[:, None] * N + rows[None, :], y.to(out_ptr.dtype.element_ty), mask=omask)
-
-
-def prescale(x, perm, bb=8):
-    m, k = x.shape
-    nb = k // 128
-    xs = torch.empty((m, k), device=x.device, dtype=torch.float32)
-    cs = torch.empty((m, nb), device=x.device, dtype=torch.float32)
-    ss = torch.empty((m, nb), device=x.device, dtype=torch.float32)
-    prescale_x_kernel[(triton.cdiv(nb, bb), m)](x, perm if perm is not None else x, xs, cs, ss, k, nb,
-                                               x.stride(0), HAS_PERM=perm is not None, BB=bb, num_warps=4)
-    return xs, cs, ss
-
-
-def gemv_prescaled(x, packed, alpha, mu, bias, perm, out, cfg, split=1, load_only=False, prep=None):
-    """cfg = (BN, NBT, MB, num_warps). Returns out (M, N)."""
-    from pt2pass.lowering.kernels.common import splitk_reduce
-    bn, nbt, mb, warps = cfg
-    m, k = x.shape
-    n, kw = packed.shape
-    nb = k // 128
-    xs, cs, ss = prep if prep is not None else prescale(x, perm)
-    bps = triton.cdiv(nb, split)
-    split = triton.cdiv(nb, bps)
-    target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(n, bn), split, triton.cdiv(m, mb))
-    even = n % bn == 0 and m % mb == 0 and bps % nbt == 0 and nb % bps == 0
-    gemv_prescaled_kernel[grid](xs, cs, ss, packed, alpha, mu, bias if bias is not None else alpha, target,
-                                m, n, kw, nb, bps, ONE_BITS, HAS_BIAS=bias is not None, SPLIT_OUT=split > 1,
-                                LOAD_ONLY=load_only, EVEN=even, BN=bn, NBT=nbt, MB=mb, num_warps=warps, num_stages=1)
-    if split > 1:
-        splitk_reduce(target, bias, out)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import pt2pass  # noqa: E402,F401
+import pt2pass  # noqa: E402,F401  (registers torch.ops.pt2pass)
 from pt2pass.bench import random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
 from pt2pass.lowering.format import dequantize  # noqa: E402
 import gemv_prescaled as gp  # noqa: E402
