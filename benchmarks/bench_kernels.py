@@ -29,7 +29,7 @@ from pt2pass.bench import rotating_copies as copies  # noqa: E402
 from pt2pass.lowering.format import dequantize  # noqa: E402
 from pt2pass.lowering.kernels import dispatch  # noqa: E402
 from pt2pass.lowering.kernels.gemm import ternary_gemm  # noqa: E402
-from pt2pass.lowering.kernels.gemv import ternary_gemv  # noqa: E402
+from pt2pass.lowering.kernels.gemv_half2 import ternary_gemv_half2  # noqa: E402
 
 # largest first: they carry the bandwidth target
 SHAPES = [(28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]
@@ -106,7 +106,7 @@ def path_timings(dev, log):
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
             res = []
-            for name, fn, split in [("gemv", ternary_gemv, dispatch.gemv_split(m, n, k // 128, 132)),
+            for name, fn, split in [("gemv", ternary_gemv_half2, dispatch.gemv_split(m, n, k // 128, 132)),
                                     ("gemm", ternary_gemm, dispatch.gemm_split(m, n, k // 128, 132))]:
                 t = time_graph([lambda p=p: fn(x, *p, None, None, out, split=split) for p in tern], len(tern))
                 res.append(f"{name} {t * 1e6:7.1f} us (split {split})")
@@ -171,8 +171,9 @@ def main():
         g_g = math.exp(statistics.mean(math.log(v) for v in gls)) if gls else float("nan")
         log(f"geomean M={m:<5d} x{g_b:5.2f} vs bf16, x{g_g:5.2f} vs gemlite ({len(gls)}/{len(sel)} shapes)")
     log(f"total {time.time() - t0:.0f} s")
-    from pt2pass.lowering.kernels import gemm, gemv
-    for name, kern in [("gemv", gemv.ternary_gemv_kernel), ("gemm_small", gemm._gemm_small), ("gemm_large", gemm._gemm_large)]:
+    from pt2pass.lowering.kernels import gemm, gemv_half2
+    for name, kern in [("gemv_half2", gemv_half2.ternary_gemv_half2_kernel), ("gemm_small", gemm._gemm_small),
+                       ("gemm_large", gemm._gemm_large)]:
         for key, cfg in getattr(kern, "cache", {}).items():
             log(f"autotune {name} {key[:4]}: {cfg}")
     if os.environ.get("OUT"):

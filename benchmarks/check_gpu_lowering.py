@@ -23,7 +23,7 @@ from pt2pass.lowering.reference import ternary_linear_reference  # noqa: E402
 
 OP = torch.ops.pt2pass.ternary_linear
 DEV = "cuda"
-KERNELS = ("ternary_gemv_kernel", "ternary_gemm_kernel", "ternary_dequant_kernel")
+KERNELS = ("ternary_gemv_kernel", "ternary_gemv_half2_kernel", "ternary_gemm_kernel", "ternary_dequant_kernel")
 
 
 def layer(n, k, seed, dtype=torch.bfloat16):

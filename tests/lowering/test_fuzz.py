@@ -29,18 +29,18 @@ def _kernel_path(case):
     if case.k % 128 or case.block_size != 128:
         return None
     if case.m <= GEMV_MAX_M:
-        return "gemv"
+        return "gemv" if case.dtype == torch.float32 else "gemv_half2"
     return "dequant" if case.m >= DEQUANT_MIN_M else "gemm"
 
 
 def test_every_kernel_path_is_fuzzed(monkeypatch):
-    assert {_kernel_path(c) for c in CASES} == {"gemv", "gemm", "dequant", None}
+    assert {_kernel_path(c) for c in CASES} == {"gemv", "gemv_half2", "gemm", "dequant", None}
     calls = []
-    for name in ("ternary_gemv", "ternary_gemm", "ternary_dequant"):
+    for name in ("ternary_gemv", "ternary_gemv_half2", "ternary_gemm", "ternary_dequant"):
         real = getattr(dispatch, name)
         monkeypatch.setattr(dispatch, name, lambda *a, _real=real, _name=name, **k:
                             calls.append(_name) or _real(*a, **k))
-    for path in ("gemv", "gemm", "dequant"):  # the prediction above matches the dispatcher
+    for path in ("gemv", "gemv_half2", "gemm", "dequant"):  # the prediction above matches the dispatcher
         calls.clear()
         run_case(next(c for c in CASES if _kernel_path(c) == path))
         assert calls == [f"ternary_{path}"]

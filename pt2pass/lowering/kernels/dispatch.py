@@ -1,8 +1,9 @@
 """ternary_linear on the GPU: pick the kernel by M, handle 3-D x, permutation, bias and split-K.
 
 Paths (M = number of rows of x once flattened):
-- M <= GEMV_MAX_M: :func:`ternary_gemv` (CUDA cores; memory bound decode), permutation gathered
-  in the kernel, K split over programs when N is small.
+- M <= GEMV_MAX_M: :func:`ternary_gemv_half2` for bf16/fp16 x (packed half2 arithmetic, two
+  weights per instruction), :func:`ternary_gemv` for float32 x (CUDA cores; memory bound decode);
+  permutation gathered in the kernel, K split over programs when N is small.
 - M >= DEQUANT_MIN_M (prefill): the weight is dequantized once per call to x's dtype by a Triton
   kernel (N*K*2 bytes written) and multiplied by cuBLAS: at these sizes the product is compute
   bound and cuBLAS's matrix-unit efficiency beats the fused kernel (see docs/results.md).
@@ -26,6 +27,7 @@ from ..reference import ternary_linear_reference
 from .common import BLOCK
 from .gemm import SMALL_M_MAX, gemm_split, ternary_dequant, ternary_gemm
 from .gemv import gemv_split, ternary_gemv
+from .gemv_half2 import ternary_gemv_half2
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,8 @@ def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Te
         return y.reshape(*lead, n)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m <= GEMV_MAX_M:
-        ternary_gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(m, n, nb, sms))
+        gemv = ternary_gemv if x.dtype == torch.float32 else ternary_gemv_half2
+        gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(m, n, nb, sms))
     else:
         if perm is not None and m > GATHER_MAX_M:
             x2, perm = x2.index_select(1, perm), None
