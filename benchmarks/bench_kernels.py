@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_kernels.py            # full table (7 shapes x 6 batch sizes)
     python3 benchmarks/bench_kernels.py --quick    # 3 shapes, plus GEMV-vs-GEMM path timings
+    python3 benchmarks/bench_kernels.py --ms 1 --shapes 4096x4096 11008x4096   # a subset
 
 Correctness first (fresh random inputs, output poisoned, relative error vs a float64 reference of
 the dequantized weight; exits non-zero above 1e-2), then median times of CUDA-graph replays that
@@ -124,6 +125,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-gemlite", action="store_true")
+    ap.add_argument("--shapes", nargs="+", metavar="NxK", help="subset of shapes (default: all seven)")
+    ap.add_argument("--ms", nargs="+", type=int, default=MS, help=f"batch sizes (default: {MS})")
     args = ap.parse_args()
     dev = torch.device("cuda")
     lines = []
@@ -149,9 +152,11 @@ def main():
     if args.quick:
         path_timings(dev, log)
     shapes = SHAPES[:3] if args.quick else SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
     rows = []
     for n, k in shapes:
-        rows += measure_shape(n, k, MS, dev, not args.no_gemlite, log)
+        rows += measure_shape(n, k, args.ms, dev, not args.no_gemlite, log)
         if os.environ.get("OUT"):  # partial results survive a time limit
             with open(os.path.join(os.environ["OUT"], "bench_kernels.json"), "w") as f:
                 json.dump({"rows": rows, "log": lines}, f, indent=1)
@@ -162,7 +167,7 @@ def main():
         log(f"{r['N']:6d}x{r['K']:<6d} {r['M']:5d} {r['t_ours'] * 1e6:9.1f} {r['t_bf16'] * 1e6:9.1f} "
             f"{gl * 1e6 if gl else float('nan'):9.1f} {r['gbps']:6.0f} {r['frac_bw'] * 100:4.0f} "
             f"{r['t_bf16'] / r['t_ours']:7.2f} {gl / r['t_ours'] if gl else float('nan'):8.2f}")
-    for m in MS:
+    for m in args.ms:
         sel = [r for r in rows if r["M"] == m]
         if not sel:
             continue

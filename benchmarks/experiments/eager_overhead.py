@@ -41,14 +41,16 @@ def main():
         x = torch.randn(m, 4096, device=dev, dtype=torch.bfloat16)
         print(f"M={m}: F.linear {cpu_us(lambda: F.linear(x, w)):.1f} us CPU per call, "
               f"ternary op {cpu_us(lambda: OP(x, packed, alpha, mu)):.1f} us", flush=True)
-    x = torch.randn(2048, 4096, device=dev, dtype=torch.bfloat16)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(100):
-        OP(x, packed, alpha, mu)
-    prof.disable()
-    torch.cuda.synchronize()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(22)
+    for m in (1, 2048):
+        x = torch.randn(m, 4096, device=dev, dtype=torch.bfloat16)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(100):
+            OP(x, packed, alpha, mu)
+        prof.disable()
+        torch.cuda.synchronize()
+        print(f"--- M={m}")
+        pstats.Stats(prof).sort_stats(sys.argv[1] if len(sys.argv) > 1 else "tottime").print_stats(28)
 
 
 if __name__ == "__main__":

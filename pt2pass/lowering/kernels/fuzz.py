@@ -3,7 +3,7 @@
 Shared by ``tests/lowering/test_fuzz.py`` (a few small cases in the Triton interpreter on CPU
 tensors) and ``benchmarks/fuzz_kernels.py`` (hundreds of cases, up to N, K = 8192 and M = 4096, on
 CUDA). A case draws M from one of the dispatcher's paths (GEMV at M = 1, GEMM with the gather in
-the kernel up to 16 rows, split-K GEMM up to 64, GEMM, dequantize + matmul from 512), any N, K a
+the kernel up to 16 rows, split-K GEMM up to 64, GEMM, dequantize + matmul from 256), any N, K a
 multiple of 16 (mostly of 128, the kernels' block; otherwise the reference fallback runs, also
 checked), x float32/bf16/fp16, 2-D or 3-D, contiguous, row-padded or transposed, with or without
 bias and SSR permutation, scales in float16 (what the pipeline stores), bfloat16 or float32.
