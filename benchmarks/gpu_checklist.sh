@@ -2,9 +2,8 @@
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
 #   bash benchmarks/gpu_checklist.sh fuzz | e2e7b | e2e8b | quant7b | prefill7b | lowering | kernels
-# Recorded in docs/results.md: fuzz, e2e7b, lowering (session 3). Still owed: quant7b (the whole
-# 32-layer quantization instead of 2 layers extrapolated), e2e8b, prefill7b, kernels (M >= 64 on
-# the 11008 shapes).
+# All recorded in docs/results.md (fuzz, e2e7b, lowering: session 3; quant7b, e2e8b, prefill7b,
+# kernels: session 4). The kernels step needs the gemlite wheel carried (.whl is git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
