@@ -23,7 +23,12 @@ from pt2pass.lowering.reference import ternary_linear_reference  # noqa: E402
 
 OP = torch.ops.pt2pass.ternary_linear
 DEV = "cuda"
-KERNELS = ("ternary_gemv_kernel", "ternary_gemv_half2_kernel", "ternary_gemm_kernel", "ternary_dequant_kernel")
+KERNELS = ("ternary_gemv_kernel", "ternary_gemv_half2_kernel", "ternary_gemv_packed_kernel",
+           "ternary_gemv_packed_rows_kernel", "_prepack_x_kernel", "ternary_gemm_kernel", "ternary_dequant_kernel")
+# the kernels each M must launch in TwoLayers (N = 8192 then N = 384)
+EXPECTED = {1: {"ternary_gemv_packed_kernel", "_prepack_x_kernel", "ternary_gemv_half2_kernel"},
+            2: {"ternary_gemv_packed_rows_kernel", "_prepack_x_kernel"},
+            64: {"ternary_gemm_kernel"}}
 
 
 def layer(n, k, seed, dtype=torch.bfloat16):
@@ -38,7 +43,7 @@ def layer(n, k, seed, dtype=torch.bfloat16):
 class TwoLayers(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        for i, ts in enumerate([layer(1024, 512, 1), layer(384, 1024, 2)]):
+        for i, ts in enumerate([layer(8192, 512, 1), layer(384, 8192, 2)]):
             for name, t in zip(("packed", "alpha", "mu", "bias", "perm"), ts):
                 self.register_buffer(f"{name}{i}", t)
 
@@ -53,9 +58,10 @@ def rel(a, b):
 
 def check_opcheck():
     packed, alpha, mu, bias, perm = layer(256, 512, 3)
-    cases = [((1, 512), torch.bfloat16, (bias, perm)), ((3, 7, 512), torch.float16, (None, None)),
-             ((40, 512), torch.float32, (bias, perm)), ((600, 512), torch.bfloat16, (bias, perm))]
-    for shape, dtype, extras in cases:  # gemv, gemm (split-K), gemm, dequantize + cuBLAS
+    cases = [((1, 512), torch.bfloat16, (bias, perm)), ((2, 512), torch.float16, (bias, perm)),
+             ((3, 7, 512), torch.float16, (None, None)), ((40, 512), torch.float32, (bias, perm)),
+             ((600, 512), torch.bfloat16, (bias, perm))]
+    for shape, dtype, extras in cases:  # gemv, packed gemv (2 rows), gemm (split-K), gemm, dequantize + cuBLAS
         x = torch.randn(*shape, device=DEV, dtype=dtype)
         torch.library.opcheck(OP.default, (x, packed, alpha, mu, *extras))
         y = OP(x, packed, alpha, mu, *extras)
@@ -68,14 +74,14 @@ def check_compile_inlines_kernels():
     from torch._inductor.utils import run_and_get_code
 
     model = TwoLayers()
-    for m in (1, 64):
+    for m in (1, 2, 64):
         torch._dynamo.reset()
         x = torch.randn(m, 512, device=DEV, dtype=torch.bfloat16)
         compiled = torch.compile(model, fullgraph=True)
         y, codes = run_and_get_code(compiled, x)
         code = "\n".join(codes)
         found = [k for k in KERNELS if k in code]
-        assert found, "no pt2pass kernel in the generated code"
+        assert EXPECTED[m] <= set(found), f"M={m}: expected {sorted(EXPECTED[m])}, generated code launches {found}"
         assert "ternary_linear_reference" not in code and "aten.linear" not in code
         assert rel(y, model(x)) < 1e-2
         print(f"  M={m}: generated code launches {found}")

@@ -1,12 +1,14 @@
-"""Kernel experiment (GPU): the half2 GEMV (pt2pass/lowering/kernels/gemv_half2.py) against the
-committed float32 GEMV (the dispatcher at M = 1) and bf16 F.linear, on the seven shapes of
-bench_kernels.py, M = 1, bf16 activations.
+"""Kernel experiment (GPU): the two half2 GEMVs at M = 1 (bf16 x) on the seven shapes of
+bench_kernels.py: gemv_half2 (x prepared in every program) and gemv_packed (x prepacked once per
+call by a small kernel), each over its whole autotune list, against bf16 F.linear and the
+dispatcher (which picks between them by N).
 
     python3 benchmarks/experiments/sweep_gemv_half2.py      # on the device machine
 
 Same method as bench_kernels.py: correctness vs a float64 reference first (bf16 and fp16 x,
 with and without permutation and bias, split-K), then the median of CUDA-graph replays cycling
-through >= 200 MB of weight copies. Every config of the kernel's autotune list is timed.
+through >= 200 MB of weight copies. Session 5's H200 run of this comparison is in
+docs/results.md.
 """
 import math
 import os
@@ -22,14 +24,23 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import pt2pass  # noqa: E402,F401  (registers torch.ops.pt2pass)
 from pt2pass.bench import random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
 from pt2pass.lowering.format import dequantize  # noqa: E402
-from pt2pass.lowering.kernels import gemv_half2 as h2  # noqa: E402
+from pt2pass.lowering.kernels import gemv_half2, gemv_packed  # noqa: E402
 from pt2pass.lowering.kernels.dispatch import _num_sms  # noqa: E402
 from pt2pass.lowering.kernels.gemv import gemv_split  # noqa: E402
 
 OP = torch.ops.pt2pass.ternary_linear
 SHAPES = [(28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]
-CFGS = [dict(BN=c.kwargs["BN"], NBT=c.kwargs["NBT"], num_warps=c.num_warps) for c in h2._configs()]
-PEAK = 3.0e12
+PEAK = 4.8e12  # H200 datasheet (H100: 3.35)
+
+
+def _configs(kernel):
+    while not hasattr(kernel, "configs"):
+        kernel = kernel.fn
+    return [dict(BN=c.kwargs["BN"], NBT=c.kwargs["NBT"], num_warps=c.num_warps) for c in kernel.configs]
+
+
+KERNELS = {"in-program x": (gemv_half2.ternary_gemv_half2, _configs(gemv_half2.ternary_gemv_half2_kernel)),
+           "prepacked x": (gemv_packed.ternary_gemv_packed, _configs(gemv_packed.ternary_gemv_packed_kernel))}
 
 
 def check(dev) -> bool:
@@ -45,16 +56,18 @@ def check(dev) -> bool:
         p = torch.randperm(k, device=dev) if perm else None
         w = dequantize(packed, alpha.double(), mu.double(), dtype=torch.float64)
         ref = (x.double()[:, p] if perm else x.double()) @ w.T + (b.double() if bias else 0)
-        for cfg in CFGS[:3]:
-            out = torch.full((1, n), float("nan"), device=dev, dtype=dt)
-            h2.ternary_gemv_half2(x, packed, alpha, mu, b, p, out, split=split, config=cfg)
-            e = rel_err(out, ref)
-            cur = OP(x, packed, alpha, mu, b, p)
-            e_cur = rel_err(cur, ref)
-            good = e < 1e-2
-            ok &= good
-            print(f"check {n}x{k} {dt} bias={bias} perm={perm} split={split} {cfg}: rel err {e:.2e} "
-                  f"(committed {e_cur:.2e}) {'ok' if good else 'FAIL'}", flush=True)
+        for name, (fn, cfgs) in KERNELS.items():
+            for cfg in cfgs[:2]:
+                out = torch.full((1, n), float("nan"), device=dev, dtype=dt)
+                fn(x, packed, alpha, mu, b, p, out, split=split, config=cfg)
+                e = rel_err(out, ref)
+                good = e < 1e-2 and not out.isnan().any()
+                ok &= good
+                print(f"check {name} {n}x{k} {dt} bias={bias} perm={perm} split={split} {cfg}: "
+                      f"rel err {e:.2e} {'ok' if good else 'FAIL'}", flush=True)
+        e_op = rel_err(OP(x, packed, alpha, mu, b, p), ref)
+        ok &= e_op < 1e-2
+        print(f"check dispatcher {n}x{k}: rel err {e_op:.2e}", flush=True)
     return ok
 
 
@@ -77,22 +90,28 @@ def main():
         out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
         reps = max(len(tern), 10)
         t_bf16 = time_graph([lambda w=w: F.linear(x, w[0]) for w in dense], max(len(dense), 10))
-        t_cur = time_graph([lambda p=p: OP(x, *p) for p in tern], reps)
+        t_op = time_graph([lambda p=p: OP(x, *p) for p in tern], reps)
+        t_pre = time_graph([lambda: gemv_packed.prepack_x(x, None)], 10)
         split = gemv_split(1, n, k // 128, sms)
-        times = {}
-        for cfg in CFGS:
-            times[str(cfg)] = time_graph([lambda p=p: h2.ternary_gemv_half2(x, *p, None, None, out, split, cfg)
-                                          for p in tern], reps)
-        best = min(times.items(), key=lambda kv: kv[1])
-        rows.append((n, k, t_bf16, t_cur, best[1]))
-        print(f"{n:6d}x{k:<6d} bf16 {t_bf16 * 1e6:7.1f} us  committed {t_cur * 1e6:7.1f} us ({t_bf16 / t_cur:.2f}x)  "
-              f"half2 {best[1] * 1e6:7.1f} us ({t_bf16 / best[1]:.2f}x, {nbytes / best[1] / PEAK * 100:.0f}% of 3 TB/s) "
-              f"{best[0]} split {split} [{time.time() - t0:.0f} s]", flush=True)
-        print("   all:", {c: round(t * 1e6, 1) for c, t in sorted(times.items(), key=lambda kv: kv[1])}, flush=True)
+        best = {}
+        for name, (fn, cfgs) in KERNELS.items():
+            times = {str(cfg): time_graph([lambda p=p: fn(x, *p, None, None, out, split, cfg) for p in tern], reps)
+                     for cfg in cfgs}
+            best[name] = min(times.items(), key=lambda kv: kv[1])
+            print(f"   {name}:", {c: round(t * 1e6, 1) for c, t in sorted(times.items(), key=lambda kv: kv[1])},
+                  flush=True)
+        rows.append((t_bf16, *(t for _, t in best.values()), t_op))
+        print(f"{n:6d}x{k:<6d} bf16 {t_bf16 * 1e6:7.1f} us  "
+              + "  ".join(f"{name} {t * 1e6:6.1f} us ({t_bf16 / t:.2f}x, {nbytes / t / PEAK * 100:.0f}% of 4.8 TB/s)"
+                          for name, (_, t) in best.items())
+              + f"  dispatcher {t_op * 1e6:6.1f} us ({t_bf16 / t_op:.2f}x)  prepack alone {t_pre * 1e6:.1f} us"
+              f"  split {split} [{time.time() - t0:.0f} s]", flush=True)
         del dense, tern
         torch.cuda.empty_cache()
-    g = lambda i: math.exp(statistics.mean(math.log(r[2] / r[i]) for r in rows))  # noqa: E731
-    print(f"geomean M=1 vs bf16: committed {g(3):.2f}x, half2 {g(4):.2f}x ({len(rows)} shapes); total {time.time() - t0:.0f} s")
+    g = lambda i: math.exp(statistics.mean(math.log(r[0] / r[i]) for r in rows))  # noqa: E731
+    names = list(KERNELS) + ["dispatcher"]
+    print("geomean M=1 vs bf16: " + ", ".join(f"{nm} {g(i + 1):.2f}x" for i, nm in enumerate(names))
+          + f" ({len(rows)} shapes); total {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

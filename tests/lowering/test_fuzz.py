@@ -6,8 +6,8 @@ import torch
 
 from pt2pass.lowering.kernels import dispatch
 from pt2pass.lowering.kernels.common import INTERPRET
-from pt2pass.lowering.kernels.fuzz import (DEQUANT_MIN_M, GEMV_MAX_M, LARGE, SMALL, FuzzCase,
-                                           draw_cases, run_case)
+from pt2pass.lowering.kernels.fuzz import (DEQUANT_MIN_M, GEMV_MAX_M, HALF2_MAX_M, LARGE, SMALL,
+                                           FuzzCase, draw_cases, run_case)
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1")
 
@@ -24,26 +24,41 @@ def test_dispatcher_matches_float64_reference(case):
     assert problem is None, f"{case.describe()}: {problem}"
 
 
-def _kernel_path(case):
+def _kernel_path(case, packed_min_n=dispatch.PACKED_MIN_N):
     """The kernel the dispatcher runs for ``case`` (None: the reference fallback)."""
     if case.k % 128 or case.block_size != 128:
         return None
-    if case.m <= GEMV_MAX_M:
-        return "gemv" if case.dtype == torch.float32 else "gemv_half2"
+    if case.dtype != torch.float32 and case.m <= HALF2_MAX_M:
+        return "gemv_half2" if case.m == 1 and case.n < packed_min_n else "gemv_packed"
+    if case.dtype == torch.float32 and case.m <= GEMV_MAX_M:
+        return "gemv"
     return "dequant" if case.m >= DEQUANT_MIN_M else "gemm"
 
 
+PATHS = ("gemv", "gemv_half2", "gemv_packed", "gemm", "dequant")
+
+
 def test_every_kernel_path_is_fuzzed(monkeypatch):
-    assert {_kernel_path(c) for c in CASES} == {"gemv", "gemv_half2", "gemm", "dequant", None}
+    assert {_kernel_path(c) for c in CASES} == {*PATHS, None}
     calls = []
-    for name in ("ternary_gemv", "ternary_gemv_half2", "ternary_gemm", "ternary_dequant"):
-        real = getattr(dispatch, name)
-        monkeypatch.setattr(dispatch, name, lambda *a, _real=real, _name=name, **k:
+    for name in PATHS:
+        real = getattr(dispatch, f"ternary_{name}")
+        monkeypatch.setattr(dispatch, f"ternary_{name}", lambda *a, _real=real, _name=name, **k:
                             calls.append(_name) or _real(*a, **k))
-    for path in ("gemv", "gemv_half2", "gemm", "dequant"):  # the prediction above matches the dispatcher
+    for path in PATHS:  # the prediction above matches the dispatcher
         calls.clear()
         run_case(next(c for c in CASES if _kernel_path(c) == path))
-        assert calls == [f"ternary_{path}"]
+        assert calls == [path]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if _kernel_path(c) == "gemv_half2"],
+                         ids=lambda c: f"m{c.m}-n{c.n}-k{c.k}-{str(c.dtype)[6:]}")
+def test_m1_cases_through_the_prepacked_gemv(case, monkeypatch):
+    # the dispatcher sends M = 1 there from N = 8192, beyond the interpreter's sizes: lower the bar
+    monkeypatch.setattr(dispatch, "PACKED_MIN_N", 1)
+    assert _kernel_path(case, packed_min_n=1) == "gemv_packed"
+    err, problem = run_case(case)
+    assert problem is None, f"{case.describe()}: {problem}"
 
 
 def test_cases_cover_the_advertised_space():
@@ -58,7 +73,7 @@ def test_cases_cover_the_advertised_space():
 def test_generator_is_deterministic_and_reaches_the_large_sizes():
     assert draw_cases(24, seed=2024, limits=SMALL) == CASES
     big = draw_cases(256, seed=0, limits=LARGE)
-    assert max(c.m for c in big) > 2048 and max(c.n for c in big) > 4096
+    assert max(c.m for c in big) > 2048 and max(c.n for c in big) > dispatch.PACKED_MIN_N
     assert max(c.k for c in big) > 4096 and all(c.k <= 8192 and c.m <= 4096 for c in big)
 
 

@@ -1,16 +1,13 @@
-"""The half2 GEMV (M = 1, bf16/fp16 x): its arithmetic under the Triton interpreter (the plain
-fp16 emulation of the PTX), and the PTX text itself, executed by a small numpy model of its
-instructions, since no CPU can run inline PTX."""
-import re
-
-import numpy as np
+"""The half2 GEMV with x prepared in every program (M = 1, bf16/fp16 x, N < PACKED_MIN_N) under
+the Triton interpreter (the plain fp16 emulation of the PTX; the PTX itself: test_half2.py), and
+the dispatcher's choice among the GEMV kernels."""
 import pytest
 import torch
 
 from pt2pass.lowering.format import pack_ternary
 from pt2pass.lowering.kernels import dispatch
 from pt2pass.lowering.kernels.common import INTERPRET
-from pt2pass.lowering.kernels.gemv_half2 import WORD_DOT_ASM, ternary_gemv_half2
+from pt2pass.lowering.kernels.gemv_half2 import ternary_gemv_half2
 from pt2pass.lowering.reference import ternary_linear_reference
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1")
@@ -82,91 +79,19 @@ def test_rejects_float32_activations():
         ternary_gemv_half2(torch.randn(1, 128), packed, alpha, mu, None, None, torch.empty(1, 16))
 
 
-def test_dispatcher_sends_half_precision_m1_here_and_float32_to_the_fp32_gemv(monkeypatch):
+def test_dispatcher_picks_the_gemv_by_dtype_m_and_n(monkeypatch):
     calls = []
-    for name in ("ternary_gemv", "ternary_gemv_half2"):
+    for name in ("ternary_gemv", "ternary_gemv_half2", "ternary_gemv_packed", "ternary_gemm"):
         real = getattr(dispatch, name)
         monkeypatch.setattr(dispatch, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
-    packed, alpha, mu, _, _ = _layer(16, 256, 0, False, False, torch.float32)
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        dispatch.ternary_linear_triton(torch.randn(1, 1, 256).to(dtype), packed, alpha.to(dtype), mu.to(dtype))
-    assert calls == ["ternary_gemv_half2", "ternary_gemv_half2", "ternary_gemv"]
-
-
-# --- the PTX text, executed by a numpy model of the instructions it uses -----------------------
-
-def _half2(v: np.uint32):
-    return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16)
-
-
-def _bits(h) -> np.uint32:
-    u = np.asarray(h, dtype=np.float16).view(np.uint16).astype(np.uint32)
-    return np.uint32(u[0] | (u[1] << 16))
-
-
-def _run_ptx(word: int, pairs) -> float:
-    """Execute WORD_DOT_ASM for one word ($1) and eight half2 operands ($2..$9)."""
-    reg = {"$1": np.uint32(word)}
-    reg.update({f"${2 + i}": p for i, p in enumerate(pairs)})
-    val = lambda a: reg[a] if a in reg else np.uint32(int(a, 0))  # noqa: E731
-    for stmt in WORD_DOT_ASM.value.split(";"):
-        stmt = stmt.strip().removeprefix("{ ").strip()
-        op, _, rest = stmt.partition(" ")
-        args = [a.strip() for a in re.split(r",(?![^{]*})", rest)] if rest else []
-        if op in ("", "}", ".reg"):
-            continue
-        if op == "shr.u32":
-            reg[args[0]] = np.uint32(val(args[1]) >> int(args[2]))
-        elif op == "lop3.b32":
-            assert args[4] == "0xea"  # (a & b) | c
-            reg[args[0]] = np.uint32((val(args[1]) & val(args[2])) | val(args[3]))
-        elif op == "mov.b32" and args[0].startswith("{"):
-            lo, hi = (a.strip() for a in args[0].strip("{}").split(","))
-            reg[lo], reg[hi] = _half2(val(args[1]))
-        elif op == "mov.b32":
-            reg[args[0]] = val(args[1])
-        elif op in ("sub.f16x2", "mul.f16x2", "fma.rn.f16x2"):
-            a, b = (_half2(val(r)).astype(np.float64) for r in args[1:3])
-            r = a - b if op == "sub.f16x2" else a * b
-            if op == "fma.rn.f16x2":
-                r = r + _half2(val(args[3])).astype(np.float64)
-            reg[args[0]] = _bits(r.astype(np.float16))  # one rounding, as in PTX
-        elif op == "cvt.f32.f16":
-            reg[args[0]] = np.float32(reg[args[1]])
-        elif op == "add.f32":
-            reg[args[0]] = np.float32(reg[args[1]] + reg[args[2]])
-        else:
-            raise AssertionError(f"the numpy model does not know {op!r}: extend it with the PTX")
-    return float(reg["$0"])
-
-
-def test_ptx_computes_the_word_dot_product_exactly_on_representable_inputs():
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        codes = rng.integers(0, 3, 16)  # q = T + 1 of slots 0..15, at bits 2 * slot
-        word = int(sum(int(q) << (2 * s) for s, q in enumerate(codes)))
-        x = rng.integers(-64, 65, 16) / 4.0  # exact in fp16, and so are the partial sums
-        pairs = []
-        for s in range(8):
-            sp = s if s < 5 else s - 5  # the kernel's pre-scale of slot pair s by 4^-s'
-            pairs.append(_bits(np.array([x[s], x[s + 8]]) / 4.0 ** sp))
-        expected = float(np.dot(codes - 1, x))
-        assert _run_ptx(word, pairs) == expected
-
-
-def test_kernel_source_survives_torch_compile_copying_it():
-    # Inductor pastes a user kernel's source (with its constexpr globals, such as the PTX) into a
-    # triple-quoted string of the generated module; a multi-line PTX constant broke that module
-    # on the GPU (unterminated string literal). Both levels must parse.
-    from torch._inductor.codegen.wrapper import user_defined_triton_kernel_transitive_closure_source_code
-    from triton.runtime.jit import JITFunction
-
-    from pt2pass.lowering.kernels.gemv_half2 import ternary_gemv_half2_kernel
-
-    # the interpreter wraps kernels differently: rebuild the GPU-side JITFunction of the same code
-    kernel = JITFunction(ternary_gemv_half2_kernel.fn)
-    src = user_defined_triton_kernel_transitive_closure_source_code(kernel)
-    assert "WORD_DOT_ASM = tl.constexpr(" in src
-    namespace = {}
-    exec(compile(f"generated = '''\n{src}\n'''", "generated_module", "exec"), namespace)
-    compile(namespace["generated"], "kernel_source", "exec")
+    monkeypatch.setattr(dispatch, "PACKED_MIN_N", 32)  # the real 8192 rows are slow to interpret
+    for n in (16, 32):
+        packed, alpha, mu, _, _ = _layer(n, 256, 0, False, False, torch.float32)
+        for m, dtype in ((1, torch.bfloat16), (1, torch.float16), (1, torch.float32),
+                         (2, torch.bfloat16), (2, torch.float32), (3, torch.float16)):
+            x = torch.randn(1, m, 256).to(dtype)
+            dispatch.ternary_linear_triton(x, packed, alpha.to(dtype), mu.to(dtype))
+    small = ["ternary_gemv_half2", "ternary_gemv_half2", "ternary_gemv", "ternary_gemv_packed",
+             "ternary_gemm", "ternary_gemm"]
+    big = ["ternary_gemv_packed", "ternary_gemv_packed"] + small[2:]
+    assert calls == small + big

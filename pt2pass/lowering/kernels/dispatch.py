@@ -1,9 +1,11 @@
 """ternary_linear on the GPU: pick the kernel by M, handle 3-D x, permutation, bias and split-K.
 
 Paths (M = number of rows of x once flattened):
-- M <= GEMV_MAX_M: :func:`ternary_gemv_half2` for bf16/fp16 x (packed half2 arithmetic, two
-  weights per instruction), :func:`ternary_gemv` for float32 x (CUDA cores; memory bound decode);
-  permutation gathered in the kernel, K split over programs when N is small.
+- bf16/fp16 x, M <= HALF2_MAX_M: packed half2 arithmetic, two weights per instruction (half2.py):
+  :func:`ternary_gemv_half2` (x prepared in every program) at M = 1 and N < PACKED_MIN_N,
+  :func:`ternary_gemv_packed` (x prepared once by a small kernel) for larger N and at M = 2;
+  float32 x, M <= GEMV_MAX_M: :func:`ternary_gemv` (CUDA cores). Permutation gathered in the
+  kernels, K split over programs when N is small.
 - M >= DEQUANT_MIN_M (prefill): the weight is dequantized once per call to x's dtype by a Triton
   kernel (N*K*2 bytes written) and multiplied by cuBLAS: at these sizes the product is compute
   bound and cuBLAS's matrix-unit efficiency beats the fused kernel (see docs/results.md).
@@ -28,10 +30,16 @@ from .common import BLOCK
 from .gemm import SMALL_M_MAX, gemm_split, ternary_dequant, ternary_gemm
 from .gemv import gemv_split, ternary_gemv
 from .gemv_half2 import ternary_gemv_half2
+from .gemv_packed import ternary_gemv_packed
 
 log = logging.getLogger(__name__)
 
-GEMV_MAX_M = 1
+GEMV_MAX_M = 1  # float32 x
+HALF2_MAX_M = 2  # bf16/fp16 x: at M = 4 the half2 GEMV lost to the GEMM (H200, session 5)
+# From this N the x preparation repeated by every program of gemv_half2 costs more than the
+# separate prepack launch of gemv_packed (H200, session 5: 11008x4096 13.2 -> 11.4 us, 4096x11008
+# 13.1 -> 13.6 us).
+PACKED_MIN_N = 8192
 GATHER_MAX_M = 16
 # From 256 rows dequantize + cuBLAS beats the fused GEMM (H100, session 4: 0.50x vs 0.33-0.47x bf16).
 DEQUANT_MIN_M = 256
@@ -96,9 +104,12 @@ def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Te
         y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else torch.mm(x2, w.t())
         return y.reshape(*lead, n)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if m <= GEMV_MAX_M:
-        gemv = ternary_gemv if x.dtype == torch.float32 else ternary_gemv_half2
-        gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(m, n, nb, sms))
+    half = x.dtype != torch.float32
+    if half and m <= HALF2_MAX_M:
+        gemv = ternary_gemv_half2 if m == 1 and n < PACKED_MIN_N else ternary_gemv_packed
+        gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(1, n, nb, sms))
+    elif not half and m <= GEMV_MAX_M:
+        ternary_gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(m, n, nb, sms))
     else:
         if perm is not None and m > GATHER_MAX_M:
             x2, perm = x2.index_select(1, perm), None

@@ -1,9 +1,10 @@
 """Random cases for ``ternary_linear_triton`` against a float64 reference.
 
 Shared by ``tests/lowering/test_fuzz.py`` (a few small cases in the Triton interpreter on CPU
-tensors) and ``benchmarks/fuzz_kernels.py`` (hundreds of cases, up to N, K = 8192 and M = 4096, on
-CUDA). A case draws M from one of the dispatcher's paths (GEMV at M = 1, GEMM with the gather in
-the kernel up to 16 rows, split-K GEMM up to 64, GEMM, dequantize + matmul from 256), any N, K a
+tensors) and ``benchmarks/fuzz_kernels.py`` (hundreds of cases, up to N = 16384, K = 8192 and
+M = 4096, on CUDA). A case draws M from one of the dispatcher's paths (GEMV at M = 1, the half2
+GEMV at M = 2, GEMM with the gather in the kernel up to 16 rows, split-K GEMM up to 64, GEMM,
+dequantize + matmul from 256), any N, K a
 multiple of 16 (mostly of 128, the kernels' block; otherwise the reference fallback runs, also
 checked), x float32/bf16/fp16, 2-D or 3-D, contiguous, row-padded or transposed, with or without
 bias and SSR permutation, scales in float16 (what the pipeline stores), bfloat16 or float32.
@@ -19,7 +20,7 @@ import torch
 
 from ..format import pack_ternary
 from ..reference import ternary_linear_reference
-from .dispatch import DEQUANT_MIN_M, GATHER_MAX_M, GEMV_MAX_M, ternary_linear_triton
+from .dispatch import DEQUANT_MIN_M, GATHER_MAX_M, GEMV_MAX_M, HALF2_MAX_M, ternary_linear_triton
 from .gemm import SMALL_M_MAX
 
 # Relative Frobenius error allowed per activation dtype: float32 carries the kernels' own error
@@ -41,7 +42,7 @@ class Limits:
 
 
 SMALL = Limits(max_m=520, max_n=96, max_k=512)       # the interpreter: seconds per case
-LARGE = Limits(max_m=4096, max_n=8192, max_k=8192)   # CUDA
+LARGE = Limits(max_m=4096, max_n=16384, max_k=8192)  # CUDA (N >= 8192: the prepacked GEMV)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ class FuzzCase:
 
 def _m_buckets(limit: int) -> List[Tuple[int, int]]:
     """One M range per dispatcher path, cut at ``limit``."""
-    edges = [(1, GEMV_MAX_M), (GEMV_MAX_M + 1, GATHER_MAX_M), (GATHER_MAX_M + 1, SMALL_M_MAX),
+    edges = [(1, GEMV_MAX_M), (GEMV_MAX_M + 1, HALF2_MAX_M), (HALF2_MAX_M + 1, GATHER_MAX_M),
+             (GATHER_MAX_M + 1, SMALL_M_MAX),
              (SMALL_M_MAX + 1, DEQUANT_MIN_M - 1), (DEQUANT_MIN_M, limit)]
     return [(lo, min(hi, limit)) for lo, hi in edges if lo <= limit]
 

@@ -1,22 +1,11 @@
-"""GEMV for M = 1 with bf16/fp16 activations: two weights per instruction in packed half2 math.
+"""GEMV for M = 1 with bf16/fp16 activations, x prepared inside every program: two weights per
+instruction in packed half2 math (half2.py).
 
-The float32 GEMV (gemv.py) spends ~3 instructions per weight and is issue bound on the H100 (a
-load-only variant runs 2x faster). Here one 32-bit word (16 codes, format.py's block-planar
-order: code slot s at bits 2s, column 8s + j of the block for word j) is consumed in half2 pairs
-(slot s in the low half, slot s + 8 in the high half, s = 0..7), in inline PTX:
-
-* ``lop3 t = (w & (3 << 2s') * 0x10001) | 0x6400_6400``: two fp16 numbers 1024 + q * 4^s'
-  (s' = s for s < 5, else s - 5 after one shift of the word by 10 bits): no int->float convert;
-* ``sub.f16x2 t -= 1024 + 4^s'``: exactly T * 4^s' (T = q - 1 in {-1, 0, 1});
-* ``fma.f16x2 acc += t * x'`` with x' = x * c * 4^-s' (exact power-of-two scalings), so
-  acc = c * sum(T * x) over the word's 8 + 8 codes, then converted to float32 once per word.
-About 1.8 instructions per weight instead of ~3. Precision: the fp16 chain is 8 products long
-per lane; c = 2^(11 - e) (per word, from the largest |x| among its 16 columns, 2^e <= max < 2^(e+1))
-keeps |x'| < 2^12 and partial sums < 2^15, far from fp16 overflow and underflow, so the error is
-~2^-11 of the word's partial sum: ~5e-4 relative on y, below bf16 output rounding. NaN/Inf in x
-propagate. y_n = sum_b alpha_nb * sum_j P_nbj / c_bj + mu_nb * sum_b x_b.
-
-Under TRITON_INTERPRET=1 (no inline PTX) the same arithmetic runs as plain fp16 Triton ops.
+Each program loads the x of its K range, takes the per-word power-of-two scale and packs the
+half2 pairs itself, so that work is repeated once per BN output rows. For N >= 8192 a separate
+pass over x (gemv_packed.py) is cheaper; below, its extra launch costs more than it saves
+(H200, session 5: 4096x4096 6.0 vs 7.1 us; docs/results.md). The float32 GEMV (gemv.py) spends
+~3 instructions per weight against ~1.8 here.
 """
 from __future__ import annotations
 
@@ -25,64 +14,7 @@ import triton
 import triton.language as tl
 
 from .common import AUTOTUNE, INTERPRET, autotune, launch, launch_args, splitk_reduce
-
-_MAGIC = 0x6400  # fp16 1024.0: its ulp is 1, so OR-ing a code into the low mantissa bits adds it
-
-
-def _word_dot_asm() -> str:
-    """PTX: $0 (f32) = sum over the 16 codes of word $1 of T * x', x' pairs in $2..$9 (half2)."""
-    lines = ["{", ".reg .b32 t, a, v, c;", ".reg .b16 l, h;", ".reg .f32 fl, fh;",
-             "shr.u32 v, $1, 10;"]
-    for s in range(8):
-        sp = s if s < 5 else s - 5
-        src = "$1" if s < 5 else "v"
-        mask = (3 << (2 * sp)) * 0x10001
-        sub = _MAGIC + (1 << (2 * sp))  # fp16 bits of 1024 + 4^s' (ulp 1: the integer adds)
-        lines.append(f"lop3.b32 t, {src}, {mask:#010x}, {(_MAGIC << 16) | _MAGIC:#010x}, 0xea;")
-        lines.append(f"mov.b32 c, {(sub << 16) | sub:#010x};")
-        lines.append("sub.f16x2 t, t, c;")
-        lines.append(f"mul.f16x2 a, t, ${2 + s};" if s == 0 else f"fma.rn.f16x2 a, t, ${2 + s}, a;")
-    lines += ["mov.b32 {l, h}, a;", "cvt.f32.f16 fl, l;", "cvt.f32.f16 fh, h;", "add.f32 $0, fl, fh;", "}"]
-    # One line: torch.compile copies the kernel's source (and this constant) into a triple-quoted
-    # string of its generated code, where an escaped newline would end the literal.
-    return " ".join(lines)
-
-
-WORD_DOT_ASM = tl.constexpr(_word_dot_asm())
-
-
-@triton.jit
-def _pack_half2(lo, hi):
-    """Two float32 tensors -> one int32 tensor holding (fp16(lo), fp16(hi)) (one cvt)."""
-    return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
-                                     dtype=tl.int32, is_pure=True, pack=1)
-
-
-@triton.jit
-def _emulated_step(acc_lo, acc_hi, words, x_lo, x_hi, field, s: tl.constexpr):
-    """One half2 step of the PTX in plain fp16 Triton ops (the interpreter has no inline PTX):
-    the fp16 sums of slots s and s + 8 += T * x * c (the PTX's T * 4^s' times x * c * 4^-s')."""
-    lo, hi = _scaled(x_lo, x_hi, field, s)
-    SP: tl.constexpr = s if s < 5 else s - 5
-    t_lo = (((words >> (2 * s)) & 3) - 1).to(tl.float16)
-    t_hi = (((words >> (2 * s + 16)) & 3) - 1).to(tl.float16)
-    acc_lo += t_lo * (lo * (1 << (2 * SP))).to(tl.float16)[None, :, :]
-    acc_hi += t_hi * (hi * (1 << (2 * SP))).to(tl.float16)[None, :, :]
-    return acc_lo, acc_hi
-
-
-@triton.jit
-def _scaled(x_lo, x_hi, field, s: tl.constexpr):
-    """x' of slots s and s + 8: x * c * 4^-s' (exact: a power of two, see the module doc)."""
-    SP: tl.constexpr = s if s < 5 else s - 5
-    c = ((field - 2 * SP) << 23).to(tl.float32, bitcast=True)
-    return x_lo * c, x_hi * c
-
-
-@triton.jit
-def _pair(x_lo, x_hi, field, s: tl.constexpr):
-    lo, hi = _scaled(x_lo, x_hi, field, s)
-    return _pack_half2(lo, hi)
+from .half2 import inverse_scale, pair, word_dots, word_field
 
 
 @triton.jit
@@ -91,14 +23,6 @@ def _load_x(x_row, perm_ptr, kk, ok, s: tl.constexpr, HAS_PERM: tl.constexpr):
     if HAS_PERM:
         ks = tl.load(perm_ptr + ks, mask=ok, other=0)
     return tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _word_field(m):
-    """Exponent field f of c = 2^(f - 127) = 2^(11 - e) for 2^e <= m < 2^(e+1) (m = the largest
-    |x| of a word's 16 columns), clamped so that c * 4^-4 and 1 / c stay normal floats."""
-    e_field = (m.to(tl.int32, bitcast=True) >> 23) & 0xFF
-    return tl.minimum(tl.maximum(265 - e_field, 9), 253)
 
 
 def _configs():
@@ -160,29 +84,14 @@ def ternary_gemv_half2_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, o
         big = tl.maximum(big, tl.maximum(
             tl.maximum(tl.maximum(tl.abs(x8), tl.abs(x9)), tl.maximum(tl.abs(x10), tl.abs(x11))),
             tl.maximum(tl.maximum(tl.abs(x12), tl.abs(x13)), tl.maximum(tl.abs(x14), tl.abs(x15)))))
-        field = _word_field(big)
-        inv = ((254 - field) << 23).to(tl.float32, bitcast=True)  # 1 / c
+        field = word_field(big)
+        inv = inverse_scale(field)
         xsum = (((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7))) + \
                (((x8 + x9) + (x10 + x11)) + ((x12 + x13) + (x14 + x15)))
-        if USE_ASM:
-            part = tl.inline_asm_elementwise(
-                WORD_DOT_ASM, "=f,r,r,r,r,r,r,r,r,r",
-                [words, _pair(x0, x8, field, 0), _pair(x1, x9, field, 1), _pair(x2, x10, field, 2),
-                 _pair(x3, x11, field, 3), _pair(x4, x12, field, 4), _pair(x5, x13, field, 5),
-                 _pair(x6, x14, field, 6), _pair(x7, x15, field, 7)],
-                dtype=tl.float32, is_pure=True, pack=1)
-        else:
-            a_lo = tl.zeros(words.shape, tl.float16)
-            a_hi = tl.zeros(words.shape, tl.float16)
-            a_lo, a_hi = _emulated_step(a_lo, a_hi, words, x0, x8, field, 0)
-            a_lo, a_hi = _emulated_step(a_lo, a_hi, words, x1, x9, field, 1)
-            a_lo, a_hi = _emulated_step(a_lo, a_hi, words, x2, x10, field, 2)
-            a_lo, a_hi = _emulated_step(a_lo, a_hi, words, x3, x11, field, 3)
-            a_lo, a_hi = _emulated_step(a_lo, a_hi, words, x4, x12, field, 4)
-            a_lo, a_hi = _emulated_step(a_lo, a_hi, words, x5, x13, field, 5)
-            a_lo, a_hi = _emulated_step(a_lo, a_hi, words, x6, x14, field, 6)
-            a_lo, a_hi = _emulated_step(a_lo, a_hi, words, x7, x15, field, 7)
-            part = a_lo.to(tl.float32) + a_hi.to(tl.float32)
+        part = word_dots(words, pair(x0, x8, field, 0, USE_ASM), pair(x1, x9, field, 1, USE_ASM),
+                         pair(x2, x10, field, 2, USE_ASM), pair(x3, x11, field, 3, USE_ASM),
+                         pair(x4, x12, field, 4, USE_ASM), pair(x5, x13, field, 5, USE_ASM),
+                         pair(x6, x14, field, 6, USE_ASM), pair(x7, x15, field, 7, USE_ASM), USE_ASM)
         p = tl.sum(part * inv[None, :, :], axis=2)
         s_b = tl.sum(xsum, axis=1)
         acc += al * p + mu * s_b[None, :]

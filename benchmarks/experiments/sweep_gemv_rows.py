@@ -1,0 +1,113 @@
+"""Kernel experiment (GPU): the prepacked half2 GEMV for several rows of x
+(pt2pass/lowering/kernels/gemv_packed.py, ternary_gemv_packed_rows_kernel: each word decoded once,
+multiplied with BM rows) against the tensor-core GEMM and bf16 F.linear, on the seven shapes of
+bench_kernels.py, M = 2, 4, 8, bf16 activations.
+
+    python3 benchmarks/experiments/sweep_gemv_rows.py      # on the device machine
+
+The dispatcher uses it at M = 2 only (BM = MAX_ROWS = 2); this script also times BM = 4, which
+lost to the GEMM (session 5, docs/results.md), by setting MAX_ROWS. Same method as
+bench_kernels.py: correctness vs float64 first, then the median of CUDA-graph replays cycling
+through >= 200 MB of weight copies.
+"""
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import pt2pass  # noqa: E402,F401  (registers torch.ops.pt2pass)
+from pt2pass.bench import random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
+from pt2pass.lowering.format import dequantize  # noqa: E402
+from pt2pass.lowering.kernels import gemv_packed  # noqa: E402
+from pt2pass.lowering.kernels.dispatch import _num_sms  # noqa: E402
+from pt2pass.lowering.kernels.gemm import gemm_split, ternary_gemm  # noqa: E402
+from pt2pass.lowering.kernels.gemv import gemv_split  # noqa: E402
+
+SHAPES = [(28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]
+MS = [2, 4, 8]
+# (BM, BN, NBT, warps): no spills in the sm_90 build (checked offline)
+CANDIDATES = {2: [(2, 16, 8, 2), (2, 32, 8, 4), (2, 16, 16, 4)],
+              4: [(4, 16, 4, 4), (4, 32, 4, 4), (4, 8, 4, 2), (2, 16, 8, 2), (2, 32, 8, 4)],
+              8: [(4, 16, 4, 4), (4, 32, 4, 4), (4, 8, 4, 2)]}
+
+
+def run_rows(x, packed, alpha, mu, bias, perm, out, split, bm, cfg):
+    gemv_packed.MAX_ROWS = bm
+    try:
+        return gemv_packed.ternary_gemv_packed(x, packed, alpha, mu, bias, perm, out, split, cfg)
+    finally:
+        gemv_packed.MAX_ROWS = 2
+
+
+def check(dev) -> bool:
+    ok = True
+    for m, n, k, dt, bias, perm, split in [(2, 4096, 4096, torch.bfloat16, False, False, 1),
+                                           (3, 1000, 1152, torch.float16, True, True, 3),
+                                           (8, 11008, 4096, torch.bfloat16, True, True, 1),
+                                           (5, 256, 14336, torch.bfloat16, False, False, 8)]:
+        torch.manual_seed(n + m)
+        _, packed, alpha, mu = random_ternary_layer(n, k, dev, scale_dtype=dt)
+        x = (torch.randn(m, k, device=dev) * torch.logspace(-2, 2, k, device=dev)[torch.randperm(k, device=dev)]).to(dt)
+        b = torch.randn(n, device=dev).to(dt) if bias else None
+        p = torch.randperm(k, device=dev) if perm else None
+        w = dequantize(packed, alpha.double(), mu.double(), dtype=torch.float64)
+        ref = (x.double()[:, p] if perm else x.double()) @ w.T + (b.double() if bias else 0)
+        for bm, bn, nbt, nw in CANDIDATES[4][:1] + CANDIDATES[2][:1]:
+            out = torch.full((m, n), float("nan"), device=dev, dtype=dt)
+            run_rows(x, packed, alpha, mu, b, p, out, split, bm, dict(BN=bn, NBT=nbt, num_warps=nw))
+            e = rel_err(out, ref)
+            good = e < 1e-2 and not out.isnan().any()
+            ok &= good
+            print(f"check M={m} {n}x{k} {dt} bias={bias} perm={perm} split={split} BM={bm}: "
+                  f"rel err {e:.2e} {'ok' if good else 'FAIL'}", flush=True)
+    return ok
+
+
+def main():
+    dev = "cuda"
+    t0 = time.time()
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    if not check(dev):
+        print("correctness FAILED: no timing")
+        return
+    sms = _num_sms(torch.device(dev))
+    best = {m: [] for m in MS}
+    for n, k in SHAPES:
+        torch.manual_seed(0)
+        _, packed, alpha, mu = random_ternary_layer(n, k, dev)
+        dense = rotating_copies((torch.randn(n, k, device=dev, dtype=torch.bfloat16),), n * k * 2)
+        tern = rotating_copies((packed, alpha, mu), packed.numel() * 4 + alpha.numel() * 4)
+        reps = max(len(tern), 10)
+        for m in MS:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
+            t_bf16 = time_graph([lambda w=w: F.linear(x, w[0]) for w in dense], max(len(dense), 10))
+            gsplit = gemm_split(m, n, k // 128, sms)
+            t_gemm = time_graph([lambda p=p: ternary_gemm(x, *p, None, None, out, split=gsplit) for p in tern], reps)
+            times = {}
+            for bm, bn, nbt, nw in CANDIDATES[m]:
+                cfg = dict(BN=bn, NBT=nbt, num_warps=nw)
+                split = gemv_split(triton.cdiv(m, bm), n, k // 128, sms)
+                times[f"BM{bm} {bn}/{nbt}/{nw} s{split}"] = time_graph(
+                    [lambda p=p: run_rows(x, *p, None, None, out, split, bm, cfg) for p in tern], reps)
+            name, t_new = min(times.items(), key=lambda kv: kv[1])
+            best[m].append((t_bf16, t_gemm, t_new))
+            print(f"{n:6d}x{k:<6d} M={m:<3d} bf16 {t_bf16 * 1e6:7.1f} us  GEMM {t_gemm * 1e6:7.1f} us "
+                  f"({t_bf16 / t_gemm:.2f}x)  rows {t_new * 1e6:7.1f} us ({t_bf16 / t_new:.2f}x) {name} "
+                  f"[{time.time() - t0:.0f} s]", flush=True)
+        del dense, tern
+        torch.cuda.empty_cache()
+    for m in MS:
+        g = lambda i: math.exp(statistics.mean(math.log(r[0] / r[i]) for r in best[m]))  # noqa: E731
+        print(f"geomean M={m} vs bf16: GEMM {g(1):.2f}x, rows kernel (best config) {g(2):.2f}x")
+    print(f"total {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""GEMV for M = 1 (N >= 8192) and M = 2 with bf16/fp16 activations, x prepacked once per call.
+
+gemv_half2.py prepares x inside every program (load, per-word scale, half2 packing, block sums):
+that work is repeated N / BN times and is ~30 % of its loop. Here :func:`prepack_x` does it once
+per call in a small kernel (~2 us on the H200, the permutation gathered there too), and the GEMV
+loop only loads the packed pairs: 2.5 instead of 3.6 SASS instructions per weight (sm_90 build).
+It also accumulates per word (alpha / c folded in one multiply) and reduces across threads once at
+the end instead of every iteration. Measured on the H200 (session 5, docs/results.md): 28672x8192
+49.7 -> 40.5 us, 11008x4096 13.2 -> 11.4 us; at N = 4096 the extra launch makes it slower.
+
+M = 2 (:data:`DECODE_ASM` once per word, :data:`DOT_ASM` per row): 1.34x bf16 geomean over
+the seven benchmark shapes, against 1.03x for the tensor-core GEMM that ran M = 2 before.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import AUTOTUNE, INTERPRET, autotune, launch, launch_args, splitk_reduce
+from .half2 import (DECODE_ASM, DOT_ASM, emulated_word_dots, inverse_scale, pair, word_dots,
+                    word_field)
+
+MAX_ROWS = 2  # rows of x per program: at 4 the per-row work made it slower than the GEMM
+
+
+@triton.jit
+def _prepack_x_kernel(x_ptr, perm_ptr, xp_ptr, inv_ptr, xs_ptr, KW, NB, stride_xm,
+                      HAS_PERM: tl.constexpr, USE_ASM: tl.constexpr, NBT: tl.constexpr):
+    """Per x row m and word column c = 8 b + j (the 16 columns 128 b + 8 s + j, s = 0..15):
+    xp[m, s, c] = the half2 pair x' of slots (s, s + 8), inv[m, c] = 1 / c, and per block b
+    xs[m, b] = the sum of its 128 x (the mu term)."""
+    m = tl.program_id(1)
+    blk = tl.program_id(0) * NBT + tl.arange(0, NBT)
+    ij = tl.arange(0, 8)
+    ok = (blk < NB)[:, None] & (ij < 8)[None, :]
+    col = blk[:, None] * 8 + ij[None, :]
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    big = tl.zeros((NBT, 8), tl.float32)
+    total = tl.zeros((NBT, 8), tl.float32)
+    for s in tl.static_range(16):
+        ks = blk[:, None] * 128 + 8 * s + ij[None, :]
+        if HAS_PERM:
+            ks = tl.load(perm_ptr + ks, mask=ok, other=0)
+        v = tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32)
+        big = tl.maximum(big, tl.abs(v))
+        total += v
+    field = word_field(big)
+    for s in tl.static_range(8):  # second pass over the 16 columns (L1 hits): fewer live registers
+        ks = blk[:, None] * 128 + 8 * s + ij[None, :]
+        ks_hi = ks + 64
+        if HAS_PERM:
+            ks = tl.load(perm_ptr + ks, mask=ok, other=0)
+            ks_hi = tl.load(perm_ptr + ks_hi, mask=ok, other=0)
+        lo = tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32)
+        hi = tl.load(x_row + ks_hi, mask=ok, other=0.0).to(tl.float32)
+        tl.store(xp_ptr + (m * 8 + s).to(tl.int64) * KW + col, pair(lo, hi, field, s, USE_ASM), mask=ok)
+    tl.store(inv_ptr + m.to(tl.int64) * KW + col, inverse_scale(field), mask=ok)
+    tl.store(xs_ptr + m.to(tl.int64) * NB + blk, tl.sum(total, axis=1), mask=blk < NB)
+
+
+def prepack_x(x: torch.Tensor, perm) -> tuple:
+    """(xp int32 (M, 8, K/16), inv float32 (M, K/16), xs float32 (M, K/128)) of x[:, perm]."""
+    m, k = x.shape
+    kw, nb = k // 16, k // 128
+    xp = torch.empty((m, 8, kw), device=x.device, dtype=torch.int32)
+    inv = torch.empty((m, kw), device=x.device, dtype=torch.float32)
+    xs = torch.empty((m, nb), device=x.device, dtype=torch.float32)
+    nbt = 2 if INTERPRET else 8
+    launch(_prepack_x_kernel, (triton.cdiv(nb, nbt), m), x, perm if perm is not None else xp,
+           xp, inv, xs, kw, nb, x.stride(0), HAS_PERM=perm is not None, USE_ASM=not INTERPRET,
+           NBT=nbt, num_warps=2)
+    return xp, inv, xs
+
+
+@triton.jit
+def _load_pairs(xp_rows, col, ok, KW):
+    """The eight packed pairs of the word columns ``col`` (any leading shape of ``xp_rows``)."""
+    return (tl.load(xp_rows + col, mask=ok, other=0), tl.load(xp_rows + KW + col, mask=ok, other=0),
+            tl.load(xp_rows + 2 * KW + col, mask=ok, other=0), tl.load(xp_rows + 3 * KW + col, mask=ok, other=0),
+            tl.load(xp_rows + 4 * KW + col, mask=ok, other=0), tl.load(xp_rows + 5 * KW + col, mask=ok, other=0),
+            tl.load(xp_rows + 6 * KW + col, mask=ok, other=0), tl.load(xp_rows + 7 * KW + col, mask=ok, other=0))
+
+
+@triton.jit
+def _tile_loads(w_ptr, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, KW, NB):
+    """Words (BN, NBT, 8), alpha and mu (BN, NBT) of one tile, float32 scales."""
+    ij = tl.arange(0, 8)
+    words = tl.load(w_ptr + rows.to(tl.int64)[:, None, None] * KW + (blk * 8)[None, :, None] + ij[None, None, :],
+                    mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
+    sofs = rows[:, None] * NB + blk[None, :]
+    smask = row_ok[:, None] & blk_ok[None, :]
+    al = tl.load(a_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+    mu = tl.load(mu_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+    return words, al, mu
+
+
+def _configs(shapes):
+    return [triton.Config({"BN": bn, "NBT": nbt}, num_warps=w, num_stages=1) for bn, nbt, w in shapes]
+
+
+# (rows per program, blocks per iteration, warps): the four best of six on the H200 (session 5);
+# 8-16 words per thread keep it near 128 registers (32 words per thread took 245).
+@autotune(_configs([(8, 16, 2), (8, 8, 1), (16, 16, 4), (16, 8, 2)]),
+          key=["m_bucket", "N", "KW", "blocks_per_split"])
+@triton.jit
+def ternary_gemv_packed_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
+                               M, N, KW, NB, blocks_per_split, m_bucket,
+                               HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr,
+                               USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr):
+    """One row of x (program_id 2) against BN rows of W."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    m = tl.program_id(2)
+    rows = pid_n * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    b_lo = pid_k * blocks_per_split
+    b_hi = tl.minimum(b_lo + blocks_per_split, NB)
+    xp_row = xp_ptr + m.to(tl.int64) * 8 * KW
+    acc_w = tl.zeros((BN, NBT, 8), tl.float32)  # per word: alpha * P / c
+    acc_b = tl.zeros((BN, NBT), tl.float32)     # per block: mu * sum(x)
+    for b0 in range(b_lo, b_hi, NBT):
+        blk = b0 + tl.arange(0, NBT)
+        blk_ok = blk < b_hi
+        words, al, mu = _tile_loads(w_ptr, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, KW, NB)
+        col = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+        cok = blk_ok[:, None] & (col >= 0)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(xp_row, col, cok, KW)
+        inv = tl.load(inv_ptr + m * KW + col, mask=cok, other=0.0)
+        xs = tl.load(xs_ptr + m * NB + blk, mask=blk_ok, other=0.0)
+        part = word_dots(words, p0, p1, p2, p3, p4, p5, p6, p7, USE_ASM)
+        acc_w += part * (al[:, :, None] * inv[None, :, :])
+        acc_b += mu * xs[None, :]
+    y = tl.sum(tl.sum(acc_w, axis=2) + acc_b, axis=1)
+    if SPLIT_OUT:
+        tl.store(out_ptr + (pid_k * M + m) * N + rows, y, mask=row_ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@autotune(_configs([(16, 8, 2), (16, 16, 4), (32, 8, 4)]), key=["m_bucket", "N", "KW", "blocks_per_split"])
+@triton.jit
+def ternary_gemv_packed_rows_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
+                                    M, N, KW, NB, blocks_per_split, m_bucket,
+                                    HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr,
+                                    USE_ASM: tl.constexpr, BM: tl.constexpr,
+                                    BN: tl.constexpr, NBT: tl.constexpr):
+    """BM rows of x against BN rows of W: each word decoded once, multiplied with every row."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    row_ok = rows < N
+    ms = tl.program_id(2) * BM + tl.arange(0, BM)
+    m_ok = ms < M
+    msafe = tl.where(m_ok, ms, 0).to(tl.int64)  # rows past M read row 0, masked at the store
+    b_lo = pid_k * blocks_per_split
+    b_hi = tl.minimum(b_lo + blocks_per_split, NB)
+    xp_rows = xp_ptr + msafe[:, None, None] * 8 * KW
+    acc_w = tl.zeros((BM, BN, NBT, 8), tl.float32)
+    acc_b = tl.zeros((BM, BN, NBT), tl.float32)
+    for b0 in range(b_lo, b_hi, NBT):
+        blk = b0 + tl.arange(0, NBT)
+        blk_ok = blk < b_hi
+        words, al, mu = _tile_loads(w_ptr, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, KW, NB)
+        col = (blk[:, None] * 8 + tl.arange(0, 8)[None, :])[None, :, :]
+        cok = blk_ok[None, :, None] & (col >= 0)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(xp_rows, col, cok, KW)
+        inv = tl.load(inv_ptr + msafe[:, None, None] * KW + col, mask=cok, other=0.0)
+        xs = tl.load(xs_ptr + msafe[:, None] * NB + blk[None, :], mask=blk_ok[None, :], other=0.0)
+        if USE_ASM:
+            t0, t1, t2, t3, t4, t5, t6, t7 = tl.inline_asm_elementwise(
+                DECODE_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words], dtype=(tl.int32,) * 8,
+                is_pure=True, pack=1)
+            part = tl.inline_asm_elementwise(
+                DOT_ASM, "=f,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+                [t0[None], t1[None], t2[None], t3[None], t4[None], t5[None], t6[None], t7[None],
+                 p0[:, None], p1[:, None], p2[:, None], p3[:, None], p4[:, None], p5[:, None],
+                 p6[:, None], p7[:, None]], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            part = emulated_word_dots(words[None], p0[:, None], p1[:, None], p2[:, None], p3[:, None],
+                                      p4[:, None], p5[:, None], p6[:, None], p7[:, None])
+        acc_w += part * (al[None, :, :, None] * inv[:, None, :, :])
+        acc_b += mu[None, :, :] * xs[:, None, :]
+    y = tl.sum(tl.sum(acc_w, axis=3) + acc_b, axis=2)  # (BM, BN)
+    ok = m_ok[:, None] & row_ok[None, :]
+    if SPLIT_OUT:
+        tl.store(out_ptr + (pid_k * M + ms[:, None]) * N + rows[None, :], y, mask=ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + ms[:, None] * N + rows[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# Without autotuning: the interpreter's smallest tile; on a GPU the best on most measured shapes.
+_FIXED = {"BN": 16, "NBT": 2} if INTERPRET else {"BN": 8, "NBT": 16, "num_warps": 2}
+_FIXED_ROWS = {"BN": 8, "NBT": 2} if INTERPRET else {"BN": 16, "NBT": 8, "num_warps": 2}
+
+
+def ternary_gemv_packed(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
+                        bias, perm, out: torch.Tensor, split: int = 1, config=None) -> torch.Tensor:
+    """y = x[:, perm] @ W^T + bias into ``out`` (M, N), x bf16/fp16 (M, K) with unit stride along K.
+    M = 1 runs the one-row kernel, larger M the MAX_ROWS-row kernel (tiles of MAX_ROWS rows).
+    ``config``: a fixed {"BN", "NBT", "num_warps"} (experiments), else autotuned / the default."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"ternary_gemv_packed takes bf16/fp16 activations, got {x.dtype}")
+    args, split, target = launch_args("ternary_gemv_packed", x, packed, alpha, mu, bias, perm, out, split)
+    _, _, _, _, bias_arg, _, target, m, n, kw, nb, _, bps, _, bucket = args
+    xp, inv, xs = prepack_x(x, perm)
+    args = (xp, inv, xs, packed, alpha, mu, bias_arg, target, m, n, kw, nb, bps, bucket)
+    meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET)
+    if m == 1:
+        kernel, fixed, m_tiles = ternary_gemv_packed_kernel, _FIXED, 1
+    else:
+        kernel, fixed, m_tiles = ternary_gemv_packed_rows_kernel, _FIXED_ROWS, triton.cdiv(m, MAX_ROWS)
+        meta["BM"] = MAX_ROWS
+    if config is not None or not AUTOTUNE:
+        cfg = dict(config or fixed)
+        launch(kernel.fn if AUTOTUNE else kernel, (triton.cdiv(n, cfg["BN"]), split, m_tiles),
+               *args, **meta, **cfg)
+    else:
+        launch(kernel, lambda META: (triton.cdiv(n, META["BN"]), split, m_tiles), *args, **meta)
+    if split > 1:
+        splitk_reduce(target, bias, out)
+    return out
