@@ -8,7 +8,7 @@ It also accumulates per word (alpha / c folded in one multiply) and reduces acro
 the end instead of every iteration. Measured on the H200 (session 5, docs/results.md): 28672x8192
 49.7 -> 40.5 us, 11008x4096 13.2 -> 11.4 us; at N = 4096 the extra launch makes it slower.
 
-M = 2 (:data:`DECODE_ASM` once per word, :data:`DOT_ASM` per row): 1.34x bf16 geomean over
+M = 2 (:data:`DECODE_ASM` once per word, :data:`DOT_ASM` per row): 1.36x bf16 geomean over
 the seven benchmark shapes, against 1.03x for the tensor-core GEMM that ran M = 2 before.
 """
 from __future__ import annotations
