@@ -58,3 +58,33 @@ def clone_graph(gm):
     out = copy.deepcopy(gm)
     out.meta = copy.deepcopy(gm.meta)
     return out
+
+
+def random_ternary_layer_cpu(n: int, k: int, seed: int, bias: bool, perm: bool, dtype):
+    """(packed codes, alpha, mu, bias or None, SSR permutation or None) of a random (n, k) layer."""
+    from pt2pass.lowering.format import pack_ternary
+
+    g = torch.Generator().manual_seed(seed)
+    T = torch.randint(-1, 2, (n, k), generator=g)
+    alpha = ((torch.rand(n, k // 128, generator=g) + 0.5) * 0.1).to(dtype)
+    mu = (torch.randn(n, k // 128, generator=g) * 0.02).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    p = torch.randperm(k, generator=g) if perm else None
+    return pack_ternary(T), alpha, mu, b, p
+
+
+def gemv_vs_reference(gemv, x, n: int, seed: int, bias=False, perm=False, split=1):
+    """(out, float64 reference) of ``gemv`` (a launcher writing into a NaN-poisoned ``out``) on a
+    random layer of n rows."""
+    from pt2pass.lowering.reference import ternary_linear_reference
+
+    packed, alpha, mu, b, p = random_ternary_layer_cpu(n, x.shape[1], seed, bias, perm, x.dtype)
+    ref = ternary_linear_reference(x.double(), packed, alpha.double(), mu.double(),
+                                   None if b is None else b.double(), p)
+    out = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype)
+    gemv(x, packed, alpha, mu, b, p, out, split=split)
+    return out, ref
+
+
+def rel_err(out, ref) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()

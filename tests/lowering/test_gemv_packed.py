@@ -2,37 +2,17 @@
 interpreter (plain fp16 emulation of the PTX; the PTX itself: test_half2.py)."""
 import pytest
 import torch
+from conftest import gemv_vs_reference, random_ternary_layer_cpu, rel_err
 
-from pt2pass.lowering.format import pack_ternary
 from pt2pass.lowering.kernels.common import INTERPRET
 from pt2pass.lowering.kernels.gemv_packed import prepack_x, ternary_gemv_packed
-from pt2pass.lowering.reference import ternary_linear_reference
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1")
 TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 
 
-def _layer(n, k, seed, bias, perm, dtype):
-    g = torch.Generator().manual_seed(seed)
-    T = torch.randint(-1, 2, (n, k), generator=g)
-    alpha = ((torch.rand(n, k // 128, generator=g) + 0.5) * 0.1).to(dtype)
-    mu = (torch.randn(n, k // 128, generator=g) * 0.02).to(dtype)
-    b = torch.randn(n, generator=g).to(dtype) if bias else None
-    p = torch.randperm(k, generator=g) if perm else None
-    return pack_ternary(T), alpha, mu, b, p
-
-
 def _run(x, n, seed, bias=False, perm=False, split=1):
-    packed, alpha, mu, b, p = _layer(n, x.shape[1], seed, bias, perm, x.dtype)
-    ref = ternary_linear_reference(x.double(), packed, alpha.double(), mu.double(),
-                                   None if b is None else b.double(), p)
-    out = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype)
-    ternary_gemv_packed(x, packed, alpha, mu, b, p, out, split=split)
-    return out, ref
-
-
-def _rel(out, ref):
-    return ((out.double() - ref).norm() / ref.norm()).item()
+    return gemv_vs_reference(ternary_gemv_packed, x, n, seed, bias, perm, split)
 
 
 @pytest.mark.parametrize("perm", [False, True])
@@ -68,8 +48,8 @@ def test_matches_reference(m, n, k, dtype, bias, perm, split):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(k + m)).to(dtype)
     out, ref = _run(x, n, seed=n + k, bias=bias, perm=perm, split=split)
     assert not out.isnan().any()
-    assert _rel(out, ref) < TOL[dtype]
-    assert all(_rel(out[i:i + 1], ref[i:i + 1]) < TOL[dtype] for i in range(m))
+    assert rel_err(out, ref) < TOL[dtype]
+    assert all(rel_err(out[i:i + 1], ref[i:i + 1]) < TOL[dtype] for i in range(m))
 
 
 @pytest.mark.parametrize("m", [1, 2])
@@ -80,7 +60,7 @@ def test_wide_dynamic_range_neither_overflows_nor_underflows_fp16(m):
     x = (torch.randn(m, k, generator=g).sign() * mags).to(torch.bfloat16)
     out, ref = _run(x, 24, seed=9)
     assert torch.isfinite(out).all()
-    assert _rel(out, ref) < TOL[torch.bfloat16]
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
 
 
 def test_nan_and_inf_in_x_propagate_to_their_row_only():
@@ -95,6 +75,6 @@ def test_nan_and_inf_in_x_propagate_to_their_row_only():
 
 
 def test_rejects_float32_activations():
-    packed, alpha, mu, _, _ = _layer(16, 128, 0, False, False, torch.float32)
+    packed, alpha, mu, _, _ = random_ternary_layer_cpu(16, 128, 0, False, False, torch.float32)
     with pytest.raises(ValueError, match="bf16/fp16"):
         ternary_gemv_packed(torch.randn(1, 128), packed, alpha, mu, None, None, torch.empty(1, 16))

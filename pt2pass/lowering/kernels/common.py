@@ -53,6 +53,33 @@ def dot_in_fp32(x: torch.Tensor) -> bool:
 
 
 @triton.jit
+def load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB):
+    """A GEMV tile: words (BN, NBT, 8) of the rows at ``w_rows`` (pointers, (BN, 1, 1)) and blocks
+    ``blk``, alpha and mu (BN, NBT) as float32; masked entries read 0."""
+    ij = tl.arange(0, 8)
+    words = tl.load(w_rows + (blk * 8)[None, :, None] + ij[None, None, :],
+                    mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
+    sofs = rows[:, None] * NB + blk[None, :]
+    smask = row_ok[:, None] & blk_ok[None, :]
+    al = tl.load(a_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+    mu = tl.load(mu_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+    return words, al, mu
+
+
+@triton.jit
+def store_gemv_row(out_ptr, bias_ptr, y, rows, row_ok, m, pid_k, M, N,
+                   HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr):
+    """Row m of a GEMV's output: float32 into the split-K workspace (SPLIT_OUT: bias added by the
+    reduce), else + bias, cast to out's dtype."""
+    if SPLIT_OUT:
+        tl.store(out_ptr + (pid_k * M + m) * N + rows, y, mask=row_ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT,
                           HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """out[i] = sum_s ws[s, i] (+ bias[i % N]), cast to out's dtype. ws is (SPLIT, M*N) float32."""

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRET, autotune, launch, launch_args, splitk_reduce
+from .common import (AUTOTUNE, INTERPRET, autotune, launch, launch_args, load_weight_tile, splitk_reduce,
+                     store_gemv_row)
 
 
 @triton.jit
@@ -51,18 +52,6 @@ def _load_x(x_row, perm_ptr, kk, ok, HAS_PERM: tl.constexpr):
     if HAS_PERM:
         kk = tl.load(perm_ptr + kk, mask=ok, other=0)
     return tl.load(x_row + kk, mask=ok, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _load_chunk(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB):
-    ij = tl.arange(0, 8)
-    words = tl.load(w_rows + (blk * 8)[None, :, None] + ij[None, None, :],
-                    mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-    sofs = rows[:, None] * NB + blk[None, :]
-    smask = row_ok[:, None] & blk_ok[None, :]
-    al = tl.load(a_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
-    mu = tl.load(mu_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
-    return words, al, mu
 
 
 def _gemv_configs():
@@ -96,7 +85,7 @@ def ternary_gemv_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
     for b0 in range(b_lo, b_hi, NBT):
         blk = b0 + ib
         blk_ok = blk < b_hi
-        words, al, mu = _load_chunk(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
+        words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
         kk = blk[:, None] * 128 + ij[None, :]  # x offsets of slot 0; slot i adds 8 * i
         xok = blk_ok[:, None]
         xi = _load_x(x_row, perm_ptr, kk, xok, HAS_PERM)
@@ -113,12 +102,7 @@ def ternary_gemv_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
         p = tl.sum(pw, axis=2)
         acc += al * (p - c[None, :]) + mu * s[None, :]
     y = tl.sum(acc, axis=1)
-    if SPLIT_OUT:
-        tl.store(out_ptr + (pid_k * M + m) * N + rows, y, mask=row_ok)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+    store_gemv_row(out_ptr, bias_ptr, y, rows, row_ok, m, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 
 
 # Without autotuning: the smallest config keeps the interpreter (CPU tests) fast; on a GPU a good one.

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRET, autotune, launch, launch_args, splitk_reduce
+from .common import (AUTOTUNE, INTERPRET, autotune, launch, launch_args, load_weight_tile, splitk_reduce,
+                     store_gemv_row)
 from .half2 import inverse_scale, pair, word_dots, word_field
 
 
@@ -54,12 +55,7 @@ def ternary_gemv_half2_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, o
     for b0 in range(b_lo, b_hi, NBT):
         blk = b0 + ib
         blk_ok = blk < b_hi
-        words = tl.load(w_rows + (blk * 8)[None, :, None] + ij[None, None, :],
-                        mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-        sofs = rows[:, None] * NB + blk[None, :]
-        smask = row_ok[:, None] & blk_ok[None, :]
-        al = tl.load(a_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
-        mu = tl.load(mu_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
+        words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
         # x of slot s, word j: column 128 b + 8 s + j, as (NBT, 8) tensors
         kk = blk[:, None] * 128 + ij[None, :]
         xok = blk_ok[:, None]
@@ -96,12 +92,7 @@ def ternary_gemv_half2_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, o
         s_b = tl.sum(xsum, axis=1)
         acc += al * p + mu * s_b[None, :]
     y = tl.sum(acc, axis=1)
-    if SPLIT_OUT:
-        tl.store(out_ptr + (pid_k * M + m) * N + rows, y, mask=row_ok)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+    store_gemv_row(out_ptr, bias_ptr, y, rows, row_ok, m, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 
 
 # Without autotuning: the smallest config keeps the interpreter fast; on a GPU the one within 10 %

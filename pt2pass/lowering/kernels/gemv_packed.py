@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRET, autotune, launch, launch_args, splitk_reduce
+from .common import (AUTOTUNE, INTERPRET, autotune, launch, launch_args, load_weight_tile, splitk_reduce,
+                     store_gemv_row)
 from .half2 import (DECODE_ASM, DOT_ASM, emulated_word_dots, inverse_scale, pair, word_dots,
                     word_field)
 
@@ -82,19 +83,6 @@ def _load_pairs(xp_rows, col, ok, KW):
             tl.load(xp_rows + 6 * KW + col, mask=ok, other=0), tl.load(xp_rows + 7 * KW + col, mask=ok, other=0))
 
 
-@triton.jit
-def _tile_loads(w_ptr, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, KW, NB):
-    """Words (BN, NBT, 8), alpha and mu (BN, NBT) of one tile, float32 scales."""
-    ij = tl.arange(0, 8)
-    words = tl.load(w_ptr + rows.to(tl.int64)[:, None, None] * KW + (blk * 8)[None, :, None] + ij[None, None, :],
-                    mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-    sofs = rows[:, None] * NB + blk[None, :]
-    smask = row_ok[:, None] & blk_ok[None, :]
-    al = tl.load(a_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
-    mu = tl.load(mu_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
-    return words, al, mu
-
-
 def _configs(shapes):
     return [triton.Config({"BN": bn, "NBT": nbt}, num_warps=w, num_stages=1) for bn, nbt, w in shapes]
 
@@ -117,12 +105,13 @@ def ternary_gemv_packed_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bi
     b_lo = pid_k * blocks_per_split
     b_hi = tl.minimum(b_lo + blocks_per_split, NB)
     xp_row = xp_ptr + m.to(tl.int64) * 8 * KW
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
     acc_w = tl.zeros((BN, NBT, 8), tl.float32)  # per word: alpha * P / c
     acc_b = tl.zeros((BN, NBT), tl.float32)     # per block: mu * sum(x)
     for b0 in range(b_lo, b_hi, NBT):
         blk = b0 + tl.arange(0, NBT)
         blk_ok = blk < b_hi
-        words, al, mu = _tile_loads(w_ptr, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, KW, NB)
+        words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
         col = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
         cok = blk_ok[:, None] & (col >= 0)
         p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(xp_row, col, cok, KW)
@@ -132,12 +121,7 @@ def ternary_gemv_packed_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bi
         acc_w += part * (al[:, :, None] * inv[None, :, :])
         acc_b += mu * xs[None, :]
     y = tl.sum(tl.sum(acc_w, axis=2) + acc_b, axis=1)
-    if SPLIT_OUT:
-        tl.store(out_ptr + (pid_k * M + m) * N + rows, y, mask=row_ok)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * N + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+    store_gemv_row(out_ptr, bias_ptr, y, rows, row_ok, m, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 
 
 @autotune(_configs([(16, 8, 2), (16, 16, 4), (32, 8, 4)]), key=["m_bucket", "N", "KW", "blocks_per_split"])
@@ -158,12 +142,13 @@ def ternary_gemv_packed_rows_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_pt
     b_lo = pid_k * blocks_per_split
     b_hi = tl.minimum(b_lo + blocks_per_split, NB)
     xp_rows = xp_ptr + msafe[:, None, None] * 8 * KW
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
     acc_w = tl.zeros((BM, BN, NBT, 8), tl.float32)
     acc_b = tl.zeros((BM, BN, NBT), tl.float32)
     for b0 in range(b_lo, b_hi, NBT):
         blk = b0 + tl.arange(0, NBT)
         blk_ok = blk < b_hi
-        words, al, mu = _tile_loads(w_ptr, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, KW, NB)
+        words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
         col = (blk[:, None] * 8 + tl.arange(0, 8)[None, :])[None, :, :]
         cok = blk_ok[None, :, None] & (col >= 0)
         p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(xp_rows, col, cok, KW)
