@@ -98,10 +98,13 @@ def prefill_seconds(forward, tokens: int, vocab: int, compile_prefill: bool) -> 
         return min(sync_time(lambda: compiled(ids)) for _ in range(5))
 
 
-def speed(forward, skeleton, store, args, vocab) -> dict:
+def speed(forward, skeleton, store, args, vocab, group_siblings=True) -> dict:
+    """Decode tokens/s and peak memory per batch size, then prefill seconds (``forward`` None:
+    decode only). ``group_siblings``: q/k/v and gate/up as one grouped op each (the default)."""
     row = {}
     for batch in args.batch:
-        graph = build_decode_graph(skeleton, store, batch, args.prompt + args.new_tokens)
+        graph = build_decode_graph(skeleton, store, batch, args.prompt + args.new_tokens,
+                                   group_siblings=group_siblings)
         decoder = CachedDecoder(graph, compile_decode=DEVICE == "cuda")
         reset_peak()
         row[f"decode_tok_s_b{batch}"] = decode_rate(decoder, batch, args.prompt, args.new_tokens, vocab)
@@ -109,8 +112,9 @@ def speed(forward, skeleton, store, args, vocab) -> dict:
         del decoder, graph
         torch._dynamo.reset()
         reset_peak()
-    row["prefill_s"] = prefill_seconds(forward, args.prefill, vocab, args.compile_prefill)
-    torch._dynamo.reset()
+    if forward is not None:
+        row["prefill_s"] = prefill_seconds(forward, args.prefill, vocab, args.compile_prefill)
+        torch._dynamo.reset()
     return row
 
 
@@ -152,6 +156,10 @@ def main() -> None:
     parser.add_argument("--skip-quant-timing", action="store_true")
     parser.add_argument("--quant-only", action="store_true",
                         help="only the quantizer timing (e.g. --quant-layers 32: the whole model)")
+    parser.add_argument("--skip-bf16", action="store_true",
+                        help="ternary only (e.g. when the bf16 figures of this GPU are known)")
+    parser.add_argument("--ungrouped-too", action="store_true",
+                        help="also time decode with q/k/v and gate/up as separate ops")
     parser.add_argument("--json", help="also write the results as JSON")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
@@ -167,12 +175,13 @@ def main() -> None:
 
     model = build_model(args.shape)
     vocab = model.config.vocab_size
-    empty = QuantStore()
-    results["bf16"] = speed(lambda ids: model(input_ids=ids, use_cache=False).logits,
-                            make_skeleton(model, empty), empty, args, vocab)
-    results["bf16"]["linear_bytes"] = sum(m.weight.numel() * 2 for m in model.modules()
-                                          if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
-    print("bf16", results["bf16"], flush=True)
+    if not args.skip_bf16:
+        empty = QuantStore()
+        results["bf16"] = speed(lambda ids: model(input_ids=ids, use_cache=False).logits,
+                                make_skeleton(model, empty), empty, args, vocab)
+        results["bf16"]["linear_bytes"] = sum(m.weight.numel() * 2 for m in model.modules()
+                                              if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
+        print("bf16", results["bf16"], flush=True)
 
     start = time.perf_counter()
     qm = pt2pass.compile(model, config=pt2pass.CompileConfig(
@@ -185,12 +194,28 @@ def main() -> None:
     results["ternary"].update(linear_bytes=sizes.packed_bytes, bits_per_weight_in_graph=sizes.bits_per_weight,
                               bits_per_weight_2bit=bits_per_weight(qm.store, "2bit"))
     print("ternary", results["ternary"], flush=True)
+    if args.ungrouped_too:
+        results["ternary_ungrouped"] = speed(None, qm.skeleton, qm.store, args, vocab, group_siblings=False)
+        print("ternary, q/k/v and gate/up ungrouped", results["ternary_ungrouped"], flush=True)
+        for batch in args.batch:
+            k = f"decode_tok_s_b{batch}"
+            grouped, ungrouped = results["ternary"][k], results["ternary_ungrouped"][k]
+            print(f"decode batch {batch}: grouped {grouped:.1f} tok/s, ungrouped {ungrouped:.1f} "
+                  f"({grouped / ungrouped:.2f}x)", flush=True)
     del qm
     reset_peak()
     if not args.skip_quant_timing:
         results["quant"] = quant_timing(args)
         print("quant", results["quant"], flush=True)
 
+    if "bf16" in results:
+        print_table(args, results)
+    if "quant" in results:
+        print_quant_row(results["quant"])
+    write_json(args.json, results)
+
+
+def print_table(args, results: dict) -> None:
     b, t = results["bf16"], results["ternary"]
     print(f"\n| {args.shape} | bf16 | ternary | ratio |\n|---|---|---|---|")
     for batch in args.batch:
@@ -202,9 +227,6 @@ def main() -> None:
           f"{b['prefill_s'] / t['prefill_s']:.2f}x speed |")
     print(f"| Linear weights (MB) | {b['linear_bytes'] / 1e6:.0f} | {t['linear_bytes'] / 1e6:.0f} | "
           f"{t['bits_per_weight_in_graph']:.3f} bits/weight in graph, {t['bits_per_weight_2bit']:.3f} all-in |")
-    if "quant" in results:
-        print_quant_row(results["quant"])
-    write_json(args.json, results)
 
 
 def write_json(path, results: dict) -> None:

@@ -22,11 +22,14 @@ from pt2pass.lowering.format import pack_ternary  # noqa: E402
 from pt2pass.lowering.reference import ternary_linear_reference  # noqa: E402
 
 OP = torch.ops.pt2pass.ternary_linear
+GROUP = torch.ops.pt2pass.ternary_linear_group
 DEV = "cuda"
 KERNELS = ("ternary_gemv_kernel", "ternary_gemv_half2_kernel", "ternary_gemv_packed_kernel",
-           "ternary_gemv_packed_rows_kernel", "_prepack_x_kernel", "ternary_gemm_kernel", "ternary_dequant_kernel")
-# the kernels each M must launch in TwoLayers (N = 8192 then N = 384)
-EXPECTED = {1: {"ternary_gemv_packed_kernel", "_prepack_x_kernel", "ternary_gemv_half2_kernel"},
+           "ternary_gemv_packed_rows_kernel", "_prepack_x_kernel", "ternary_gemm_kernel", "ternary_dequant_kernel",
+           "ternary_gemv_group_kernel", "_prepack_x_group_kernel")
+# the kernels each M must launch in TwoLayers (N = 8192 then N = 384; the group of 1024 + 512)
+EXPECTED = {1: {"ternary_gemv_packed_kernel", "_prepack_x_kernel", "ternary_gemv_half2_kernel",
+                "ternary_gemv_group_kernel", "_prepack_x_group_kernel"},
             2: {"ternary_gemv_packed_rows_kernel", "_prepack_x_kernel"},
             64: {"ternary_gemm_kernel"}}
 
@@ -41,15 +44,20 @@ def layer(n, k, seed, dtype=torch.bfloat16):
 
 
 class TwoLayers(torch.nn.Module):
+    """Two ternary Linears, then a group of two (bias and permutation each) reading x too."""
+
     def __init__(self):
         super().__init__()
-        for i, ts in enumerate([layer(8192, 512, 1), layer(384, 8192, 2)]):
+        for i, ts in enumerate([layer(8192, 512, 1), layer(384, 8192, 2), layer(1024, 512, 5), layer(512, 512, 6)]):
             for name, t in zip(("packed", "alpha", "mu", "bias", "perm"), ts):
                 self.register_buffer(f"{name}{i}", t)
 
     def forward(self, x):
         h = OP(x, self.packed0, self.alpha0, self.mu0, None, None)
-        return OP(torch.relu(h), self.packed1, self.alpha1, self.mu1, self.bias1, self.perm1)
+        y = OP(torch.relu(h), self.packed1, self.alpha1, self.mu1, self.bias1, self.perm1)
+        a, b = GROUP(x, [self.packed2, self.packed3], [self.alpha2, self.alpha3], [self.mu2, self.mu3],
+                     [self.bias2, self.bias3], [self.perm2, self.perm3])
+        return torch.cat([y, a[..., :384] * b[..., :384]], dim=-1)
 
 
 def rel(a, b):
@@ -68,6 +76,13 @@ def check_opcheck():
         ref = ternary_linear_reference(x.double(), packed, alpha.double(), mu.double(),
                                        None if extras[0] is None else extras[0].double(), extras[1])
         assert rel(y, ref) < 1e-2, rel(y, ref)
+    members = [layer(1024, 512, 5), layer(512, 512, 6)]
+    for shape in ((1, 512), (1, 1, 512), (3, 512)):  # grouped GEMV (1 row), one call per member
+        x = torch.randn(*shape, device=DEV, dtype=torch.bfloat16)
+        args = (x, *map(list, zip(*members)))
+        torch.library.opcheck(GROUP.default, args)
+        for y, m in zip(GROUP(*args), members):
+            assert rel(y, OP(x, *m)) < 1e-2, rel(y, OP(x, *m))
 
 
 def check_compile_inlines_kernels():
@@ -103,7 +118,7 @@ def check_export_round_trip():
     x = torch.randn(2, 512, device=DEV, dtype=torch.bfloat16)
     ep = torch.export.export(model, (x,))
     n_ops = sum(1 for n in ep.graph.nodes if n.op == "call_function" and n.target is OP.default)
-    assert n_ops == 2, n_ops
+    assert n_ops == 2 and sum(n.target is GROUP.default for n in ep.graph.nodes) == 1, n_ops
     with tempfile.TemporaryDirectory() as d:
         p, xin, yout = os.path.join(d, "m.pt2"), os.path.join(d, "x.pt"), os.path.join(d, "y.pt")
         torch.export.save(ep, p)

@@ -13,8 +13,10 @@ any number of generations without a reset. Batch and cache length are fixed at c
 
 The graph carries the same ``pt2pass_weight_fqn`` tags as the full one and is lowered by the same
 passes from the same store (``assemble.lowering_passes``: InsertPermutations, FoldPermutations,
-LowerTernaryLinear), so it computes what the full-sequence graph computes. Packed weights equal
-to the full graph's are shared with it rather than held twice.
+LowerTernaryLinear), so it computes what the full-sequence graph computes; then the Linears that
+read the same input (q/k/v, gate/up) are grouped into one op each (GroupSiblingLinears: one
+kernel launch per group at batch 1). Packed weights equal to the full graph's are shared with it
+rather than held twice.
 
 A causal LM's *skeleton* (:func:`make_skeleton`) is what later captures start from: the model's
 module tree with its non-quantized tensors and the quantized Linear weights on the meta device.
@@ -31,6 +33,8 @@ from torch import nn
 
 from .assemble import lower_from_store, real_device, traceable_weights
 from .capture import CaptureError, capture_error_message, tag_linears
+from .lowering.group_siblings import GroupSiblingLinears
+from .pass_manager import PassManager
 from .sampling import NextLogits, Sampling, check_prompt, generation_loop
 from .store import QuantStore
 
@@ -134,11 +138,13 @@ class StaticCacheLM(nn.Module):
 
 
 def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, max_cache_len: int,
-                       share_with: Optional[fx.GraphModule] = None) -> fx.GraphModule:
+                       share_with: Optional[fx.GraphModule] = None,
+                       group_siblings: bool = True) -> fx.GraphModule:
     """Capture ``skeleton`` around a static cache and lower it with the store's results.
 
     ``share_with``: a lowered graph of the same model whose equal buffers (packed weights,
     scales, permutations) the new graph should reuse instead of holding copies.
+    ``group_siblings``: group the Linears that read the same input (GroupSiblingLinears).
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
@@ -160,6 +166,8 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
     gm = ep.module()
     tag_linears(gm, module)
     gm, _ = lower_from_store(gm, store, weights, device)
+    if group_siblings:
+        gm = PassManager([GroupSiblingLinears()])(gm)
     left = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.device.type == "meta"]
     if left:
         raise ValueError(f"the decode graph still reads meta tensors after lowering: {left[:3]} "

@@ -9,10 +9,12 @@ import torch
 
 import pt2pass
 from pt2pass.decode import CACHE_PREFIX, CachedDecoder, generate_with_program
+from pt2pass.lowering.group_siblings import GROUP_OP, count_ternary_linears
 from pt2pass.lowering.lower import TERNARY_OP
 from pt2pass.quantized_model import QuantizedCausalLM
 
-N_LINEARS = 14  # 2 blocks x 7 Linears; lm_head is skipped
+N_LAYERS = 2
+N_LINEARS = 7 * N_LAYERS  # lm_head is skipped
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +82,11 @@ def test_one_decode_graph_per_batch_size_for_all_prompt_lengths(qm_natural):
 def test_decode_graph_is_lowered_from_the_store_and_shares_its_buffers(qm_ssr):
     qm_ssr.generate(prompt(1, 4), 2)
     step = qm_ssr._decoders[(1, 256, torch.float32, torch.device("cpu"))].step
-    assert sum(n.target is TERNARY_OP for n in step.graph.nodes) == N_LINEARS
+    assert count_ternary_linears(step.graph) == N_LINEARS
+    # q/k/v and gate/up of each layer: one grouped op each; o_proj and down_proj stay single
+    groups = [len(n.args[1]) for n in step.graph.nodes if n.target is GROUP_OP]
+    assert sorted(groups) == [2] * N_LAYERS + [3] * N_LAYERS
+    assert sum(n.target is TERNARY_OP for n in step.graph.nodes) == 2 * N_LAYERS
     assert not [n for n in step.graph.nodes if n.target is torch.ops.aten.linear.default
                 and n.meta.get("pt2pass_weight_fqn") in qm_ssr.store]
     full = dict(qm_ssr.gm.named_buffers())
@@ -206,7 +212,8 @@ def test_bad_export_arguments_are_rejected(qm_natural, kwargs, match):
 
 def test_exported_decode_program_generates_the_same_tokens_in_a_fresh_process(qm_ssr, tmp_path):
     ep = pt2pass.export(qm_ssr, graph="decode", batch_size=2, max_cache_len=64)
-    assert sum(n.target is TERNARY_OP for n in ep.graph.nodes) == N_LINEARS
+    assert count_ternary_linears(ep.graph) == N_LINEARS
+    assert sum(n.target is GROUP_OP for n in ep.graph.nodes) == 2 * N_LAYERS
     long_ids, short_ids = prompt(2, 9, seed=3), prompt(2, 2, seed=4)
     want = [qm_ssr.generate(long_ids, 12), qm_ssr.generate(short_ids, 20)]
     assert torch.equal(generate_with_program(ep, long_ids, 12), want[0])

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..lowering.lower import TERNARY_OP
+from ..lowering.group_siblings import count_ternary_linears
 from .common import CliError, add_command, add_device_arg, positive_int, resolve_device
 from .sources import load_checkpoint
 
@@ -69,7 +69,7 @@ def run(args) -> int:
     export_s = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(ep, str(args.out))
-    n_ops = sum(1 for n in ep.graph.nodes if n.target is TERNARY_OP)
+    n_ops = count_ternary_linears(ep.graph)
     print(f"exported {loaded.description} ({'decode step' if args.decode else 'full sequence'}) "
           f"in {export_s:.1f} s: {n_ops} pt2pass.ternary_linear nodes")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); load it with "

@@ -7,7 +7,7 @@ fails under export/AOTInductor on CPU. The fake implementation gives shapes to t
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch.library import triton_op
@@ -16,6 +16,7 @@ from .format import DEFAULT_BLOCK_SIZE, WEIGHTS_PER_WORD, n_blocks
 from .reference import ternary_linear_reference
 
 OP_NAME = "pt2pass::ternary_linear"
+GROUP_OP_NAME = "pt2pass::ternary_linear_group"
 
 
 def _check_args(x, packed, alpha, mu, bias, perm, block_size) -> None:
@@ -56,3 +57,35 @@ def _fake(x, packed, alpha, mu, bias=None, perm=None, block_size=DEFAULT_BLOCK_S
 
 
 ternary_linear.register_fake(_fake)
+
+
+def _check_group(x, packed, alpha, mu, bias, perm, block_size) -> None:
+    torch._check(len(packed) >= 1 and len(packed) == len(alpha) == len(mu) == len(bias) == len(perm),
+                 lambda: "ternary_linear_group: packed, alpha, mu, bias and perm must be lists of "
+                         "one entry per member")
+    for member in zip(packed, alpha, mu, bias, perm):
+        _check_args(x, *member, block_size)
+
+
+@triton_op(GROUP_OP_NAME, mutates_args=())
+def ternary_linear_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[torch.Tensor],
+                         mu: List[torch.Tensor], bias: List[Optional[torch.Tensor]],
+                         perm: List[Optional[torch.Tensor]],
+                         block_size: int = DEFAULT_BLOCK_SIZE) -> List[torch.Tensor]:
+    """[ternary_linear(x, packed[i], alpha[i], mu[i], bias[i], perm[i])] for Linears that read the
+    same x (q/k/v, gate/up): on the GPU one kernel launch for all of them at batch 1
+    (kernels/gemv_group.py), the same results as the separate ops up to float32 summation order."""
+    _check_group(x, packed, alpha, mu, bias, perm, block_size)
+    if x.device.type == "cpu":
+        return [ternary_linear_reference(x, *member, block_size) for member in zip(packed, alpha, mu, bias, perm)]
+    from .kernels.dispatch import ternary_linear_group_triton
+
+    return ternary_linear_group_triton(x, packed, alpha, mu, bias, perm, block_size)
+
+
+def _fake_group(x, packed, alpha, mu, bias, perm, block_size=DEFAULT_BLOCK_SIZE):
+    _check_group(x, packed, alpha, mu, bias, perm, block_size)
+    return [x.new_empty((*x.shape[:-1], p.shape[0])) for p in packed]
+
+
+ternary_linear_group.register_fake(_fake_group)

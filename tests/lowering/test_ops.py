@@ -1,5 +1,5 @@
-"""torch.ops.pt2pass.ternary_linear on CPU: opcheck, torch.compile without graph breaks, torch.export
-round trip through save/load in a fresh process, AOTInductor package. (The GPU counterparts run in
+"""torch.ops.pt2pass.ternary_linear and ternary_linear_group on CPU: opcheck, torch.compile without
+graph breaks, torch.export round trip through save/load in a fresh process, AOTInductor package. (The GPU counterparts run in
 benchmarks/check_gpu_lowering.py on the lent H100.)"""
 import os
 import subprocess
@@ -14,6 +14,7 @@ from pt2pass.lowering.format import pack_ternary
 from pt2pass.lowering.reference import ternary_linear_reference
 
 OP = torch.ops.pt2pass.ternary_linear
+GROUP = torch.ops.pt2pass.ternary_linear_group
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -26,17 +27,22 @@ def _layer(n=48, k=256, seed=0):
 
 
 class TwoLayers(torch.nn.Module):
-    """Two ternary Linears, one with bias and permutation: two op nodes once exported."""
+    """Two ternary Linears, one with bias and permutation, then a group of two Linears (bias and
+    permutation each) reading the same hidden state: two op nodes and one group node once exported."""
 
     def __init__(self):
         super().__init__()
-        for i, (packed, alpha, mu, bias, perm) in enumerate([_layer(128, 256, 1), _layer(64, 128, 2)]):
+        layers = [_layer(128, 256, 1), _layer(64, 128, 2), _layer(32, 128, 3), _layer(16, 128, 4)]
+        for i, (packed, alpha, mu, bias, perm) in enumerate(layers):
             for name, t in (("packed", packed), ("alpha", alpha), ("mu", mu), ("bias", bias), ("perm", perm)):
                 self.register_buffer(f"{name}{i}", t)
 
     def forward(self, x):
-        h = OP(x, self.packed0, self.alpha0, self.mu0, None, None)
-        return OP(torch.relu(h), self.packed1, self.alpha1, self.mu1, self.bias1, self.perm1)
+        h = torch.relu(OP(x, self.packed0, self.alpha0, self.mu0, None, None))
+        y = OP(h, self.packed1, self.alpha1, self.mu1, self.bias1, self.perm1)
+        a, b = GROUP(h, [self.packed2, self.packed3], [self.alpha2, self.alpha3], [self.mu2, self.mu3],
+                     [self.bias2, self.bias3], [self.perm2, self.perm3])
+        return torch.cat([y, a * b[..., :1]], dim=-1)
 
 
 @pytest.mark.parametrize("with_extras", [False, True])
@@ -45,6 +51,27 @@ def test_opcheck(with_extras, xshape):
     packed, alpha, mu, bias, perm = _layer()
     args = (torch.randn(*xshape), packed, alpha, mu, bias if with_extras else None, perm if with_extras else None)
     torch.library.opcheck(OP.default, args)
+
+
+@pytest.mark.parametrize("with_extras", [False, True])
+def test_opcheck_group(with_extras):
+    members = [_layer(48, 256, 5), _layer(16, 256, 6)]
+    packed, alpha, mu, bias, perm = map(list, zip(*members))
+    if not with_extras:
+        bias, perm = [None, None], [None, None]
+    torch.library.opcheck(GROUP.default, (torch.randn(2, 3, 256), packed, alpha, mu, bias, perm))
+
+
+def test_group_equals_the_single_ops_and_rejects_mismatched_lists():
+    members = [_layer(48, 256, 5), _layer(16, 256, 6)]
+    x = torch.randn(3, 256)
+    outs = GROUP(x, *map(list, zip(*members)))
+    assert len(outs) == 2 and all(torch.equal(y, OP(x, *m)) for y, m in zip(outs, members))
+    packed, alpha, mu, bias, perm = map(list, zip(*members))
+    with pytest.raises(Exception, match="one entry per member"):
+        GROUP(x, packed, alpha, mu[:1], bias, perm)
+    with pytest.raises(Exception, match="features"):
+        GROUP(torch.randn(3, 128), packed, alpha, mu, bias, perm)
 
 
 def test_op_matches_reference_and_rejects_bad_shapes():
@@ -92,7 +119,7 @@ def test_export_keeps_one_node_per_call_and_round_trips_in_a_fresh_process(tmp_p
     x = torch.randn(3, 256)
     ep = torch.export.export(model, (x,))
     nodes = [n for n in ep.graph.nodes if n.op == "call_function" and n.target is OP.default]
-    assert len(nodes) == 2
+    assert len(nodes) == 2 and sum(n.target is GROUP.default for n in ep.graph.nodes) == 1
     path, xin, yout = tmp_path / "model.pt2", tmp_path / "x.pt", tmp_path / "y.pt"
     torch.export.save(ep, path)
     torch.save(x, xin)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -30,6 +30,7 @@ from .common import BLOCK
 from .gemm import SMALL_M_MAX, gemm_split, ternary_dequant, ternary_gemm
 from .gemv import gemv_split, ternary_gemv
 from .gemv_half2 import ternary_gemv_half2
+from .gemv_group import MAX_MEMBERS, ternary_gemv_group
 from .gemv_packed import ternary_gemv_packed
 
 log = logging.getLogger(__name__)
@@ -116,3 +117,26 @@ def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Te
         split = gemm_split(m, n, nb, sms) if m <= SMALL_M_MAX else 1
         ternary_gemm(x2, packed, alpha, mu, bias, perm, out, split=split)
     return out.reshape(*lead, n)
+
+
+def ternary_linear_group_triton(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[torch.Tensor],
+                                mu: List[torch.Tensor], bias: List[Optional[torch.Tensor]],
+                                perm: List[Optional[torch.Tensor]],
+                                block_size: int = BLOCK) -> List[torch.Tensor]:
+    """[ternary_linear_triton(x, member i)]: one grouped GEMV launch (gemv_group.py) for a single
+    bf16/fp16 row when the members fit it (2-3 of them, the same scale dtype and bias /
+    permutation presence, kernel-supported shapes); otherwise one call per member, as ungrouped."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    fits = (rows == 1 and x.dtype in (torch.bfloat16, torch.float16) and 2 <= len(packed) <= MAX_MEMBERS
+            and len({a.dtype for a in alpha} | {m.dtype for m in mu}) == 1
+            and len({b is None for b in bias}) == 1 and len({p is None for p in perm}) == 1
+            and all(unsupported_reason(x, p, a, block_size) is None for p, a in zip(packed, alpha)))
+    if not fits:
+        return [ternary_linear_triton(x, *member, block_size) for member in zip(packed, alpha, mu, bias, perm)]
+    x2 = x.reshape(1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    outs = ternary_gemv_group(x2, [p.contiguous() for p in packed], [a.contiguous() for a in alpha],
+                              [m.contiguous() for m in mu], bias, perm)
+    return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs]

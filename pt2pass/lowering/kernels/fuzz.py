@@ -18,14 +18,15 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ..format import pack_ternary
+from ..format import dequantize, pack_ternary
 from ..reference import ternary_linear_reference
 from .dispatch import DEQUANT_MIN_M, GATHER_MAX_M, GEMV_MAX_M, HALF2_MAX_M, ternary_linear_triton
 from .gemm import SMALL_M_MAX
 
 # Relative Frobenius error allowed per activation dtype: float32 carries the kernels' own error
 # (the GEMV's x' cancellation, ~1e-5); bf16 / fp16 add the rounding of the output and, in the
-# GEMM, of the folded weight (2^-9 / 2^-11 per element).
+# GEMM, of the folded weight (2^-9 / 2^-11 per element). "Relative" is to the larger of |y| and
+# the root-sum-square of the products x_k * W_nk (see :func:`error_scale`).
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 DTYPES = tuple(TOLERANCE)
 SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -129,6 +130,17 @@ def _activations(case: FuzzCase, device) -> torch.Tensor:
     return torch.randn(*shape, generator=g, device=device).to(case.dtype)
 
 
+def error_scale(x: torch.Tensor, packed, alpha, mu, perm, block_size: int, ref: torch.Tensor) -> float:
+    """max(|y|, |rss|) (Frobenius norms), rss_n = sqrt(sum_k (x_k W_nk)^2): the size of the terms
+    that the kernels round. |y| alone is no scale when the products cancel: a single output
+    (N = 1) that sums to a tenth of its terms made a correct fp16 result look 10x too wrong."""
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    w = dequantize(packed, alpha.double(), mu.double(), block_size, torch.float64)
+    rss = (x.double().square() @ w.square().T).sqrt()
+    return max(float(ref.norm()), float(rss.norm()), 1e-30)
+
+
 def run_case(case: FuzzCase, device="cpu") -> Tuple[float, Optional[str]]:
     """(relative error vs float64, None or what is wrong) for one case on ``device``."""
     packed, alpha, mu, bias, perm = _layer(case, device)
@@ -140,7 +152,8 @@ def run_case(case: FuzzCase, device="cpu") -> Tuple[float, Optional[str]]:
         return float("nan"), f"output {tuple(out.shape)} {out.dtype}, expected {tuple(ref.shape)} {x.dtype}"
     if not bool(torch.isfinite(out).all()):
         return float("nan"), "non-finite output"
-    err = float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
+    scale = error_scale(x, packed, alpha, mu, perm, case.block_size, ref)
+    err = float((out.double() - ref).norm()) / scale
     if err > TOLERANCE[case.dtype]:
         return err, f"relative error {err:.2e} > {TOLERANCE[case.dtype]:.2g}"
     return err, None

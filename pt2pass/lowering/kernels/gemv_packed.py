@@ -26,17 +26,16 @@ MAX_ROWS = 2  # rows of x per program: at 4 the per-row work made it slower than
 
 
 @triton.jit
-def _prepack_x_kernel(x_ptr, perm_ptr, xp_ptr, inv_ptr, xs_ptr, KW, NB, stride_xm,
-                      HAS_PERM: tl.constexpr, USE_ASM: tl.constexpr, NBT: tl.constexpr):
-    """Per x row m and word column c = 8 b + j (the 16 columns 128 b + 8 s + j, s = 0..15):
-    xp[m, s, c] = the half2 pair x' of slots (s, s + 8), inv[m, c] = 1 / c, and per block b
-    xs[m, b] = the sum of its 128 x (the mu term)."""
-    m = tl.program_id(1)
+def prepack_row(x_row, perm_ptr, xp_row, inv_row, xs_row, KW, NB,
+                HAS_PERM: tl.constexpr, USE_ASM: tl.constexpr, NBT: tl.constexpr):
+    """For one x row (``x_row``, gathered through ``perm_ptr``) and this program's NBT blocks:
+    per word column c = 8 b + j (the 16 columns 128 b + 8 s + j, s = 0..15) the half2 pairs
+    xp[s, c] = x' of slots (s, s + 8) and inv[c] = 1 / c, and per block b the sum xs[b] of its
+    128 x (the mu term)."""
     blk = tl.program_id(0) * NBT + tl.arange(0, NBT)
     ij = tl.arange(0, 8)
     ok = (blk < NB)[:, None] & (ij < 8)[None, :]
     col = blk[:, None] * 8 + ij[None, :]
-    x_row = x_ptr + m.to(tl.int64) * stride_xm
     big = tl.zeros((NBT, 8), tl.float32)
     total = tl.zeros((NBT, 8), tl.float32)
     for s in tl.static_range(16):
@@ -55,9 +54,21 @@ def _prepack_x_kernel(x_ptr, perm_ptr, xp_ptr, inv_ptr, xs_ptr, KW, NB, stride_x
             ks_hi = tl.load(perm_ptr + ks_hi, mask=ok, other=0)
         lo = tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32)
         hi = tl.load(x_row + ks_hi, mask=ok, other=0.0).to(tl.float32)
-        tl.store(xp_ptr + (m * 8 + s).to(tl.int64) * KW + col, pair(lo, hi, field, s, USE_ASM), mask=ok)
-    tl.store(inv_ptr + m.to(tl.int64) * KW + col, inverse_scale(field), mask=ok)
-    tl.store(xs_ptr + m.to(tl.int64) * NB + blk, tl.sum(total, axis=1), mask=blk < NB)
+        tl.store(xp_row + s * KW + col, pair(lo, hi, field, s, USE_ASM), mask=ok)
+    tl.store(inv_row + col, inverse_scale(field), mask=ok)
+    tl.store(xs_row + blk, tl.sum(total, axis=1), mask=blk < NB)
+
+
+@triton.jit
+def _prepack_x_kernel(x_ptr, perm_ptr, xp_ptr, inv_ptr, xs_ptr, KW, NB, stride_xm,
+                      HAS_PERM: tl.constexpr, USE_ASM: tl.constexpr, NBT: tl.constexpr):
+    """:func:`prepack_row` for x row m = program_id(1): xp (M, 8, KW), inv (M, KW), xs (M, NB)."""
+    m = tl.program_id(1).to(tl.int64)
+    prepack_row(x_ptr + m * stride_xm, perm_ptr, xp_ptr + m * 8 * KW, inv_ptr + m * KW, xs_ptr + m * NB,
+                KW, NB, HAS_PERM, USE_ASM, NBT)
+
+
+PREPACK_NBT = 2 if INTERPRET else 8  # blocks per prepack program
 
 
 def prepack_x(x: torch.Tensor, perm) -> tuple:
@@ -67,10 +78,9 @@ def prepack_x(x: torch.Tensor, perm) -> tuple:
     xp = torch.empty((m, 8, kw), device=x.device, dtype=torch.int32)
     inv = torch.empty((m, kw), device=x.device, dtype=torch.float32)
     xs = torch.empty((m, nb), device=x.device, dtype=torch.float32)
-    nbt = 2 if INTERPRET else 8
-    launch(_prepack_x_kernel, (triton.cdiv(nb, nbt), m), x, perm if perm is not None else xp,
+    launch(_prepack_x_kernel, (triton.cdiv(nb, PREPACK_NBT), m), x, perm if perm is not None else xp,
            xp, inv, xs, kw, nb, x.stride(0), HAS_PERM=perm is not None, USE_ASM=not INTERPRET,
-           NBT=nbt, num_warps=2)
+           NBT=PREPACK_NBT, num_warps=2)
     return xp, inv, xs
 
 
@@ -83,14 +93,38 @@ def _load_pairs(xp_rows, col, ok, KW):
             tl.load(xp_rows + 6 * KW + col, mask=ok, other=0), tl.load(xp_rows + 7 * KW + col, mask=ok, other=0))
 
 
-def _configs(shapes):
+@triton.jit
+def gemv_tile(xp_row, inv_row, xs_row, w_ptr, a_ptr, mu_ptr, rows, row_ok, b_lo, b_hi, KW, NB,
+              USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr):
+    """y (BN,) float32 = the K blocks [b_lo, b_hi) of W's ``rows`` times one prepacked x row."""
+    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
+    acc_w = tl.zeros((BN, NBT, 8), tl.float32)  # per word: alpha * P / c
+    acc_b = tl.zeros((BN, NBT), tl.float32)     # per block: mu * sum(x)
+    for b0 in range(b_lo, b_hi, NBT):
+        blk = b0 + tl.arange(0, NBT)
+        blk_ok = blk < b_hi
+        words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
+        col = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
+        cok = blk_ok[:, None] & (col >= 0)
+        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(xp_row, col, cok, KW)
+        inv = tl.load(inv_row + col, mask=cok, other=0.0)
+        xs = tl.load(xs_row + blk, mask=blk_ok, other=0.0)
+        part = word_dots(words, p0, p1, p2, p3, p4, p5, p6, p7, USE_ASM)
+        acc_w += part * (al[:, :, None] * inv[None, :, :])
+        acc_b += mu * xs[None, :]
+    return tl.sum(tl.sum(acc_w, axis=2) + acc_b, axis=1)
+
+
+def gemv_configs(shapes):
     return [triton.Config({"BN": bn, "NBT": nbt}, num_warps=w, num_stages=1) for bn, nbt, w in shapes]
 
 
 # (rows per program, blocks per iteration, warps): the four best of six on the H200 (session 5);
 # 8-16 words per thread keep it near 128 registers (32 words per thread took 245).
-@autotune(_configs([(8, 16, 2), (8, 8, 1), (16, 16, 4), (16, 8, 2)]),
-          key=["m_bucket", "N", "KW", "blocks_per_split"])
+M1_SHAPES = [(8, 16, 2), (8, 8, 1), (16, 16, 4), (16, 8, 2)]
+
+
+@autotune(gemv_configs(M1_SHAPES), key=["m_bucket", "N", "KW", "blocks_per_split"])
 @triton.jit
 def ternary_gemv_packed_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
                                M, N, KW, NB, blocks_per_split, m_bucket,
@@ -103,28 +137,13 @@ def ternary_gemv_packed_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bi
     rows = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < N
     b_lo = pid_k * blocks_per_split
-    b_hi = tl.minimum(b_lo + blocks_per_split, NB)
-    xp_row = xp_ptr + m.to(tl.int64) * 8 * KW
-    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
-    acc_w = tl.zeros((BN, NBT, 8), tl.float32)  # per word: alpha * P / c
-    acc_b = tl.zeros((BN, NBT), tl.float32)     # per block: mu * sum(x)
-    for b0 in range(b_lo, b_hi, NBT):
-        blk = b0 + tl.arange(0, NBT)
-        blk_ok = blk < b_hi
-        words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
-        col = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
-        cok = blk_ok[:, None] & (col >= 0)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(xp_row, col, cok, KW)
-        inv = tl.load(inv_ptr + m * KW + col, mask=cok, other=0.0)
-        xs = tl.load(xs_ptr + m * NB + blk, mask=blk_ok, other=0.0)
-        part = word_dots(words, p0, p1, p2, p3, p4, p5, p6, p7, USE_ASM)
-        acc_w += part * (al[:, :, None] * inv[None, :, :])
-        acc_b += mu * xs[None, :]
-    y = tl.sum(tl.sum(acc_w, axis=2) + acc_b, axis=1)
+    m64 = m.to(tl.int64)
+    y = gemv_tile(xp_ptr + m64 * 8 * KW, inv_ptr + m64 * KW, xs_ptr + m64 * NB, w_ptr, a_ptr, mu_ptr,
+                  rows, row_ok, b_lo, tl.minimum(b_lo + blocks_per_split, NB), KW, NB, USE_ASM, BN, NBT)
     store_gemv_row(out_ptr, bias_ptr, y, rows, row_ok, m, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 
 
-@autotune(_configs([(16, 8, 2), (16, 16, 4), (32, 8, 4)]), key=["m_bucket", "N", "KW", "blocks_per_split"])
+@autotune(gemv_configs([(16, 8, 2), (16, 16, 4), (32, 8, 4)]), key=["m_bucket", "N", "KW", "blocks_per_split"])
 @triton.jit
 def ternary_gemv_packed_rows_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
                                     M, N, KW, NB, blocks_per_split, m_bucket,
@@ -179,7 +198,7 @@ def ternary_gemv_packed_rows_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_pt
 
 
 # Without autotuning: the interpreter's smallest tile; on a GPU the best on most measured shapes.
-_FIXED = {"BN": 16, "NBT": 2} if INTERPRET else {"BN": 8, "NBT": 16, "num_warps": 2}
+FIXED_M1 = {"BN": 16, "NBT": 2} if INTERPRET else {"BN": 8, "NBT": 16, "num_warps": 2}
 _FIXED_ROWS = {"BN": 8, "NBT": 2} if INTERPRET else {"BN": 16, "NBT": 8, "num_warps": 2}
 
 
@@ -196,7 +215,7 @@ def ternary_gemv_packed(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tens
     args = (xp, inv, xs, packed, alpha, mu, bias_arg, target, m, n, kw, nb, bps, bucket)
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET)
     if m == 1:
-        kernel, fixed, m_tiles = ternary_gemv_packed_kernel, _FIXED, 1
+        kernel, fixed, m_tiles = ternary_gemv_packed_kernel, FIXED_M1, 1
     else:
         kernel, fixed, m_tiles = ternary_gemv_packed_rows_kernel, _FIXED_ROWS, triton.cdiv(m, MAX_ROWS)
         meta["BM"] = MAX_ROWS

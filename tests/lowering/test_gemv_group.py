@@ -1,0 +1,70 @@
+"""The grouped GEMV (one launch for the Linears that read the same x) under the Triton
+interpreter, against the float64 reference of each member and against the ungrouped kernel."""
+import pytest
+import torch
+from conftest import random_ternary_layer_cpu, rel_err
+
+from pt2pass.lowering.kernels.common import INTERPRET
+from pt2pass.lowering.kernels.gemv_group import prepack_x_group, ternary_gemv_group
+from pt2pass.lowering.kernels.gemv_packed import prepack_x, ternary_gemv_packed
+from pt2pass.lowering.reference import ternary_linear_reference
+
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1")
+TOL = {torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
+
+
+def _members(sizes, k, dtype, bias, perm):
+    return [random_ternary_layer_cpu(n, k, 10 + i, bias, perm, dtype) for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("sizes,k,dtype,bias,perm", [
+    ((48, 16, 16), 256, torch.bfloat16, False, True),   # GQA-like: q wider than k and v
+    ((40, 24), 128, torch.float16, True, False),        # gate/up, rows not a multiple of BN
+    ((16, 16, 8), 384, torch.float16, True, True),
+])
+def test_group_matches_each_member_reference(sizes, k, dtype, bias, perm):
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+    members = _members(sizes, k, dtype, bias, perm)
+    outs = ternary_gemv_group(x, *map(list, zip(*members)))
+    assert [tuple(y.shape) for y in outs] == [(1, n) for n in sizes]
+    for y, (packed, alpha, mu, b, p) in zip(outs, members):
+        ref = ternary_linear_reference(x.double(), packed, alpha.double(), mu.double(),
+                                       None if b is None else b.double(), p)
+        assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
+
+
+def test_group_equals_the_ungrouped_prepacked_gemv_bit_for_bit():
+    """Same prepack, same loop, same config: grouping only changes which program runs a row."""
+    k, dtype = 256, torch.bfloat16
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(2)).to(dtype)
+    members = _members((32, 16), k, dtype, True, True)
+    outs = ternary_gemv_group(x, *map(list, zip(*members)))
+    for y, (packed, alpha, mu, b, p) in zip(outs, members):
+        single = torch.empty_like(y)
+        ternary_gemv_packed(x, packed, alpha, mu, b, p, single)
+        assert torch.equal(y, single)
+
+
+def test_group_prepack_is_the_single_prepack_per_permutation():
+    k = 256
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, k, generator=g).to(torch.float16)
+    perms = [torch.randperm(k, generator=g) for _ in range(3)]
+    xp, inv, xs = prepack_x_group(x, perms)
+    for i, p in enumerate(perms):
+        one = prepack_x(x, p)
+        assert torch.equal(xp[i], one[0][0]) and torch.equal(inv[i], one[1][0]) and torch.equal(xs[i], one[2][0])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(rows=2), "one bf16/fp16 row"),
+    (dict(dtype=torch.float32), "one bf16/fp16 row"),
+    (dict(members=1), "2 to 3 members"),
+    (dict(members=4), "2 to 3 members"),
+])
+def test_group_rejects_what_it_does_not_cover(bad, message):
+    k = 128
+    x = torch.randn(bad.get("rows", 1), k).to(bad.get("dtype", torch.bfloat16))
+    members = _members((16,) * bad.get("members", 2), k, torch.bfloat16, False, False)
+    with pytest.raises(ValueError, match=message):
+        ternary_gemv_group(x, *map(list, zip(*members)))
