@@ -79,6 +79,7 @@ def ternary_gemv_group_kernel(xp_ptr, inv_ptr, xs_ptr, w0, w1, w2, a0, a1, a2, m
 
 
 def _padded(items: list) -> list:
+    """Read-only arguments of unused member slots: the last member's (never read: N = 0)."""
     return items + [items[-1]] * (MAX_MEMBERS - len(items))
 
 
@@ -101,11 +102,14 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
     has_perm = perm[0] is not None
     xp, inv, xs = prepack_x_group(x, perm) if has_perm else prepack_x(x, None)
     outs = [torch.empty((1, p.shape[0]), device=x.device, dtype=x.dtype) for p in packed]
-    sizes = _padded([p.shape[0] for p in packed])
-    sizes[len(packed):] = [0] * (MAX_MEMBERS - len(packed))
+    # Unused member slots (N = 0, never written) get their own dummy outputs: under torch.compile
+    # every written argument is cloned and written back, and one tensor in two written slots
+    # would come back as the clone of the slot that no program wrote.
+    spare = [torch.empty(1, device=x.device, dtype=x.dtype) for _ in range(MAX_MEMBERS - len(outs))]
+    sizes = [p.shape[0] for p in packed] + [0] * len(spare)
     has_bias = bias[0] is not None
     args = (xp, inv, xs, *_padded(list(packed)), *_padded(list(alpha)), *_padded(list(mu)),
-            *_padded(list(bias) if has_bias else list(alpha)), *_padded(outs), *sizes, kw, nb)
+            *_padded(list(bias) if has_bias else list(alpha)), *outs, *spare, *sizes, kw, nb)
     meta = dict(X_PER_MEMBER=int(has_perm), HAS_BIAS=has_bias, USE_ASM=not INTERPRET)
     blocks = lambda bn: sum(triton.cdiv(p.shape[0], bn) for p in packed)  # noqa: E731
     if config is not None or not AUTOTUNE:
