@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh fuzz | e2e7b | e2e8b | quant7b | prefill7b | lowering | kernels
-# All recorded in docs/results.md (fuzz, e2e7b, lowering: session 3; quant7b, e2e8b, prefill7b,
-# kernels: session 4 on the H100; kernels, lowering: session 5 on the H200). Owed on the H200:
-# e2e7b / e2e8b (the ternary half; session 5 ran out of device time) and fuzz (the prepacked-x
-# GEMV paths are new since session 3's sweep). The kernels step needs the gemlite wheel carried
-# (.whl is git-ignored; benchmarks/README.md says how to build it).
+#   bash benchmarks/gpu_checklist.sh fuzz | e2e7b | e2e8b | quant7b | prefill7b | lowering | kernels | group
+# All recorded in docs/results.md (quant7b, prefill7b: session 4 on the H100; kernels: session 5
+# on the H200; fuzz, group, lowering without AOTI, e2e at batch 1 with 64 new tokens: session 6 on
+# the H200). Owed on the H200: prefill7b (compiled prefill), e2e at batch 8 and 256 new tokens,
+# the 8B grouped-vs-ungrouped decode (cut by the time limit). The kernels step needs the gemlite
+# wheel carried (.whl is git-ignored; benchmarks/README.md says how to build it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -16,9 +16,10 @@ case "${1:-}" in
   e2e8b)    python3 benchmarks/bench_e2e.py --shape llama3-8b --batch 1 8 --skip-quant-timing ;;
   quant7b)  python3 benchmarks/bench_e2e.py --shape llama2-7b --quant-only --quant-layers 32 ;;  # ~5 min expected
   prefill7b) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 --new-tokens 32 --skip-quant-timing --compile-prefill ;;
-  lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py ;;       # opcheck, compile, export, AOTI (~4 min)
+  lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_export_round_trip ;;  # ~1 min (AOTI: add check_aoti, ~4 min; segfaults in the lent torch)
+  group)    python3 benchmarks/bench_group.py ;;                                  # ~1 min
   kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels)
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
             PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py ;;
-  *) echo "usage: $0 fuzz|e2e7b|e2e8b|quant7b|prefill7b|lowering|kernels" >&2; exit 2 ;;
+  *) echo "usage: $0 fuzz|e2e7b|e2e8b|quant7b|prefill7b|lowering|kernels|group" >&2; exit 2 ;;
 esac

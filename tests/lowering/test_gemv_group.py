@@ -68,3 +68,33 @@ def test_group_rejects_what_it_does_not_cover(bad, message):
     members = _members((16,) * bad.get("members", 2), k, torch.bfloat16, False, False)
     with pytest.raises(ValueError, match=message):
         ternary_gemv_group(x, *map(list, zip(*members)))
+
+
+def test_dispatcher_groups_one_half_precision_row_and_runs_members_otherwise(monkeypatch):
+    from pt2pass.lowering.kernels import dispatch
+
+    calls = []
+    for name in ("ternary_gemv_group", "ternary_linear_triton"):
+        real = getattr(dispatch, name)
+        monkeypatch.setattr(dispatch, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
+    k = 256
+
+    def run(lead, dtype, sizes=(16, 8), biased=(), scale_dtypes=None):
+        members = [random_ternary_layer_cpu(n, k, 20 + i, i in biased, True,
+                                            scale_dtypes[i] if scale_dtypes else dtype)
+                   for i, n in enumerate(sizes)]
+        x = torch.randn(*lead, k).to(dtype)
+        calls.clear()
+        outs = dispatch.ternary_linear_group_triton(x, *map(list, zip(*members)))
+        assert [tuple(y.shape) for y in outs] == [(*lead, n) for n in sizes]
+        return list(calls)
+
+    assert run((1, 1), torch.bfloat16) == ["ternary_gemv_group"]  # 3-D x with one row
+    assert run((1,), torch.float16, sizes=(16, 8, 8)) == ["ternary_gemv_group"]
+    members = ["ternary_linear_triton"] * 2
+    assert run((2,), torch.bfloat16) == members                          # two rows
+    assert run((1,), torch.float32) == members                           # the fp32 GEMV
+    assert run((1,), torch.bfloat16, biased=(0,)) == members             # bias in one member only
+    assert run((1,), torch.bfloat16, biased=(0, 1)) == ["ternary_gemv_group"]
+    assert run((1,), torch.bfloat16, scale_dtypes=(torch.float16, torch.bfloat16)) == members
+    assert run((1,), torch.bfloat16, sizes=(8,) * 4) == ["ternary_linear_triton"] * 4  # > 3 members
