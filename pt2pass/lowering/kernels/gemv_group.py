@@ -29,6 +29,11 @@ def _pick(g, v0, v1, v2):
     return tl.where(g == 0, v0, tl.where(g == 1, v1, v2))
 
 
+def _padded(items: list) -> list:
+    """Read-only arguments of unused member slots: the last member's (never read)."""
+    return items + [items[-1]] * (MAX_MEMBERS - len(items))
+
+
 @triton.jit
 def _prepack_x_group_kernel(x_ptr, perm0, perm1, perm2, xp_ptr, inv_ptr, xs_ptr, KW, NB,
                             USE_ASM: tl.constexpr, NBT: tl.constexpr):
@@ -41,13 +46,14 @@ def _prepack_x_group_kernel(x_ptr, perm0, perm1, perm2, xp_ptr, inv_ptr, xs_ptr,
 
 
 def prepack_x_group(x: torch.Tensor, perms: Sequence[torch.Tensor]) -> tuple:
-    """gemv_packed.prepack_x of the single row of x once per permutation: (G, 8, K/16) ..."""
+    """gemv_packed.prepack_x of the single row of x, once per permutation, in one launch:
+    (xp int32 (G, 8, K/16), inv float32 (G, K/16), xs float32 (G, K/128)), row g for perms[g]."""
     k = x.shape[1]
     kw, nb, g = k // 16, k // 128, len(perms)
     xp = torch.empty((g, 8, kw), device=x.device, dtype=torch.int32)
     inv = torch.empty((g, kw), device=x.device, dtype=torch.float32)
     xs = torch.empty((g, nb), device=x.device, dtype=torch.float32)
-    p = list(perms) + [perms[-1]] * (MAX_MEMBERS - g)
+    p = _padded(list(perms))
     launch(_prepack_x_group_kernel, (triton.cdiv(nb, PREPACK_NBT), g), x, p[0], p[1], p[2], xp, inv, xs,
            kw, nb, USE_ASM=not INTERPRET, NBT=PREPACK_NBT, num_warps=2)
     return xp, inv, xs
@@ -76,11 +82,6 @@ def ternary_gemv_group_kernel(xp_ptr, inv_ptr, xs_ptr, w0, w1, w2, a0, a1, a2, m
                   USE_ASM, BN, NBT)
     store_gemv_row(_pick(g, out0, out1, out2), _pick(g, bias0, bias1, bias2), y, rows, row_ok, 0, 0,
                    1, n, HAS_BIAS, False)
-
-
-def _padded(items: list) -> list:
-    """Read-only arguments of unused member slots: the last member's (never read: N = 0)."""
-    return items + [items[-1]] * (MAX_MEMBERS - len(items))
 
 
 def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[torch.Tensor],
