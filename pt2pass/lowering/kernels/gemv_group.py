@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import AUTOTUNE, INTERPRET, autotune, launch, store_gemv_row
-from .gemv_packed import FIXED_M1, M1_SHAPES, PREPACK_NBT, gemv_configs, gemv_tile, prepack_row, prepack_x
+from .gemv_packed import FIXED_M1, M1_SHAPES, PREPACK, gemv_configs, gemv_tile, prepack_row, prepack_x
 
 MAX_MEMBERS = 3
 
@@ -54,8 +54,8 @@ def prepack_x_group(x: torch.Tensor, perms: Sequence[torch.Tensor]) -> tuple:
     inv = torch.empty((g, kw), device=x.device, dtype=torch.float32)
     xs = torch.empty((g, nb), device=x.device, dtype=torch.float32)
     p = _padded(list(perms))
-    launch(_prepack_x_group_kernel, (triton.cdiv(nb, PREPACK_NBT), g), x, p[0], p[1], p[2], xp, inv, xs,
-           kw, nb, USE_ASM=not INTERPRET, NBT=PREPACK_NBT, num_warps=2)
+    launch(_prepack_x_group_kernel, (triton.cdiv(nb, PREPACK["NBT"]), g), x, p[0], p[1], p[2], xp, inv, xs,
+           kw, nb, USE_ASM=not INTERPRET, **PREPACK)
     return xp, inv, xs
 
 

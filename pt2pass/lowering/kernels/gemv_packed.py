@@ -68,7 +68,8 @@ def _prepack_x_kernel(x_ptr, perm_ptr, xp_ptr, inv_ptr, xs_ptr, KW, NB, stride_x
                 KW, NB, HAS_PERM, USE_ASM, NBT)
 
 
-PREPACK_NBT = 2 if INTERPRET else 8  # blocks per prepack program
+# Blocks per prepack program and its warps (a dict: experiments update it in place).
+PREPACK = {"NBT": 2, "num_warps": 2} if INTERPRET else {"NBT": 8, "num_warps": 2}
 
 
 def prepack_x(x: torch.Tensor, perm) -> tuple:
@@ -78,9 +79,8 @@ def prepack_x(x: torch.Tensor, perm) -> tuple:
     xp = torch.empty((m, 8, kw), device=x.device, dtype=torch.int32)
     inv = torch.empty((m, kw), device=x.device, dtype=torch.float32)
     xs = torch.empty((m, nb), device=x.device, dtype=torch.float32)
-    launch(_prepack_x_kernel, (triton.cdiv(nb, PREPACK_NBT), m), x, perm if perm is not None else xp,
-           xp, inv, xs, kw, nb, x.stride(0), HAS_PERM=perm is not None, USE_ASM=not INTERPRET,
-           NBT=PREPACK_NBT, num_warps=2)
+    launch(_prepack_x_kernel, (triton.cdiv(nb, PREPACK["NBT"]), m), x, perm if perm is not None else xp,
+           xp, inv, xs, kw, nb, x.stride(0), HAS_PERM=perm is not None, USE_ASM=not INTERPRET, **PREPACK)
     return xp, inv, xs
 
 
