@@ -6,8 +6,8 @@ q/k/v and gate/up GEMVs of the LLaMA-2-7B shape at batch 1.
 
 Why: with a permutation the prepacked paths were ~3.5 us slower per prepack (bench_group.py,
 session 6), and with 8 blocks per program K = 4096 gives only 4 programs, each gathering 1024
-columns x 2 passes serially. Prepack outputs of every variant are checked equal (torch.equal) to
-the committed setting first; times are medians of CUDA-graph replays (bench.time_graph).
+columns x 2 passes serially. Prepack outputs of every variant are checked against the committed
+setting first (pairs and scales equal, block sums up to float32 summation order); times are medians of CUDA-graph replays (bench.time_graph).
 """
 import os
 import sys
@@ -39,10 +39,12 @@ def main():
         row = []
         for nbt, warps in VARIANTS:
             PREPACK.update(NBT=nbt, num_warps=warps)
-            for p in (False, True):
-                got = prepack_x(x, perms[0] if p else None)
-                assert all(torch.equal(a, b) for a, b in zip(got, want[p])), (k, nbt, warps, p)
-            assert all(torch.equal(a, b) for a, b in zip(prepack_x_group(x, perms), want_g))
+            for got, ref in [(prepack_x(x, perms[0] if p else None), want[p]) for p in (False, True)] + [
+                    (prepack_x_group(x, perms), want_g)]:
+                # pairs and scales exact; block sums up to float32 summation order (the layout
+                # of a program's tile decides it)
+                assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (k, nbt, warps)
+                torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-4)
             t = [time_graph([lambda: prepack_x(x, None)], 50), time_graph([lambda: prepack_x(x, perms[0])], 50),
                  time_graph([lambda: prepack_x_group(x, perms)], 50)]
             row.append(f"NBT {nbt} w{warps}: {t[0] * 1e6:.1f} / {t[1] * 1e6:.1f} / {t[2] * 1e6:.1f}")

@@ -68,8 +68,10 @@ def _prepack_x_kernel(x_ptr, perm_ptr, xp_ptr, inv_ptr, xs_ptr, KW, NB, stride_x
                 KW, NB, HAS_PERM, USE_ASM, NBT)
 
 
-# Blocks per prepack program and its warps (a dict: experiments update it in place).
-PREPACK = {"NBT": 2, "num_warps": 2} if INTERPRET else {"NBT": 8, "num_warps": 2}
+# Blocks per prepack program and its warps (a dict: experiments update it in place). Many small
+# programs: the SSR gather is latency bound, and 8 blocks x 2 warps (4 programs at K = 4096) took
+# 4.8-5.2 us with a permutation against 2.0-2.4 us here (sweep_prepack.py, H200; 1.6 us without).
+PREPACK = {"NBT": 2, "num_warps": 1}
 
 
 def prepack_x(x: torch.Tensor, perm) -> tuple:
