@@ -150,6 +150,8 @@ def test_export_full_and_decode_programs(tiny):
     status, out, err = run_cli("export", tiny["ckpt"], decode, "--decode", "--max-cache-len", 32)
     assert status == 0, err
     assert "decode step" in out and "generates the checkpoint's greedy tokens" in out
+    assert (f"{TINY_LAYERS} ternary Linears: 4 pt2pass.ternary_linear nodes, "
+            "4 pt2pass.ternary_linear_group nodes") in out  # o/down single; q/k/v, gate/up grouped
 
 
 def test_report_from_checkpoint_and_json(tiny):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..lowering.group_siblings import count_ternary_linears
+from ..lowering.group_siblings import describe_ternary_ops
 from .common import CliError, add_command, add_device_arg, positive_int, resolve_device
 from .sources import load_checkpoint
 
@@ -15,9 +15,11 @@ DESCRIPTION = """Export a pt2pass checkpoint with torch.export and save it as a 
 By default the program computes the logits of the full sequence (dynamic batch and sequence
 length). With --decode it is the static-KV-cache step instead: (input_ids (B, S), cache_position
 (S,)) -> logits of the last position, S in [1, --max-cache-len], the cache held in the program's
-buffers and written in place (generate with pt2pass.decode.generate_with_program). Either holds
-one pt2pass.ternary_linear node per ternarized Linear. Load it in any process with `import
-pt2pass` (registers the op) and `torch.export.load(path)`.
+buffers and written in place (generate with pt2pass.decode.generate_with_program). The full
+program holds one pt2pass.ternary_linear node per ternarized Linear; the decode step holds one
+pt2pass.ternary_linear_group node per group of Linears reading the same input (q/k/v, gate/up) and
+one pt2pass.ternary_linear node per other Linear. Load it in any process with `import pt2pass`
+(registers the ops) and `torch.export.load(path)`.
 
 Unless --no-verify is given, the saved file is loaded back and checked against the checkpoint:
 the full-sequence logits on a short input, or the greedy tokens generated with the decode
@@ -69,9 +71,8 @@ def run(args) -> int:
     export_s = time.perf_counter() - start
     args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(ep, str(args.out))
-    n_ops = count_ternary_linears(ep.graph)
     print(f"exported {loaded.description} ({'decode step' if args.decode else 'full sequence'}) "
-          f"in {export_s:.1f} s: {n_ops} pt2pass.ternary_linear nodes")
+          f"in {export_s:.1f} s: {describe_ternary_ops(ep.graph)}")
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB); load it with "
           f"`import pt2pass, torch; torch.export.load({str(args.out)!r})`")
     if args.no_verify:

@@ -21,6 +21,7 @@ def _members(sizes, k, dtype, bias, perm):
     ((48, 16, 16), 256, torch.bfloat16, False, True),   # GQA-like: q wider than k and v
     ((40, 24), 128, torch.float16, True, False),        # gate/up, rows not a multiple of BN
     ((16, 16, 8), 384, torch.float16, True, True),
+    ((17, 1, 33), 128, torch.bfloat16, True, True),     # every member ends mid-program
 ])
 def test_group_matches_each_member_reference(sizes, k, dtype, bias, perm):
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).to(dtype)
@@ -56,18 +57,33 @@ def test_group_prepack_is_the_single_prepack_per_permutation():
         assert torch.equal(xp[i], one[0][0]) and torch.equal(inv[i], one[1][0]) and torch.equal(xs[i], one[2][0])
 
 
+def _drop(i):
+    return lambda packed, alpha, mu, bias, perm: bias.__setitem__(i, None)
+
+
+def _retype(field, i, dtype):
+    return lambda *lists: lists[field].__setitem__(i, lists[field][i].to(dtype))
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(rows=2), "one bf16/fp16 row"),
     (dict(dtype=torch.float32), "one bf16/fp16 row"),
     (dict(members=1), "2 to 3 members"),
     (dict(members=4), "2 to 3 members"),
+    (dict(edit=_drop(1)), "every member's bias present with one dtype"),
+    (dict(edit=_retype(4, 0, torch.int32)), "every member's perm present with one dtype"),
+    (dict(edit=_retype(3, 0, torch.float16)), "every member's bias present with one dtype"),
+    (dict(edit=_retype(1, 1, torch.float16)), "one dtype for every member's alpha and mu"),
 ])
 def test_group_rejects_what_it_does_not_cover(bad, message):
+    """Mixed members would silently use member 0's bias / permutation flags: rejected instead
+    (the dispatcher runs such groups one member at a time)."""
     k = 128
     x = torch.randn(bad.get("rows", 1), k).to(bad.get("dtype", torch.bfloat16))
-    members = _members((16,) * bad.get("members", 2), k, torch.bfloat16, False, False)
+    lists = list(map(list, zip(*_members((16,) * bad.get("members", 2), k, torch.bfloat16, True, True))))
+    bad.get("edit", lambda *a: None)(*lists)
     with pytest.raises(ValueError, match=message):
-        ternary_gemv_group(x, *map(list, zip(*members)))
+        ternary_gemv_group(x, *lists)
 
 
 def test_dispatcher_groups_one_half_precision_row_and_runs_members_otherwise(monkeypatch):

@@ -124,13 +124,14 @@ def ternary_linear_group_triton(x: torch.Tensor, packed: List[torch.Tensor], alp
                                 perm: List[Optional[torch.Tensor]],
                                 block_size: int = BLOCK) -> List[torch.Tensor]:
     """[ternary_linear_triton(x, member i)]: one grouped GEMV launch (gemv_group.py) for a single
-    bf16/fp16 row when the members fit it (2-3 of them, the same scale dtype and bias /
-    permutation presence, kernel-supported shapes); otherwise one call per member, as ungrouped."""
+    bf16/fp16 row when the members fit it (2-3 of them, the same scale dtype, bias and permutation
+    in all (of one dtype) or in none, kernel-supported shapes); otherwise one call per member."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     fits = (rows == 1 and x.dtype in (torch.bfloat16, torch.float16) and 2 <= len(packed) <= MAX_MEMBERS
             and len({a.dtype for a in alpha} | {m.dtype for m in mu}) == 1
-            and len({b is None for b in bias}) == 1 and len({p is None for p in perm}) == 1
+            and len({None if b is None else b.dtype for b in bias}) == 1
+            and len({None if p is None else p.dtype for p in perm}) == 1
             and all(unsupported_reason(x, p, a, block_size) is None for p, a in zip(packed, alpha)))
     if not fits:
         return [ternary_linear_triton(x, *member, block_size) for member in zip(packed, alpha, mu, bias, perm)]

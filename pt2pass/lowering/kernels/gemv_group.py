@@ -88,7 +88,7 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
                        mu: List[torch.Tensor], bias: List[Optional[torch.Tensor]],
                        perm: List[Optional[torch.Tensor]], config=None) -> List[torch.Tensor]:
     """[x[:, perm_i] @ W_i^T + bias_i] for a single row x (1, K) bf16/fp16 with unit stride, 2 or 3
-    members with the same K, scale dtype and bias / permutation presence (the dispatcher checks).
+    members with the same K and scale dtype, each with a bias (one dtype) or none, likewise perm.
     ``config``: a fixed {"BN", "NBT", "num_warps"} (experiments), else autotuned / the default."""
     if x.shape[0] != 1 or x.dtype not in (torch.bfloat16, torch.float16) or x.stride(1) != 1:
         raise ValueError(f"ternary_gemv_group takes one bf16/fp16 row with unit stride, got "
@@ -100,6 +100,12 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
     if k % 128 or any(p.shape[1] != kw or a.shape != (p.shape[0], nb) for p, a in zip(packed, alpha)):
         raise ValueError(f"ternary_gemv_group needs K % 128 == 0 and every member (N_i, K/16) with "
                          f"(N_i, K/128) scales; got K={k}")
+    for name, values in (("bias", bias), ("perm", perm)):
+        if len({None if v is None else v.dtype for v in values}) != 1:
+            raise ValueError(f"ternary_gemv_group needs every member's {name} present with one dtype, "
+                             f"or none: got {[None if v is None else v.dtype for v in values]}")
+    if len({a.dtype for a in alpha} | {m.dtype for m in mu}) != 1:
+        raise ValueError("ternary_gemv_group needs one dtype for every member's alpha and mu")
     has_perm = perm[0] is not None
     xp, inv, xs = prepack_x_group(x, perm) if has_perm else prepack_x(x, None)
     outs = [torch.empty((1, p.shape[0]), device=x.device, dtype=x.dtype) for p in packed]
