@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_checklist.sh fuzz | e2e7b | e2e8b | quant7b | prefill7b | lowering | kernels | group
 # All recorded in docs/results.md (quant7b, prefill7b: session 4 on the H100; kernels: session 5
 # on the H200; fuzz, group, lowering without AOTI, e2e at batch 1 with 64 new tokens: session 6 on
-# the H200). Owed on the H200: prefill7b (compiled prefill), e2e at batch 8 and 256 new tokens,
+# the H200). Owed on the H200: fuzz and lowering again (they ran before the prepack's launch grid
+# changed, late in session 6), prefill7b (compiled prefill), e2e at batch 8 and 256 new tokens,
 # the 8B grouped-vs-ungrouped decode (cut by the time limit). The kernels step needs the gemlite
 # wheel carried (.whl is git-ignored; benchmarks/README.md says how to build it).
 set -euo pipefail
