@@ -15,12 +15,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import pt2pass  # noqa: E402,F401  (registers torch.ops.pt2pass)
-from pt2pass.bench import random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
-from pt2pass.lowering.format import dequantize  # noqa: E402
+from pt2pass.bench import checked_gpu_run, random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
+from pt2pass.lowering.reference import ternary_linear_reference  # noqa: E402
 
 OP = torch.ops.pt2pass.ternary_linear
 GROUP = torch.ops.pt2pass.ternary_linear_group
@@ -52,8 +51,8 @@ def check(dev) -> bool:
             outs = GROUP(x, *map(list, zip(*group)))
             errs = []
             for y, (packed, alpha, mu, b, p) in zip(outs, group):
-                w = dequantize(packed, alpha.double(), mu.double(), dtype=torch.float64)
-                ref = (x.double()[:, p] if perm else x.double()) @ w.T + (b.double() if bias else 0)
+                ref = ternary_linear_reference(x.double(), packed, alpha.double(), mu.double(),
+                                               None if b is None else b.double(), p)
                 errs.append(rel_err(y, ref) if bool(torch.isfinite(y).all()) else float("inf"))
             good = max(errs) < 1e-2
             ok &= good
@@ -64,11 +63,7 @@ def check(dev) -> bool:
 
 def main():
     dev = "cuda"
-    t0 = time.time()
-    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    if not check(dev):
-        print("correctness FAILED: no timing")
-        sys.exit(1)
+    t0 = checked_gpu_run(check, dev)
     print("\n| group (batch 1) | perm | bf16 F.linear per member (us) | ternary_linear per member (us) "
           "| grouped (us) | grouped vs per member | grouped vs bf16 |\n|---|---|---|---|---|---|---|")
     for name, (sizes, k) in GROUPS.items():

@@ -77,6 +77,20 @@ def time_graph(calls: Sequence[Callable], n_calls: int, replays: int = 10) -> fl
     return statistics.median(times)
 
 
+def checked_gpu_run(check: Callable[[str], bool], device: str = "cuda") -> float:
+    """Preamble of the GPU benchmark scripts (which print: their output is the report): the GPU
+    and versions, then ``check(device)``, correctness before any timing; exits with status 1 when
+    it fails. Returns the start time."""
+    import triton
+
+    start = time.time()
+    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
+    if not check(device):
+        print("correctness FAILED: no timing", flush=True)
+        raise SystemExit(1)
+    return start
+
+
 def time_cpu(fn: Callable, repeats: int = 10, warmup: int = 2) -> float:
     """Median wall time (s) of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
     for _ in range(warmup):

@@ -18,11 +18,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import pt2pass  # noqa: E402,F401  (registers torch.ops.pt2pass)
-from pt2pass.bench import random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
+from pt2pass.bench import checked_gpu_run, random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
 from pt2pass.lowering.format import dequantize  # noqa: E402
 from pt2pass.lowering.kernels import gemv_half2, gemv_packed  # noqa: E402
 from pt2pass.lowering.kernels.dispatch import _num_sms  # noqa: E402
@@ -73,11 +72,7 @@ def check(dev) -> bool:
 
 def main():
     dev = "cuda"
-    t0 = time.time()
-    print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-    if not check(dev):
-        print("correctness FAILED: no timing")
-        return
+    t0 = checked_gpu_run(check, dev)
     sms = _num_sms(torch.device(dev))
     rows = []
     for n, k in SHAPES:

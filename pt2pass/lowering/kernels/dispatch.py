@@ -30,7 +30,7 @@ from .common import BLOCK
 from .gemm import SMALL_M_MAX, gemm_split, ternary_dequant, ternary_gemm
 from .gemv import gemv_split, ternary_gemv
 from .gemv_half2 import ternary_gemv_half2
-from .gemv_group import MAX_MEMBERS, ternary_gemv_group
+from .gemv_group import MAX_MEMBERS, members_mismatch, ternary_gemv_group
 from .gemv_packed import ternary_gemv_packed
 
 log = logging.getLogger(__name__)
@@ -129,9 +129,7 @@ def ternary_linear_group_triton(x: torch.Tensor, packed: List[torch.Tensor], alp
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
     fits = (rows == 1 and x.dtype in (torch.bfloat16, torch.float16) and 2 <= len(packed) <= MAX_MEMBERS
-            and len({a.dtype for a in alpha} | {m.dtype for m in mu}) == 1
-            and len({None if b is None else b.dtype for b in bias}) == 1
-            and len({None if p is None else p.dtype for p in perm}) == 1
+            and members_mismatch(alpha, mu, bias, perm) is None
             and all(unsupported_reason(x, p, a, block_size) is None for p, a in zip(packed, alpha)))
     if not fits:
         return [ternary_linear_triton(x, *member, block_size) for member in zip(packed, alpha, mu, bias, perm)]

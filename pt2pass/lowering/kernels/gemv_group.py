@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .common import AUTOTUNE, INTERPRET, autotune, launch, store_gemv_row
-from .gemv_packed import FIXED_M1, M1_SHAPES, PREPACK, gemv_configs, gemv_tile, prepack_row, prepack_x
+from .gemv_packed import (FIXED_M1, M1_SHAPES, PREPACK, gemv_configs, gemv_tile, prepack_buffers, prepack_row,
+                          prepack_x)
 
 MAX_MEMBERS = 3
 
@@ -49,13 +50,10 @@ def prepack_x_group(x: torch.Tensor, perms: Sequence[torch.Tensor]) -> tuple:
     """gemv_packed.prepack_x of the single row of x, once per permutation, in one launch:
     (xp int32 (G, 8, K/16), inv float32 (G, K/16), xs float32 (G, K/128)), row g for perms[g]."""
     k = x.shape[1]
-    kw, nb, g = k // 16, k // 128, len(perms)
-    xp = torch.empty((g, 8, kw), device=x.device, dtype=torch.int32)
-    inv = torch.empty((g, kw), device=x.device, dtype=torch.float32)
-    xs = torch.empty((g, nb), device=x.device, dtype=torch.float32)
+    xp, inv, xs = prepack_buffers(len(perms), k, x.device)
     p = _padded(list(perms))
-    launch(_prepack_x_group_kernel, (triton.cdiv(nb, PREPACK["NBT"]), g), x, p[0], p[1], p[2], xp, inv, xs,
-           kw, nb, USE_ASM=not INTERPRET, **PREPACK)
+    launch(_prepack_x_group_kernel, (triton.cdiv(k // 128, PREPACK["NBT"]), len(perms)), x, p[0], p[1], p[2],
+           xp, inv, xs, k // 16, k // 128, USE_ASM=not INTERPRET, **PREPACK)
     return xp, inv, xs
 
 
@@ -84,6 +82,18 @@ def ternary_gemv_group_kernel(xp_ptr, inv_ptr, xs_ptr, w0, w1, w2, a0, a1, a2, m
                    1, n, HAS_BIAS, False)
 
 
+def members_mismatch(alpha, mu, bias, perm) -> Optional[str]:
+    """Why the members cannot share one launch (None when they can): the kernel takes one scale
+    dtype, and bias / permutation flags and pointer types from member 0 for all."""
+    for name, values in (("bias", bias), ("perm", perm)):
+        if len({None if v is None else v.dtype for v in values}) != 1:
+            return (f"needs every member's {name} present with one dtype, or none: got "
+                    f"{[None if v is None else v.dtype for v in values]}")
+    if len({a.dtype for a in alpha} | {m.dtype for m in mu}) != 1:
+        return "needs one dtype for every member's alpha and mu"
+    return None
+
+
 def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[torch.Tensor],
                        mu: List[torch.Tensor], bias: List[Optional[torch.Tensor]],
                        perm: List[Optional[torch.Tensor]], config=None) -> List[torch.Tensor]:
@@ -100,12 +110,9 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
     if k % 128 or any(p.shape[1] != kw or a.shape != (p.shape[0], nb) for p, a in zip(packed, alpha)):
         raise ValueError(f"ternary_gemv_group needs K % 128 == 0 and every member (N_i, K/16) with "
                          f"(N_i, K/128) scales; got K={k}")
-    for name, values in (("bias", bias), ("perm", perm)):
-        if len({None if v is None else v.dtype for v in values}) != 1:
-            raise ValueError(f"ternary_gemv_group needs every member's {name} present with one dtype, "
-                             f"or none: got {[None if v is None else v.dtype for v in values]}")
-    if len({a.dtype for a in alpha} | {m.dtype for m in mu}) != 1:
-        raise ValueError("ternary_gemv_group needs one dtype for every member's alpha and mu")
+    mismatch = members_mismatch(alpha, mu, bias, perm)
+    if mismatch:
+        raise ValueError(f"ternary_gemv_group: {mismatch}")
     has_perm = perm[0] is not None
     xp, inv, xs = prepack_x_group(x, perm) if has_perm else prepack_x(x, None)
     outs = [torch.empty((1, p.shape[0]), device=x.device, dtype=x.dtype) for p in packed]

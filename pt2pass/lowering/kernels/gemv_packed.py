@@ -74,13 +74,18 @@ def _prepack_x_kernel(x_ptr, perm_ptr, xp_ptr, inv_ptr, xs_ptr, KW, NB, stride_x
 PREPACK = {"NBT": 2, "num_warps": 1}
 
 
+def prepack_buffers(rows: int, k: int, device) -> tuple:
+    """Empty (xp int32 (rows, 8, K/16), inv float32 (rows, K/16), xs float32 (rows, K/128))."""
+    return (torch.empty((rows, 8, k // 16), device=device, dtype=torch.int32),
+            torch.empty((rows, k // 16), device=device, dtype=torch.float32),
+            torch.empty((rows, k // 128), device=device, dtype=torch.float32))
+
+
 def prepack_x(x: torch.Tensor, perm) -> tuple:
     """(xp int32 (M, 8, K/16), inv float32 (M, K/16), xs float32 (M, K/128)) of x[:, perm]."""
     m, k = x.shape
     kw, nb = k // 16, k // 128
-    xp = torch.empty((m, 8, kw), device=x.device, dtype=torch.int32)
-    inv = torch.empty((m, kw), device=x.device, dtype=torch.float32)
-    xs = torch.empty((m, nb), device=x.device, dtype=torch.float32)
+    xp, inv, xs = prepack_buffers(m, k, x.device)
     launch(_prepack_x_kernel, (triton.cdiv(nb, PREPACK["NBT"]), m), x, perm if perm is not None else xp,
            xp, inv, xs, kw, nb, x.stride(0), HAS_PERM=perm is not None, USE_ASM=not INTERPRET, **PREPACK)
     return xp, inv, xs
