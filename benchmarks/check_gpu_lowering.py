@@ -24,12 +24,13 @@ from pt2pass.lowering.reference import ternary_linear_reference  # noqa: E402
 OP = torch.ops.pt2pass.ternary_linear
 GROUP = torch.ops.pt2pass.ternary_linear_group
 DEV = "cuda"
-KERNELS = ("ternary_gemv_kernel", "ternary_gemv_half2_kernel", "ternary_gemv_packed_kernel",
+KERNELS = ("ternary_gemv_kernel", "ternary_gemv_half2_kernel", "ternary_gemv_dp2a_kernel", "_quantize_x_kernel",
            "ternary_gemv_packed_rows_kernel", "_prepack_x_kernel", "ternary_gemm_kernel", "ternary_dequant_kernel",
-           "ternary_gemv_group_kernel", "_prepack_x_group_kernel")
-# the kernels each M must launch in TwoLayers (N = 8192 then N = 384; the group of 1024 + 512)
-EXPECTED = {1: {"ternary_gemv_packed_kernel", "_prepack_x_kernel", "ternary_gemv_half2_kernel",
-                "ternary_gemv_group_kernel", "_prepack_x_group_kernel"},
+           "ternary_gemv_group_kernel", "_quantize_x_group_kernel")
+# the kernels each M must launch in TwoLayers (8192 x 4096: dp2a at M = 1, then 384 x 8192: half2;
+# the group of 1024 + 512)
+EXPECTED = {1: {"ternary_gemv_dp2a_kernel", "_quantize_x_kernel", "ternary_gemv_half2_kernel",
+                "ternary_gemv_group_kernel", "_quantize_x_group_kernel"},
             2: {"ternary_gemv_packed_rows_kernel", "_prepack_x_kernel"},
             64: {"ternary_gemm_kernel"}}
 
@@ -43,12 +44,15 @@ def layer(n, k, seed, dtype=torch.bfloat16):
     return [t.to(DEV) for t in (pack_ternary(T), alpha, mu, bias, torch.randperm(k, generator=g))]
 
 
+K = 4096  # TwoLayers' input features: 8192 x 4096 is above dispatch.DP2A_MIN_WEIGHTS
+
+
 class TwoLayers(torch.nn.Module):
     """Two ternary Linears, then a group of two (bias and permutation each) reading x too."""
 
     def __init__(self):
         super().__init__()
-        for i, ts in enumerate([layer(8192, 512, 1), layer(384, 8192, 2), layer(1024, 512, 5), layer(512, 512, 6)]):
+        for i, ts in enumerate([layer(8192, K, 1), layer(384, 8192, 2), layer(1024, K, 5), layer(512, K, 6)]):
             for name, t in zip(("packed", "alpha", "mu", "bias", "perm"), ts):
                 self.register_buffer(f"{name}{i}", t)
 
@@ -69,13 +73,20 @@ def check_opcheck():
     cases = [((1, 512), torch.bfloat16, (bias, perm)), ((2, 512), torch.float16, (bias, perm)),
              ((3, 7, 512), torch.float16, (None, None)), ((40, 512), torch.float32, (bias, perm)),
              ((600, 512), torch.bfloat16, (bias, perm))]
-    for shape, dtype, extras in cases:  # gemv, packed gemv (2 rows), gemm (split-K), gemm, dequantize + cuBLAS
+    for shape, dtype, extras in cases:  # half2 gemv, packed gemv (2 rows), gemm (split-K), gemm, dequantize + cuBLAS
         x = torch.randn(*shape, device=DEV, dtype=dtype)
         torch.library.opcheck(OP.default, (x, packed, alpha, mu, *extras))
         y = OP(x, packed, alpha, mu, *extras)
         ref = ternary_linear_reference(x.double(), packed, alpha.double(), mu.double(),
                                        None if extras[0] is None else extras[0].double(), extras[1])
         assert rel(y, ref) < 1e-2, rel(y, ref)
+    big = layer(8192, K, 1)  # the dp2a GEMV (M = 1)
+    for dtype, extras in ((torch.bfloat16, big[3:]), (torch.float16, (None, None))):
+        x = torch.randn(1, K, device=DEV, dtype=dtype)
+        torch.library.opcheck(OP.default, (x, *big[:3], *extras))
+        ref = ternary_linear_reference(x.double(), *big[:2], big[2].double(),
+                                       None if extras[0] is None else extras[0].double(), extras[1])
+        assert rel(OP(x, *big[:3], *extras), ref) < 1e-2
     members = [layer(1024, 512, 5), layer(512, 512, 6)]
     for shape in ((1, 512), (1, 1, 512), (3, 512)):  # grouped GEMV (1 row), one call per member
         x = torch.randn(*shape, device=DEV, dtype=torch.bfloat16)
@@ -91,7 +102,7 @@ def check_compile_inlines_kernels():
     model = TwoLayers()
     for m in (1, 2, 64):
         torch._dynamo.reset()
-        x = torch.randn(m, 512, device=DEV, dtype=torch.bfloat16)
+        x = torch.randn(m, K, device=DEV, dtype=torch.bfloat16)
         compiled = torch.compile(model, fullgraph=True)
         y, codes = run_and_get_code(compiled, x)
         code = "\n".join(codes)
@@ -115,7 +126,7 @@ torch.save(ep.module()(x).cpu(), sys.argv[3])
 
 def check_export_round_trip():
     model = TwoLayers()
-    x = torch.randn(2, 512, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(2, K, device=DEV, dtype=torch.bfloat16)
     ep = torch.export.export(model, (x,))
     n_ops = sum(1 for n in ep.graph.nodes if n.op == "call_function" and n.target is OP.default)
     assert n_ops == 2 and sum(n.target is GROUP.default for n in ep.graph.nodes) == 1, n_ops
@@ -134,10 +145,10 @@ def check_export_round_trip():
 _AOTI = r"""
 import os, sys, tempfile, time, torch
 sys.path.insert(0, os.environ["PT2PASS_ROOT"]); sys.path.insert(0, os.path.join(os.environ["PT2PASS_ROOT"], "benchmarks"))
-from check_gpu_lowering import TwoLayers, rel
+from check_gpu_lowering import K, TwoLayers, rel
 what, m = sys.argv[1], int(sys.argv[2])
-model = TwoLayers() if what == "ternary" else torch.nn.Linear(512, 384).cuda().to(torch.bfloat16)
-x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+model = TwoLayers() if what == "ternary" else torch.nn.Linear(K, 384).cuda().to(torch.bfloat16)
+x = torch.randn(m, K, device="cuda", dtype=torch.bfloat16)
 ep = torch.export.export(model, (x,)); print("exported", flush=True)
 d = tempfile.mkdtemp(); t = time.time()
 path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, "m.pt2"))

@@ -1,7 +1,8 @@
-"""Kernel experiment (GPU): the two half2 GEMVs at M = 1 (bf16 x) on the seven shapes of
-bench_kernels.py: gemv_half2 (x prepared in every program) and gemv_packed (x prepacked once per
-call by a small kernel), each over its whole autotune list, against bf16 F.linear and the
-dispatcher (which picks between them by N).
+"""Kernel experiment (GPU): the M = 1 GEMVs (bf16 x) on the seven shapes of bench_kernels.py:
+gemv_half2 (x prepared in every program) and gemv_dp2a (x quantized to int16 once per call,
+integer dp2a arithmetic), each over its whole autotune list, against bf16 F.linear and the
+dispatcher. (Until session 7 also gemv_packed's one-row kernel, x prepacked as half2 pairs; its
+last figures are in docs/results.md; gemv_dp2a beat it on all seven shapes.)
 
     python3 benchmarks/experiments/sweep_gemv_half2.py      # on the device machine
 
@@ -23,7 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import pt2pass  # noqa: E402,F401  (registers torch.ops.pt2pass)
 from pt2pass.bench import checked_gpu_run, random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
 from pt2pass.lowering.format import dequantize  # noqa: E402
-from pt2pass.lowering.kernels import gemv_half2, gemv_packed  # noqa: E402
+from pt2pass.lowering.kernels import gemv_dp2a, gemv_half2, gemv_packed  # noqa: E402
 from pt2pass.lowering.kernels.dispatch import _num_sms  # noqa: E402
 from pt2pass.lowering.kernels.gemv import gemv_split  # noqa: E402
 
@@ -39,7 +40,7 @@ def _configs(kernel):
 
 
 KERNELS = {"in-program x": (gemv_half2.ternary_gemv_half2, _configs(gemv_half2.ternary_gemv_half2_kernel)),
-           "prepacked x": (gemv_packed.ternary_gemv_packed, _configs(gemv_packed.ternary_gemv_packed_kernel))}
+           "int16 x dp2a": (gemv_dp2a.ternary_gemv_dp2a, _configs(gemv_dp2a.ternary_gemv_dp2a_kernel))}
 
 
 def check(dev) -> bool:
@@ -87,6 +88,7 @@ def main():
         t_bf16 = time_graph([lambda w=w: F.linear(x, w[0]) for w in dense], max(len(dense), 10))
         t_op = time_graph([lambda p=p: OP(x, *p) for p in tern], reps)
         t_pre = time_graph([lambda: gemv_packed.prepack_x(x, None)], 10)
+        t_quant = time_graph([lambda: gemv_dp2a.quantize_x(x, None)], 10)
         split = gemv_split(1, n, k // 128, sms)
         best = {}
         for name, (fn, cfgs) in KERNELS.items():
@@ -99,7 +101,7 @@ def main():
         print(f"{n:6d}x{k:<6d} bf16 {t_bf16 * 1e6:7.1f} us  "
               + "  ".join(f"{name} {t * 1e6:6.1f} us ({t_bf16 / t:.2f}x, {nbytes / t / PEAK * 100:.0f}% of 4.8 TB/s)"
                           for name, (_, t) in best.items())
-              + f"  dispatcher {t_op * 1e6:6.1f} us ({t_bf16 / t_op:.2f}x)  prepack alone {t_pre * 1e6:.1f} us"
+              + f"  dispatcher {t_op * 1e6:6.1f} us ({t_bf16 / t_op:.2f}x)  prepack alone {t_pre * 1e6:.1f} us, quantize alone {t_quant * 1e6:.1f} us"
               f"  split {split} [{time.time() - t0:.0f} s]", flush=True)
         del dense, tern
         torch.cuda.empty_cache()

@@ -24,18 +24,20 @@ def test_dispatcher_matches_float64_reference(case):
     assert problem is None, f"{case.describe()}: {problem}"
 
 
-def _kernel_path(case, packed_min_n=dispatch.PACKED_MIN_N):
+def _kernel_path(case, dp2a_min_weights=dispatch.DP2A_MIN_WEIGHTS):
     """The kernel the dispatcher runs for ``case`` (None: the reference fallback)."""
     if case.k % 128 or case.block_size != 128:
         return None
     if case.dtype != torch.float32 and case.m <= HALF2_MAX_M:
-        return "gemv_half2" if case.m == 1 and case.n < packed_min_n else "gemv_packed"
+        if case.m == 2:
+            return "gemv_packed"
+        return "gemv_dp2a" if case.n * case.k >= dp2a_min_weights else "gemv_half2"
     if case.dtype == torch.float32 and case.m <= GEMV_MAX_M:
         return "gemv"
     return "dequant" if case.m >= DEQUANT_MIN_M else "gemm"
 
 
-PATHS = ("gemv", "gemv_half2", "gemv_packed", "gemm", "dequant")
+PATHS = ("gemv", "gemv_half2", "gemv_packed", "gemm", "dequant")  # gemv_dp2a: below
 
 
 def test_every_kernel_path_is_fuzzed(monkeypatch):
@@ -53,12 +55,16 @@ def test_every_kernel_path_is_fuzzed(monkeypatch):
 
 @pytest.mark.parametrize("case", [c for c in CASES if _kernel_path(c) == "gemv_half2"],
                          ids=lambda c: f"m{c.m}-n{c.n}-k{c.k}-{str(c.dtype)[6:]}")
-def test_m1_cases_through_the_prepacked_gemv(case, monkeypatch):
-    # the dispatcher sends M = 1 there from N = 8192, beyond the interpreter's sizes: lower the bar
-    monkeypatch.setattr(dispatch, "PACKED_MIN_N", 1)
-    assert _kernel_path(case, packed_min_n=1) == "gemv_packed"
+def test_m1_cases_through_the_dp2a_gemv(case, monkeypatch):
+    # the dispatcher sends M = 1 there from 32 M weights, beyond the interpreter's sizes: lower the bar
+    monkeypatch.setattr(dispatch, "DP2A_MIN_WEIGHTS", 1)
+    assert _kernel_path(case, dp2a_min_weights=1) == "gemv_dp2a"
+    calls = []
+    real = dispatch.ternary_gemv_dp2a
+    monkeypatch.setattr(dispatch, "ternary_gemv_dp2a", lambda *a, **k: calls.append(1) or real(*a, **k))
     err, problem = run_case(case)
     assert problem is None, f"{case.describe()}: {problem}"
+    assert calls == [1]
 
 
 def test_cases_cover_the_advertised_space():
@@ -73,7 +79,7 @@ def test_cases_cover_the_advertised_space():
 def test_generator_is_deterministic_and_reaches_the_large_sizes():
     assert draw_cases(24, seed=2024, limits=SMALL) == CASES
     big = draw_cases(256, seed=0, limits=LARGE)
-    assert max(c.m for c in big) > 2048 and max(c.n for c in big) > dispatch.PACKED_MIN_N
+    assert max(c.m for c in big) > 2048 and max(c.n * c.k for c in big if c.m == 1) > dispatch.DP2A_MIN_WEIGHTS
     assert max(c.k for c in big) > 4096 and all(c.k <= 8192 and c.m <= 4096 for c in big)
 
 

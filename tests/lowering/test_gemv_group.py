@@ -5,8 +5,8 @@ import torch
 from conftest import random_ternary_layer_cpu, rel_err
 
 from pt2pass.lowering.kernels.common import INTERPRET
-from pt2pass.lowering.kernels.gemv_group import prepack_x_group, ternary_gemv_group
-from pt2pass.lowering.kernels.gemv_packed import prepack_x, ternary_gemv_packed
+from pt2pass.lowering.kernels.gemv_dp2a import quantize_x, ternary_gemv_dp2a
+from pt2pass.lowering.kernels.gemv_group import quantize_x_group, ternary_gemv_group
 from pt2pass.lowering.reference import ternary_linear_reference
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1")
@@ -34,27 +34,27 @@ def test_group_matches_each_member_reference(sizes, k, dtype, bias, perm):
         assert y.dtype == dtype and rel_err(y, ref) < TOL[dtype]
 
 
-def test_group_equals_the_ungrouped_prepacked_gemv_bit_for_bit():
-    """Same prepack, same loop, same config: grouping only changes which program runs a row."""
+def test_group_equals_the_ungrouped_dp2a_gemv_bit_for_bit():
+    """Same quantization, same loop, same config: grouping only changes which program runs a row."""
     k, dtype = 256, torch.bfloat16
     x = torch.randn(1, k, generator=torch.Generator().manual_seed(2)).to(dtype)
     members = _members((32, 16), k, dtype, True, True)
     outs = ternary_gemv_group(x, *map(list, zip(*members)))
     for y, (packed, alpha, mu, b, p) in zip(outs, members):
         single = torch.empty_like(y)
-        ternary_gemv_packed(x, packed, alpha, mu, b, p, single)
+        ternary_gemv_dp2a(x, packed, alpha, mu, b, p, single)
         assert torch.equal(y, single)
 
 
-def test_group_prepack_is_the_single_prepack_per_permutation():
+def test_group_quantization_is_the_single_one_per_permutation():
     k = 256
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, k, generator=g).to(torch.float16)
     perms = [torch.randperm(k, generator=g) for _ in range(3)]
-    xp, inv, xs = prepack_x_group(x, perms)
+    grouped = quantize_x_group(x, perms)
+    assert len(grouped) == 4
     for i, p in enumerate(perms):
-        one = prepack_x(x, p)
-        assert torch.equal(xp[i], one[0][0]) and torch.equal(inv[i], one[1][0]) and torch.equal(xs[i], one[2][0])
+        assert all(torch.equal(g[i], one[0]) for g, one in zip(grouped, quantize_x(x, p)))
 
 
 def _drop(i):

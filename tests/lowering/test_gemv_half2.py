@@ -1,4 +1,4 @@
-"""The half2 GEMV with x prepared in every program (M = 1, bf16/fp16 x, N < PACKED_MIN_N) under
+"""The half2 GEMV with x prepared in every program (M = 1, bf16/fp16 x, fewer than DP2A_MIN_WEIGHTS weights) under
 the Triton interpreter (the plain fp16 emulation of the PTX; the PTX itself: test_half2.py), and
 the dispatcher's choice among the GEMV kernels."""
 import pytest
@@ -61,10 +61,10 @@ def test_rejects_float32_activations():
 
 def test_dispatcher_picks_the_gemv_by_dtype_m_and_n(monkeypatch):
     calls = []
-    for name in ("ternary_gemv", "ternary_gemv_half2", "ternary_gemv_packed", "ternary_gemm"):
+    for name in ("ternary_gemv", "ternary_gemv_half2", "ternary_gemv_dp2a", "ternary_gemv_packed", "ternary_gemm"):
         real = getattr(dispatch, name)
         monkeypatch.setattr(dispatch, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
-    monkeypatch.setattr(dispatch, "PACKED_MIN_N", 32)  # the real 8192 rows are slow to interpret
+    monkeypatch.setattr(dispatch, "DP2A_MIN_WEIGHTS", 32 * 256)  # the real 32 M weights are slow to interpret
     for n in (16, 32):
         packed, alpha, mu, _, _ = random_ternary_layer_cpu(n, 256, 0, False, False, torch.float32)
         for m, dtype in ((1, torch.bfloat16), (1, torch.float16), (1, torch.float32),
@@ -73,5 +73,5 @@ def test_dispatcher_picks_the_gemv_by_dtype_m_and_n(monkeypatch):
             dispatch.ternary_linear_triton(x, packed, alpha.to(dtype), mu.to(dtype))
     small = ["ternary_gemv_half2", "ternary_gemv_half2", "ternary_gemv", "ternary_gemv_packed",
              "ternary_gemm", "ternary_gemm"]
-    big = ["ternary_gemv_packed", "ternary_gemv_packed"] + small[2:]
+    big = ["ternary_gemv_dp2a", "ternary_gemv_dp2a"] + small[2:]
     assert calls == small + big

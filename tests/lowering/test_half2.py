@@ -124,7 +124,9 @@ def test_kernel_sources_survive_torch_compile_copying_them():
     import sys
 
     cases = ["gemv_half2:ternary_gemv_half2_kernel:WORD_DOT_ASM",
-             "gemv_packed:ternary_gemv_packed_kernel:WORD_DOT_ASM",
+             "gemv_dp2a:ternary_gemv_dp2a_kernel:WORD_DOT_ASM",
+             "gemv_dp2a:_quantize_x_kernel",
+             "gemv_group:ternary_gemv_group_kernel:WORD_DOT_ASM",
              "gemv_packed:ternary_gemv_packed_rows_kernel:DECODE_ASM:DOT_ASM",
              "gemv_packed:_prepack_x_kernel"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -1,11 +1,12 @@
 """ternary_linear on the GPU: pick the kernel by M, handle 3-D x, permutation, bias and split-K.
 
 Paths (M = number of rows of x once flattened):
-- bf16/fp16 x, M <= HALF2_MAX_M: packed half2 arithmetic, two weights per instruction (half2.py):
-  :func:`ternary_gemv_half2` (x prepared in every program) at M = 1 and N < PACKED_MIN_N,
-  :func:`ternary_gemv_packed` (x prepared once by a small kernel) for larger N and at M = 2;
-  float32 x, M <= GEMV_MAX_M: :func:`ternary_gemv` (CUDA cores). Permutation gathered in the
-  kernels, K split over programs when N is small.
+- bf16/fp16 x, M = 1: :func:`ternary_gemv_dp2a` (x quantized to int16 once per call by a small
+  kernel, integer dp2a arithmetic, dp2a.py) from DP2A_MIN_WEIGHTS weights, below that
+  :func:`ternary_gemv_half2` (half2 arithmetic, x prepared in every program: no extra launch);
+  M = 2: :func:`ternary_gemv_packed` (half2, x prepacked once, each word decoded once for both
+  rows); float32 x, M <= GEMV_MAX_M: :func:`ternary_gemv` (CUDA cores). Permutation gathered in
+  the kernels, K split over programs when N is small.
 - M >= DEQUANT_MIN_M (prefill): the weight is dequantized once per call to x's dtype by a Triton
   kernel (N*K*2 bytes written) and multiplied by cuBLAS: at these sizes the product is compute
   bound and cuBLAS's matrix-unit efficiency beats the fused kernel (see docs/results.md).
@@ -29,6 +30,7 @@ from ..reference import ternary_linear_reference
 from .common import BLOCK
 from .gemm import SMALL_M_MAX, gemm_split, ternary_dequant, ternary_gemm
 from .gemv import gemv_split, ternary_gemv
+from .gemv_dp2a import ternary_gemv_dp2a
 from .gemv_half2 import ternary_gemv_half2
 from .gemv_group import MAX_MEMBERS, members_mismatch, ternary_gemv_group
 from .gemv_packed import ternary_gemv_packed
@@ -37,10 +39,10 @@ log = logging.getLogger(__name__)
 
 GEMV_MAX_M = 1  # float32 x
 HALF2_MAX_M = 2  # bf16/fp16 x: at M = 4 the half2 GEMV lost to the GEMM (H200, session 5)
-# From this N the x preparation repeated by every program of gemv_half2 costs more than the
-# separate prepack launch of gemv_packed (H200, session 5: 11008x4096 13.2 -> 11.4 us, 4096x11008
-# 13.1 -> 13.6 us).
-PACKED_MIN_N = 8192
+# From this many weights gemv_dp2a (with its quantize launch) beats gemv_half2 (x prepared in every
+# program) at M = 1: H200, session 7, 4096x4096 6.4 vs 6.0 us, 4096x11008 11.5 vs 12.9 us, and
+# faster on the other five benchmark shapes too (docs/results.md).
+DP2A_MIN_WEIGHTS = 32 << 20
 GATHER_MAX_M = 16
 # From 256 rows dequantize + cuBLAS beats the fused GEMM (H100, session 4: 0.50x vs 0.33-0.47x bf16).
 DEQUANT_MIN_M = 256
@@ -107,7 +109,10 @@ def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Te
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     half = x.dtype != torch.float32
     if half and m <= HALF2_MAX_M:
-        gemv = ternary_gemv_half2 if m == 1 and n < PACKED_MIN_N else ternary_gemv_packed
+        if m == 2:
+            gemv = ternary_gemv_packed
+        else:
+            gemv = ternary_gemv_dp2a if n * k >= DP2A_MIN_WEIGHTS else ternary_gemv_half2
         gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(1, n, nb, sms))
     elif not half and m <= GEMV_MAX_M:
         ternary_gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(m, n, nb, sms))

@@ -5,9 +5,9 @@ model): each pays a launch, a ramp-up and a tail, and a split-K reduce when its 
 fill the GPU. Here one launch covers the rows of all members, each program picking its member's
 weight, scales, bias and output by its row block (scalar selects, once per program), so the layer
 runs as one N = 12288 GEMV. The members keep their own buffers (nothing is concatenated: the
-full-sequence graph shares them) and their own SSR permutations: :func:`prepack_x_group` prepares
-x once per permutation in one launch (once in all without permutations), and the GEMV loop is
-gemv_packed.py's :func:`gemv_tile`, unchanged.
+full-sequence graph shares them) and their own SSR permutations: :func:`quantize_x_group`
+quantizes x once per permutation in one launch (once in all without permutations), and the GEMV
+loop is gemv_dp2a.py's :func:`gemv_tile_dp2a` (int16 x, dp2a), unchanged.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ import triton
 import triton.language as tl
 
 from .common import AUTOTUNE, INTERPRET, autotune, launch, store_gemv_row
-from .gemv_packed import (FIXED_M1, M1_SHAPES, PREPACK, gemv_configs, gemv_tile, prepack_buffers, prepack_row,
-                          prepack_x)
+from .dp2a import quantize_row
+from .gemv_dp2a import DP2A_SHAPES, FIXED, gemv_tile_dp2a, quantize_buffers, quantize_x
+from .gemv_packed import PREPACK, gemv_configs
 
 MAX_MEMBERS = 3
 
@@ -36,31 +37,30 @@ def _padded(items: list) -> list:
 
 
 @triton.jit
-def _prepack_x_group_kernel(x_ptr, perm0, perm1, perm2, xp_ptr, inv_ptr, xs_ptr, KW, NB,
-                            USE_ASM: tl.constexpr, NBT: tl.constexpr):
-    """gemv_packed's prepack of the one x row, gathered through member g's permutation
-    (g = program_id(1)) into row g of xp / inv / xs."""
-    g = tl.program_id(1)
-    g64 = g.to(tl.int64)
-    prepack_row(x_ptr, _pick(g, perm0, perm1, perm2), xp_ptr + g64 * 8 * KW, inv_ptr + g64 * KW,
-                xs_ptr + g64 * NB, KW, NB, True, USE_ASM, NBT)
+def _quantize_x_group_kernel(x_ptr, perm0, perm1, perm2, xp_ptr, xscale_ptr, xint_ptr, xs_ptr, KW, NB,
+                             NBT: tl.constexpr):
+    """gemv_dp2a's quantization of the one x row, gathered through member g's permutation
+    (g = program_id(1)) into row g of the buffers."""
+    g = tl.program_id(1).to(tl.int64)
+    quantize_row(x_ptr, _pick(g, perm0, perm1, perm2), xp_ptr + g * 8 * KW, xscale_ptr + g * NB,
+                 xint_ptr + g * NB, xs_ptr + g * NB, KW, NB, True, NBT)
 
 
-def prepack_x_group(x: torch.Tensor, perms: Sequence[torch.Tensor]) -> tuple:
-    """gemv_packed.prepack_x of the single row of x, once per permutation, in one launch:
-    (xp int32 (G, 8, K/16), inv float32 (G, K/16), xs float32 (G, K/128)), row g for perms[g]."""
+def quantize_x_group(x: torch.Tensor, perms: Sequence[torch.Tensor]) -> tuple:
+    """gemv_dp2a.quantize_x of the single row of x, once per permutation, in one launch: the four
+    buffers with row g for perms[g]."""
     k = x.shape[1]
-    xp, inv, xs = prepack_buffers(len(perms), k, x.device)
+    bufs = quantize_buffers(len(perms), k, x.device)
     p = _padded(list(perms))
-    launch(_prepack_x_group_kernel, (triton.cdiv(k // 128, PREPACK["NBT"]), len(perms)), x, p[0], p[1], p[2],
-           xp, inv, xs, k // 16, k // 128, USE_ASM=not INTERPRET, **PREPACK)
-    return xp, inv, xs
+    launch(_quantize_x_group_kernel, (triton.cdiv(k // 128, PREPACK["NBT"]), len(perms)), x, p[0], p[1], p[2],
+           *bufs, k // 16, k // 128, **PREPACK)
+    return bufs
 
 
-# The M = 1 configs of gemv_packed (same loop), keyed on the members' sizes.
-@autotune(gemv_configs(M1_SHAPES), key=["N0", "N1", "N2", "KW"])
+# The configs of gemv_dp2a (same loop), keyed on the members' sizes.
+@autotune(gemv_configs(DP2A_SHAPES), key=["N0", "N1", "N2", "KW"])
 @triton.jit
-def ternary_gemv_group_kernel(xp_ptr, inv_ptr, xs_ptr, w0, w1, w2, a0, a1, a2, mu0, mu1, mu2,
+def ternary_gemv_group_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w0, w1, w2, a0, a1, a2, mu0, mu1, mu2,
                               bias0, bias1, bias2, out0, out1, out2, N0, N1, N2, KW, NB,
                               X_PER_MEMBER: tl.constexpr, HAS_BIAS: tl.constexpr,
                               USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr):
@@ -75,9 +75,9 @@ def ternary_gemv_group_kernel(xp_ptr, inv_ptr, xs_ptr, w0, w1, w2, a0, a1, a2, m
     rows = (pid - first) * BN + tl.arange(0, BN)
     row_ok = rows < n
     xg = (g * X_PER_MEMBER).to(tl.int64)
-    y = gemv_tile(xp_ptr + xg * 8 * KW, inv_ptr + xg * KW, xs_ptr + xg * NB, _pick(g, w0, w1, w2),
-                  _pick(g, a0, a1, a2), _pick(g, mu0, mu1, mu2), rows, row_ok, 0, NB, KW, NB,
-                  USE_ASM, BN, NBT)
+    y = gemv_tile_dp2a(xp_ptr + xg * 8 * KW, xscale_ptr + xg * NB, xint_ptr + xg * NB, xs_ptr + xg * NB,
+                       _pick(g, w0, w1, w2), _pick(g, a0, a1, a2), _pick(g, mu0, mu1, mu2), rows, row_ok,
+                       0, NB, KW, NB, USE_ASM, BN, NBT)
     store_gemv_row(_pick(g, out0, out1, out2), _pick(g, bias0, bias1, bias2), y, rows, row_ok, 0, 0,
                    1, n, HAS_BIAS, False)
 
@@ -114,7 +114,7 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
     if mismatch:
         raise ValueError(f"ternary_gemv_group: {mismatch}")
     has_perm = perm[0] is not None
-    xp, inv, xs = prepack_x_group(x, perm) if has_perm else prepack_x(x, None)
+    xq = quantize_x_group(x, perm) if has_perm else quantize_x(x, None)
     outs = [torch.empty((1, p.shape[0]), device=x.device, dtype=x.dtype) for p in packed]
     # Unused member slots (N = 0, never written) get their own dummy outputs: under torch.compile
     # every written argument is cloned and written back, and one tensor in two written slots
@@ -122,12 +122,12 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
     spare = [torch.empty(1, device=x.device, dtype=x.dtype) for _ in range(MAX_MEMBERS - len(outs))]
     sizes = [p.shape[0] for p in packed] + [0] * len(spare)
     has_bias = bias[0] is not None
-    args = (xp, inv, xs, *_padded(list(packed)), *_padded(list(alpha)), *_padded(list(mu)),
+    args = (*xq, *_padded(list(packed)), *_padded(list(alpha)), *_padded(list(mu)),
             *_padded(list(bias) if has_bias else list(alpha)), *outs, *spare, *sizes, kw, nb)
     meta = dict(X_PER_MEMBER=int(has_perm), HAS_BIAS=has_bias, USE_ASM=not INTERPRET)
     blocks = lambda bn: sum(triton.cdiv(p.shape[0], bn) for p in packed)  # noqa: E731
     if config is not None or not AUTOTUNE:
-        cfg = dict(config or FIXED_M1)
+        cfg = dict(config or FIXED)
         kernel = ternary_gemv_group_kernel.fn if AUTOTUNE else ternary_gemv_group_kernel
         launch(kernel, (blocks(cfg["BN"]),), *args, **meta, **cfg)
     else:

@@ -1,15 +1,12 @@
-"""GEMV for M = 1 (N >= 8192) and M = 2 with bf16/fp16 activations, x prepacked once per call.
+"""GEMV for M = 2 with bf16/fp16 activations (half2 arithmetic), x prepacked once per call.
 
 gemv_half2.py prepares x inside every program (load, per-word scale, half2 packing, block sums):
-that work is repeated N / BN times and is ~30 % of its loop. Here :func:`prepack_x` does it once
-per call in a small kernel (~2 us on the H200, the permutation gathered there too), and the GEMV
-loop only loads the packed pairs: 2.5 instead of 3.6 SASS instructions per weight (sm_90 build).
-It also accumulates per word (alpha / c folded in one multiply) and reduces across threads once at
-the end instead of every iteration. Measured on the H200 (session 5, docs/results.md): 28672x8192
-49.7 -> 40.5 us, 11008x4096 13.2 -> 11.4 us; at N = 4096 the extra launch makes it slower.
-
-M = 2 (:data:`DECODE_ASM` once per word, :data:`DOT_ASM` per row): 1.36x bf16 geomean over
-the seven benchmark shapes, against 1.03x for the tensor-core GEMM that ran M = 2 before.
+that work is repeated N / BN times. Here :func:`prepack_x` does it once per call in a small kernel
+(~2 us on the H200, the permutation gathered there too), and the loop decodes each word once
+(:data:`DECODE_ASM`) and multiplies it with both rows of x (:data:`DOT_ASM`), accumulating per word
+(alpha / c folded in one multiply) and reducing across threads once at the end: 1.36x bf16 geomean
+over the seven benchmark shapes, against 1.03x for the tensor-core GEMM that ran M = 2 before
+(H200, session 5). Its one-row kernel (M = 1) gave way to gemv_dp2a.py in session 7.
 """
 from __future__ import annotations
 
@@ -17,10 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (AUTOTUNE, INTERPRET, autotune, launch, launch_args, load_weight_tile, splitk_reduce,
-                     store_gemv_row)
-from .half2 import (DECODE_ASM, DOT_ASM, emulated_word_dots, inverse_scale, pair, word_dots,
-                    word_field)
+from .common import AUTOTUNE, INTERPRET, autotune, launch, launch_args, load_weight_tile, splitk_reduce
+from .half2 import DECODE_ASM, DOT_ASM, emulated_word_dots, inverse_scale, pair, word_field
 
 MAX_ROWS = 2  # rows of x per program: at 4 the per-row work made it slower than the GEMM
 
@@ -100,54 +95,8 @@ def _load_pairs(xp_rows, col, ok, KW):
             tl.load(xp_rows + 6 * KW + col, mask=ok, other=0), tl.load(xp_rows + 7 * KW + col, mask=ok, other=0))
 
 
-@triton.jit
-def gemv_tile(xp_row, inv_row, xs_row, w_ptr, a_ptr, mu_ptr, rows, row_ok, b_lo, b_hi, KW, NB,
-              USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr):
-    """y (BN,) float32 = the K blocks [b_lo, b_hi) of W's ``rows`` times one prepacked x row."""
-    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
-    acc_w = tl.zeros((BN, NBT, 8), tl.float32)  # per word: alpha * P / c
-    acc_b = tl.zeros((BN, NBT), tl.float32)     # per block: mu * sum(x)
-    for b0 in range(b_lo, b_hi, NBT):
-        blk = b0 + tl.arange(0, NBT)
-        blk_ok = blk < b_hi
-        words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
-        col = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
-        cok = blk_ok[:, None] & (col >= 0)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(xp_row, col, cok, KW)
-        inv = tl.load(inv_row + col, mask=cok, other=0.0)
-        xs = tl.load(xs_row + blk, mask=blk_ok, other=0.0)
-        part = word_dots(words, p0, p1, p2, p3, p4, p5, p6, p7, USE_ASM)
-        acc_w += part * (al[:, :, None] * inv[None, :, :])
-        acc_b += mu * xs[None, :]
-    return tl.sum(tl.sum(acc_w, axis=2) + acc_b, axis=1)
-
-
 def gemv_configs(shapes):
     return [triton.Config({"BN": bn, "NBT": nbt}, num_warps=w, num_stages=1) for bn, nbt, w in shapes]
-
-
-# (rows per program, blocks per iteration, warps): the four best of six on the H200 (session 5);
-# 8-16 words per thread keep it near 128 registers (32 words per thread took 245).
-M1_SHAPES = [(8, 16, 2), (8, 8, 1), (16, 16, 4), (16, 8, 2)]
-
-
-@autotune(gemv_configs(M1_SHAPES), key=["m_bucket", "N", "KW", "blocks_per_split"])
-@triton.jit
-def ternary_gemv_packed_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
-                               M, N, KW, NB, blocks_per_split, m_bucket,
-                               HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr,
-                               USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr):
-    """One row of x (program_id 2) against BN rows of W."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    m = tl.program_id(2)
-    rows = pid_n * BN + tl.arange(0, BN)
-    row_ok = rows < N
-    b_lo = pid_k * blocks_per_split
-    m64 = m.to(tl.int64)
-    y = gemv_tile(xp_ptr + m64 * 8 * KW, inv_ptr + m64 * KW, xs_ptr + m64 * NB, w_ptr, a_ptr, mu_ptr,
-                  rows, row_ok, b_lo, tl.minimum(b_lo + blocks_per_split, NB), KW, NB, USE_ASM, BN, NBT)
-    store_gemv_row(out_ptr, bias_ptr, y, rows, row_ok, m, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 
 
 @autotune(gemv_configs([(16, 8, 2), (16, 16, 4), (32, 8, 4)]), key=["m_bucket", "N", "KW", "blocks_per_split"])
@@ -205,14 +154,13 @@ def ternary_gemv_packed_rows_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_pt
 
 
 # Without autotuning: the interpreter's smallest tile; on a GPU the best on most measured shapes.
-FIXED_M1 = {"BN": 16, "NBT": 2} if INTERPRET else {"BN": 8, "NBT": 16, "num_warps": 2}
 _FIXED_ROWS = {"BN": 8, "NBT": 2} if INTERPRET else {"BN": 16, "NBT": 8, "num_warps": 2}
 
 
 def ternary_gemv_packed(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                         bias, perm, out: torch.Tensor, split: int = 1, config=None) -> torch.Tensor:
     """y = x[:, perm] @ W^T + bias into ``out`` (M, N), x bf16/fp16 (M, K) with unit stride along K.
-    M = 1 runs the one-row kernel, larger M the MAX_ROWS-row kernel (tiles of MAX_ROWS rows).
+    Tiles of MAX_ROWS rows of x (the dispatcher sends M = 2 here; M = 1 goes to gemv_dp2a / gemv_half2).
     ``config``: a fixed {"BN", "NBT", "num_warps"} (experiments), else autotuned / the default."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"ternary_gemv_packed takes bf16/fp16 activations, got {x.dtype}")
@@ -221,11 +169,8 @@ def ternary_gemv_packed(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tens
     xp, inv, xs = prepack_x(x, perm)
     args = (xp, inv, xs, packed, alpha, mu, bias_arg, target, m, n, kw, nb, bps, bucket)
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET)
-    if m == 1:
-        kernel, fixed, m_tiles = ternary_gemv_packed_kernel, FIXED_M1, 1
-    else:
-        kernel, fixed, m_tiles = ternary_gemv_packed_rows_kernel, _FIXED_ROWS, triton.cdiv(m, MAX_ROWS)
-        meta["BM"] = MAX_ROWS
+    kernel, fixed, m_tiles = ternary_gemv_packed_rows_kernel, _FIXED_ROWS, triton.cdiv(m, MAX_ROWS)
+    meta["BM"] = MAX_ROWS
     if config is not None or not AUTOTUNE:
         cfg = dict(config or fixed)
         launch(kernel.fn if AUTOTUNE else kernel, (triton.cdiv(n, cfg["BN"]), split, m_tiles),

@@ -1,0 +1,129 @@
+"""Integer arithmetic for the bf16/fp16 GEMVs: x as int16 per 128-block, codes times x by dp2a.
+
+half2.py turns every pair of codes into an fp16 pair (LOP3 + SUB) and multiplies in fp16: ~27
+instructions per 32-bit word of 16 codes. Here x is quantized once per call (by the prepack) to
+int16 with one float scale per 128-column block, and the codes stay integers: for r = 0..3,
+``(w >> 2r) & 0x03030303`` puts the codes q = T + 1 of slots r, 4 + r, 8 + r, 12 + r in the four
+bytes of a register, and two ``dp2a`` (16-bit x pair times two of those bytes, accumulated in
+int32) consume them: 3 shifts + 4 ANDs + 8 dp2a = 15 instructions per word, exact integer sums.
+
+Per block b and output row n, with P = sum of q * x_int over the block's 128 columns and
+X = sum of x_int: sum T * x = s_b * (P - X), so
+y_n = sum_b alpha_nb * s_b * (P_nb - X_b) + mu_nb * sum(x_b).
+
+Precision: x_int = round(x / s_b), s_b = max |x_b| / 32767: the error is <= 2^-16 of the block's
+largest |x| per element (bf16 x itself carries 2^-9 of each element), and everything after is exact
+until the float32 epilogue. A block with NaN or Inf gets s_b = NaN, so y is NaN as in the reference.
+
+The pairs (prepack layout): for word column c = 8 b + j of block b (word j of every row), pair
+p = 2 r + h holds x_int of slots (8 h + r, 8 h + 4 + r) in its low and high 16 bits; slot s of word
+j is column 128 b + 8 s + j (format.py's block-planar order). Under TRITON_INTERPRET=1 (no inline
+PTX) :func:`emulated_word_dots` computes the same integers with plain int32 ops.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+X_MAX = tl.constexpr(32767)  # x_int in [-X_MAX, X_MAX]: per word |sum| <= 16 * 2 * X_MAX, per block < 2^24
+
+
+def _word_dot_lines() -> list:
+    lines = []
+    for r in range(4):
+        src = "$1"
+        if r:
+            lines.append(f"shr.u32 t, $1, {2 * r};")
+            src = "t"
+        lines.append(f"and.b32 b, {src}, 0x03030303;")
+        acc = "0" if r == 0 else "$0"
+        lines.append(f"dp2a.lo.s32.u32 $0, ${2 + 2 * r}, b, {acc};")
+        lines.append(f"dp2a.hi.s32.u32 $0, ${3 + 2 * r}, b, $0;")
+    return lines
+
+
+# $0 (s32) = sum over the 16 codes q of word $1 of q * x_int, with the pairs p = 2r + h in $2..$9
+WORD_DOT_ASM = tl.constexpr(" ".join(["{", ".reg .b32 b, t;"] + _word_dot_lines() + ["}"]))
+
+
+@triton.jit
+def emulated_word_dots(words, p0, p1, p2, p3, p4, p5, p6, p7):
+    """WORD_DOT_ASM in plain int32 ops (the interpreter): same integers."""
+    acc = tl.zeros_like(words + p0)
+    acc += _pair_dot(words, p0, 0)
+    acc += _pair_dot(words, p1, 8)
+    acc += _pair_dot(words, p2, 1)
+    acc += _pair_dot(words, p3, 9)
+    acc += _pair_dot(words, p4, 2)
+    acc += _pair_dot(words, p5, 10)
+    acc += _pair_dot(words, p6, 3)
+    acc += _pair_dot(words, p7, 11)
+    return acc
+
+
+@triton.jit
+def _pair_dot(words, pair, s: tl.constexpr):
+    """q(slot s) * x_lo + q(slot s + 4) * x_hi for the int16 pair (x_lo, x_hi)."""
+    lo = (pair << 16) >> 16  # arithmetic shifts: sign-extend the low half
+    hi = pair >> 16
+    return ((words >> (2 * s)) & 3) * lo + ((words >> (2 * s + 8)) & 3) * hi
+
+
+@triton.jit
+def word_dots(words, p0, p1, p2, p3, p4, p5, p6, p7, USE_ASM: tl.constexpr):
+    """Per word (and row of x): int32 sum of q * x_int over its 16 codes."""
+    if USE_ASM:  # if / else, no early return: Triton would compile both
+        part = tl.inline_asm_elementwise(WORD_DOT_ASM, "=r,r,r,r,r,r,r,r,r,r",
+                                         [words, p0, p1, p2, p3, p4, p5, p6, p7],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        part = emulated_word_dots(words, p0, p1, p2, p3, p4, p5, p6, p7)
+    return part
+
+
+@triton.jit
+def _to_int(v, inv):
+    """round(v * inv) to the nearest integer, halves away from zero (exact in the interpreter too)."""
+    t = v * inv
+    return tl.where(t >= 0, t + 0.5, t - 0.5).to(tl.int32)
+
+
+@triton.jit
+def quantize_row(x_row, perm_ptr, xp_row, xscale_row, xint_row, xs_row, KW, NB,
+                 HAS_PERM: tl.constexpr, NBT: tl.constexpr):
+    """For one x row (gathered through ``perm_ptr``) and this program's NBT blocks: the int16
+    pairs xp[p, c] (module doc), per block the scale s_b, X_b = sum x_int and sum(x)."""
+    blk = tl.program_id(0) * NBT + tl.arange(0, NBT)
+    ij = tl.arange(0, 8)
+    ok = (blk < NB)[:, None] & (ij < 8)[None, :]
+    col = blk[:, None] * 8 + ij[None, :]
+    big = tl.zeros((NBT, 8), tl.float32)
+    total = tl.zeros((NBT, 8), tl.float32)
+    for s in tl.static_range(16):
+        ks = blk[:, None] * 128 + 8 * s + ij[None, :]
+        if HAS_PERM:
+            ks = tl.load(perm_ptr + ks, mask=ok, other=0)
+        v = tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32)
+        big = tl.maximum(big, tl.abs(v))
+        total += v
+    xsum = tl.sum(total, axis=1)
+    finite = (xsum - xsum) == 0  # False for a NaN or an Inf in the block (the sum carries it)
+    bmax = tl.max(big, axis=1)
+    scale = tl.where(finite, bmax / X_MAX, xsum - xsum)  # NaN where not finite
+    inv = tl.where(finite & (bmax > 0), X_MAX / tl.where(bmax > 0, bmax, 1.0), 0.0)[:, None]
+    isum = tl.zeros((NBT, 8), tl.int32)
+    for p in tl.static_range(8):  # second pass (L1 hits): p = 2 r + h, slots 8 h + r and 8 h + 4 + r
+        s_lo = 8 * (p % 2) + p // 2
+        ks = blk[:, None] * 128 + 8 * s_lo + ij[None, :]
+        ks_hi = ks + 32
+        if HAS_PERM:
+            ks = tl.load(perm_ptr + ks, mask=ok, other=0)
+            ks_hi = tl.load(perm_ptr + ks_hi, mask=ok, other=0)
+        lo = _to_int(tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32), inv)
+        hi = _to_int(tl.load(x_row + ks_hi, mask=ok, other=0.0).to(tl.float32), inv)
+        isum += lo + hi
+        tl.store(xp_row + p * KW + col, (lo & 0xFFFF) | (hi << 16), mask=ok)
+    bok = blk < NB
+    tl.store(xscale_row + blk, scale, mask=bok)
+    tl.store(xint_row + blk, tl.sum(isum, axis=1), mask=bok)
+    tl.store(xs_row + blk, xsum, mask=bok)
