@@ -2,12 +2,11 @@
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
 #   bash benchmarks/gpu_checklist.sh fuzz | e2e7b | e2e8b | quant7b | prefill7b | lowering | kernels | group
-# All recorded in docs/results.md (quant7b, prefill7b: session 4 on the H100; kernels: session 5
-# on the H200; fuzz, group, lowering without AOTI, e2e at batch 1 with 64 new tokens: session 6 on
-# the H200). Owed on the H200: fuzz and lowering again (they ran before the prepack's launch grid
-# changed, late in session 6), prefill7b (compiled prefill), e2e at batch 8 and 256 new tokens,
-# the 8B grouped-vs-ungrouped decode (cut by the time limit). The kernels step needs the gemlite
-# wheel carried (.whl is git-ignored; benchmarks/README.md says how to build it).
+# All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 4: session 5;
+# fuzz, lowering without AOTI, group, e2e7b/e2e8b at batch 1 with 256 new tokens, prefill7b,
+# kernels at M = 1-2: session 7 on the H200). Owed on the H200: e2e at batch 8, the whole 7B
+# quantization (quant7b). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
+# benchmarks/README.md says how to build it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}

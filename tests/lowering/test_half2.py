@@ -1,10 +1,11 @@
-"""The inline PTX of half2.py, executed by a small numpy model of its instructions (no CPU can run
-PTX), and the kernels' sources surviving torch.compile's copy of them."""
+"""The inline PTX of half2.py and dp2a.py, executed by a small numpy model of its instructions (no
+CPU can run PTX), and the kernels' sources surviving torch.compile's copy of them."""
 import re
 
 import numpy as np
 import pytest
 
+from pt2pass.lowering.kernels import dp2a
 from pt2pass.lowering.kernels.half2 import DECODE_ASM, DOT_ASM, WORD_DOT_ASM
 
 
@@ -37,6 +38,14 @@ def _run_ptx(asm: str, reg: dict) -> dict:
             reg[lo], reg[hi] = _half2(val(args[1]))
         elif op == "mov.b32":
             reg[args[0]] = val(args[1])
+        elif op == "and.b32":
+            reg[args[0]] = np.uint32(val(args[1]) & val(args[2]))
+        elif op in ("dp2a.lo.s32.u32", "dp2a.hi.s32.u32"):  # a: two s16, b: four u8 (lo: bytes 0, 1)
+            a, b, c = (int(val(r)) for r in args[1:4])
+            s16 = [((a >> sh) & 0xFFFF) - ((a >> sh) & 0x8000) * 2 for sh in (0, 16)]
+            first = 0 if op.startswith("dp2a.lo") else 2
+            u8 = [(b >> (8 * (first + i))) & 0xFF for i in range(2)]
+            reg[args[0]] = np.uint32((c + s16[0] * u8[0] + s16[1] * u8[1]) & 0xFFFFFFFF)
         elif op in ("sub.f16x2", "mul.f16x2", "fma.rn.f16x2"):
             a, b = (_half2(val(r)).astype(np.float64) for r in args[1:3])
             r = a - b if op == "sub.f16x2" else a * b
@@ -89,8 +98,22 @@ def test_decode_then_dot_ptx_equals_the_fused_ptx_for_two_rows_of_x():
                 assert got == expected
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_dp2a_word_dot_ptx_is_the_exact_integer_dot_product(seed):
+    rng = np.random.default_rng(seed)
+    for extreme in (False, True):
+        codes = np.full(16, 2) if extreme else rng.integers(0, 3, 16)  # q = T + 1 of slots 0..15
+        x = np.full(16, -dp2a.X_MAX.value) if extreme else rng.integers(-dp2a.X_MAX.value, dp2a.X_MAX.value + 1, 16)
+        word = np.uint32(sum(int(q) << (2 * s) for s, q in enumerate(codes)))
+        # pair p = 2 r + h holds slots 8 h + r (low 16 bits) and 8 h + 4 + r (high)
+        pairs = {f"${2 + 2 * r + h}": np.uint32((int(x[8 * h + r]) & 0xFFFF) | ((int(x[8 * h + 4 + r]) & 0xFFFF) << 16))
+                 for r in range(4) for h in range(2)}
+        got = int(_run_ptx(dp2a.WORD_DOT_ASM.value, {"$1": word, **pairs})["$0"])
+        assert got - (1 << 32) * (got >> 31) == int(np.dot(codes, x))
+
+
 def test_every_ptx_constant_is_one_line():
-    for asm in (WORD_DOT_ASM, DECODE_ASM, DOT_ASM):
+    for asm in (WORD_DOT_ASM, DECODE_ASM, DOT_ASM, dp2a.WORD_DOT_ASM):
         assert "\n" not in asm.value
 
 

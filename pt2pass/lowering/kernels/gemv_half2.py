@@ -2,9 +2,9 @@
 instruction in packed half2 math (half2.py).
 
 Each program loads the x of its K range, takes the per-word power-of-two scale and packs the
-half2 pairs itself, so that work is repeated once per BN output rows. For N >= 8192 a separate
-pass over x (gemv_packed.py) is cheaper; below, its extra launch costs more than it saves
-(H200, session 5: 4096x4096 6.0 vs 7.1 us; docs/results.md). The float32 GEMV (gemv.py) spends
+half2 pairs itself, so that work is repeated once per BN output rows. From 32 M weights the dp2a
+GEMV with its separate quantize launch (gemv_dp2a.py) is faster; below, on 4096x4096, that launch
+costs more than it saves (H200, session 7: 6.0 vs 6.4 us; docs/results.md). The float32 GEMV (gemv.py) spends
 ~3 instructions per weight against ~1.8 here.
 """
 from __future__ import annotations
