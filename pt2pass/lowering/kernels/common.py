@@ -48,6 +48,34 @@ def launch(kernel, grid, *args, **kwargs):
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
+def launch_tuned(kernel, grid, fixed: dict, config, *args, **meta):
+    """Launch an autotuned GEMV: the autotuner's pick, or one fixed config (``config`` from an
+    experiment, else ``fixed``) when given or when autotuning is off. ``grid(bn)`` is the launch
+    grid for BN output rows per program."""
+    if config is not None or not AUTOTUNE:
+        cfg = dict(config or fixed)
+        launch(kernel.fn if AUTOTUNE else kernel, grid(cfg["BN"]), *args, **meta, **cfg)
+    else:
+        launch(kernel, lambda META: grid(META["BN"]), *args, **meta)
+
+
+@triton.jit
+def x_column_stats(x_row, perm_ptr, blk, ok, HAS_PERM: tl.constexpr, NBT: tl.constexpr):
+    """For the blocks ``blk`` of one x row (gathered through ``perm_ptr``): per (block, word
+    column j) the largest |x| and the sum of x over its 16 columns 128 b + 8 s + j, float32."""
+    ij = tl.arange(0, 8)
+    big = tl.zeros((NBT, 8), tl.float32)
+    total = tl.zeros((NBT, 8), tl.float32)
+    for s in tl.static_range(16):
+        ks = blk[:, None] * 128 + 8 * s + ij[None, :]
+        if HAS_PERM:
+            ks = tl.load(perm_ptr + ks, mask=ok, other=0)
+        v = tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32)
+        big = tl.maximum(big, tl.abs(v))
+        total += v
+    return big, total
+
+
 def dot_in_fp32(x: torch.Tensor) -> bool:
     return INTERPRET or x.dtype == torch.float32
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .common import x_column_stats
+
 X_MAX = tl.constexpr(32767)  # x_int in [-X_MAX, X_MAX]: per word |sum| <= 16 * 2 * X_MAX, per block < 2^24
 
 
@@ -97,15 +99,7 @@ def quantize_row(x_row, perm_ptr, xp_row, xscale_row, xint_row, xs_row, KW, NB,
     ij = tl.arange(0, 8)
     ok = (blk < NB)[:, None] & (ij < 8)[None, :]
     col = blk[:, None] * 8 + ij[None, :]
-    big = tl.zeros((NBT, 8), tl.float32)
-    total = tl.zeros((NBT, 8), tl.float32)
-    for s in tl.static_range(16):
-        ks = blk[:, None] * 128 + 8 * s + ij[None, :]
-        if HAS_PERM:
-            ks = tl.load(perm_ptr + ks, mask=ok, other=0)
-        v = tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32)
-        big = tl.maximum(big, tl.abs(v))
-        total += v
+    big, total = x_column_stats(x_row, perm_ptr, blk, ok, HAS_PERM, NBT)
     xsum = tl.sum(total, axis=1)
     finite = (xsum - xsum) == 0  # False for a NaN or an Inf in the block (the sum carries it)
     bmax = tl.max(big, axis=1)

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRET, autotune, launch, launch_args, load_weight_tile, splitk_reduce, store_gemv_row
+from .common import (INTERPRET, autotune, launch, launch_args, launch_tuned, load_weight_tile, splitk_reduce,
+                     store_gemv_row)
 from .dp2a import quantize_row, word_dots
 from .gemv_packed import PREPACK, _load_pairs, gemv_configs
 
@@ -107,12 +108,7 @@ def ternary_gemv_dp2a(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     xq = quantize_x(x, perm)
     args = (*xq, packed, alpha, mu, bias_arg, target, m, n, kw, nb, bps, bucket)
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET)
-    kernel = ternary_gemv_dp2a_kernel
-    if config is not None or not AUTOTUNE:
-        cfg = dict(config or FIXED)
-        launch(kernel.fn if AUTOTUNE else kernel, (triton.cdiv(n, cfg["BN"]), split, m), *args, **meta, **cfg)
-    else:
-        launch(kernel, lambda META: (triton.cdiv(n, META["BN"]), split, m), *args, **meta)
+    launch_tuned(ternary_gemv_dp2a_kernel, lambda bn: (triton.cdiv(n, bn), split, m), FIXED, config, *args, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)
     return out

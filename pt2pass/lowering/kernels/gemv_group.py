@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRET, autotune, launch, store_gemv_row
+from .common import INTERPRET, autotune, launch, launch_tuned, store_gemv_row
 from .dp2a import quantize_row
 from .gemv_dp2a import DP2A_SHAPES, FIXED, gemv_tile_dp2a, quantize_buffers, quantize_x
 from .gemv_packed import PREPACK, gemv_configs
@@ -126,10 +126,5 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
             *_padded(list(bias) if has_bias else list(alpha)), *outs, *spare, *sizes, kw, nb)
     meta = dict(X_PER_MEMBER=int(has_perm), HAS_BIAS=has_bias, USE_ASM=not INTERPRET)
     blocks = lambda bn: sum(triton.cdiv(p.shape[0], bn) for p in packed)  # noqa: E731
-    if config is not None or not AUTOTUNE:
-        cfg = dict(config or FIXED)
-        kernel = ternary_gemv_group_kernel.fn if AUTOTUNE else ternary_gemv_group_kernel
-        launch(kernel, (blocks(cfg["BN"]),), *args, **meta, **cfg)
-    else:
-        launch(ternary_gemv_group_kernel, lambda META: (blocks(META["BN"]),), *args, **meta)
+    launch_tuned(ternary_gemv_group_kernel, lambda bn: (blocks(bn),), FIXED, config, *args, **meta)
     return outs

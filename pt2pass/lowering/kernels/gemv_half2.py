@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (AUTOTUNE, INTERPRET, autotune, launch, launch_args, load_weight_tile, splitk_reduce,
+from .common import (INTERPRET, autotune, launch_args, launch_tuned, load_weight_tile, splitk_reduce,
                      store_gemv_row)
 from .half2 import inverse_scale, pair, word_dots, word_field
 
@@ -110,14 +110,8 @@ def ternary_gemv_half2(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tenso
     args, split, target = launch_args("ternary_gemv_half2", x, packed, alpha, mu, bias, perm, out, split)
     meta = dict(HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_OUT=split > 1,
                 USE_ASM=not INTERPRET)
-    kernel = ternary_gemv_half2_kernel
-    if config is not None or not AUTOTUNE:
-        cfg = dict(config or _FIXED_CONFIG)
-        if AUTOTUNE:
-            kernel = kernel.fn
-        launch(kernel, (triton.cdiv(n, cfg["BN"]), split, m), *args, **meta, **cfg)
-    else:
-        launch(kernel, lambda META: (triton.cdiv(n, META["BN"]), split, m), *args, **meta)
+    launch_tuned(ternary_gemv_half2_kernel, lambda bn: (triton.cdiv(n, bn), split, m), _FIXED_CONFIG, config,
+                 *args, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)
     return out

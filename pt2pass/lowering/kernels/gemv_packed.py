@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import AUTOTUNE, INTERPRET, autotune, launch, launch_args, load_weight_tile, splitk_reduce
+from .common import (INTERPRET, autotune, launch, launch_args, launch_tuned, load_weight_tile, splitk_reduce,
+                     x_column_stats)
 from .half2 import DECODE_ASM, DOT_ASM, emulated_word_dots, inverse_scale, pair, word_field
 
 MAX_ROWS = 2  # rows of x per program: at 4 the per-row work made it slower than the GEMM
@@ -31,15 +32,7 @@ def prepack_row(x_row, perm_ptr, xp_row, inv_row, xs_row, KW, NB,
     ij = tl.arange(0, 8)
     ok = (blk < NB)[:, None] & (ij < 8)[None, :]
     col = blk[:, None] * 8 + ij[None, :]
-    big = tl.zeros((NBT, 8), tl.float32)
-    total = tl.zeros((NBT, 8), tl.float32)
-    for s in tl.static_range(16):
-        ks = blk[:, None] * 128 + 8 * s + ij[None, :]
-        if HAS_PERM:
-            ks = tl.load(perm_ptr + ks, mask=ok, other=0)
-        v = tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32)
-        big = tl.maximum(big, tl.abs(v))
-        total += v
+    big, total = x_column_stats(x_row, perm_ptr, blk, ok, HAS_PERM, NBT)
     field = word_field(big)
     for s in tl.static_range(8):  # second pass over the 16 columns (L1 hits): fewer live registers
         ks = blk[:, None] * 128 + 8 * s + ij[None, :]
@@ -171,12 +164,7 @@ def ternary_gemv_packed(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tens
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET)
     kernel, fixed, m_tiles = ternary_gemv_packed_rows_kernel, _FIXED_ROWS, triton.cdiv(m, MAX_ROWS)
     meta["BM"] = MAX_ROWS
-    if config is not None or not AUTOTUNE:
-        cfg = dict(config or fixed)
-        launch(kernel.fn if AUTOTUNE else kernel, (triton.cdiv(n, cfg["BN"]), split, m_tiles),
-               *args, **meta, **cfg)
-    else:
-        launch(kernel, lambda META: (triton.cdiv(n, META["BN"]), split, m_tiles), *args, **meta)
+    launch_tuned(kernel, lambda bn: (triton.cdiv(n, bn), split, m_tiles), fixed, config, *args, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)
     return out
