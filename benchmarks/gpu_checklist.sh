@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh fuzz | e2e7b | e2e8b | quant7b | prefill7b | lowering | kernels | group
+#   bash benchmarks/gpu_checklist.sh fuzz | e2e7b | e2e8b | quant7b | prefill7b | lowering | kernels | group | rows
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 4: session 5;
 # fuzz, lowering without AOTI, group, e2e7b/e2e8b at batch 1 with 256 new tokens, prefill7b,
-# kernels at M = 1-2: session 7 on the H200). Owed on the H200: e2e at batch 8, the whole 7B
-# quantization (quant7b). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
+# kernels at M = 1-2: session 7 on the H200). Owed on the H200: rows (the untimed dp2a rows kernel
+# of session 7 at M = 2, 4, 8), e2e at batch 8, the whole 7B quantization (quant7b). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
 # benchmarks/README.md says how to build it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,8 +18,9 @@ case "${1:-}" in
   prefill7b) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 --new-tokens 32 --skip-quant-timing --compile-prefill ;;
   lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_export_round_trip ;;  # ~1 min (AOTI: add check_aoti, ~4 min; segfaults in the lent torch)
   group)    python3 benchmarks/bench_group.py ;;                                  # ~1 min
+  rows)     python3 benchmarks/experiments/sweep_gemv_rows.py ;;                  # ~3 min (session 5: 2.5)
   kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels)
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
             PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py ;;
-  *) echo "usage: $0 fuzz|e2e7b|e2e8b|quant7b|prefill7b|lowering|kernels|group" >&2; exit 2 ;;
+  *) echo "usage: $0 fuzz|e2e7b|e2e8b|quant7b|prefill7b|lowering|kernels|group|rows" >&2; exit 2 ;;
 esac
