@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from pt2pass.lowering.kernels.common import INTERPRET, launch, launch_args, load_weight_tile, splitk_reduce  # noqa: E402
+from pt2pass.lowering.kernels.common import (INTERPRET, launch, launch_args, load_weight_tile, splitk_reduce,  # noqa: E402
+                                             store_gemv_rows)
 from pt2pass.lowering.kernels.gemv_dp2a import quantize_x  # noqa: E402
 from pt2pass.lowering.kernels.gemv_packed import _load_pairs  # noqa: E402
 
@@ -91,13 +92,7 @@ def ternary_gemv_dp2a_rows_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a
         acc_w += part.to(tl.float32) * a_s[:, :, :, None]
         acc_b += mu[None, :, :] * xs[:, None, :] - a_s * xint[:, None, :]
     y = tl.sum(tl.sum(acc_w, axis=3) + acc_b, axis=2)  # (BM, BN)
-    ok = m_ok[:, None] & row_ok[None, :]
-    if SPLIT_OUT:
-        tl.store(out_ptr + (pid_k * M + ms[:, None]) * N + rows[None, :], y, mask=ok)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + ms[:, None] * N + rows[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    store_gemv_rows(out_ptr, bias_ptr, y, ms, m_ok, rows, row_ok, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 
 
 def ternary_gemv_dp2a_rows(x: torch.Tensor, packed, alpha, mu, bias, perm, out: torch.Tensor, split: int,

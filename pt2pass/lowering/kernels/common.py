@@ -108,6 +108,19 @@ def store_gemv_row(out_ptr, bias_ptr, y, rows, row_ok, m, pid_k, M, N,
 
 
 @triton.jit
+def store_gemv_rows(out_ptr, bias_ptr, y, ms, m_ok, rows, row_ok, pid_k, M, N,
+                    HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr):
+    """:func:`store_gemv_row` for a (BM, BN) tile: rows ``ms`` of x (``m_ok``) by W rows ``rows``."""
+    ok = m_ok[:, None] & row_ok[None, :]
+    if SPLIT_OUT:
+        tl.store(out_ptr + (pid_k * M + ms[:, None]) * N + rows[None, :], y, mask=ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + ms[:, None] * N + rows[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, MN, N, SPLIT,
                           HAS_BIAS: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     """out[i] = sum_s ws[s, i] (+ bias[i % N]), cast to out's dtype. ws is (SPLIT, M*N) float32."""

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from .common import (INTERPRET, autotune, launch, launch_args, launch_tuned, load_weight_tile, splitk_reduce,
-                     x_column_stats)
+                     store_gemv_rows, x_column_stats)
 from .half2 import DECODE_ASM, DOT_ASM, emulated_word_dots, inverse_scale, pair, word_field
 
 MAX_ROWS = 2  # rows of x per program: at 4 the per-row work made it slower than the GEMM
@@ -137,13 +137,7 @@ def ternary_gemv_packed_rows_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_pt
         acc_w += part * (al[None, :, :, None] * inv[:, None, :, :])
         acc_b += mu[None, :, :] * xs[:, None, :]
     y = tl.sum(tl.sum(acc_w, axis=3) + acc_b, axis=2)  # (BM, BN)
-    ok = m_ok[:, None] & row_ok[None, :]
-    if SPLIT_OUT:
-        tl.store(out_ptr + (pid_k * M + ms[:, None]) * N + rows[None, :], y, mask=ok)
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + ms[:, None] * N + rows[None, :], y.to(out_ptr.dtype.element_ty), mask=ok)
+    store_gemv_rows(out_ptr, bias_ptr, y, ms, m_ok, rows, row_ok, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 
 
 # Without autotuning: the interpreter's smallest tile; on a GPU the best on most measured shapes.
