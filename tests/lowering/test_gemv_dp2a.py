@@ -99,6 +99,27 @@ def test_zero_block_and_nan_and_inf():
         assert out.isnan().all()
 
 
+def test_tiny_blocks_lose_levels_not_sense():
+    # scale >= 2^-126: full precision down to ~4e-34; below ~1e-34, where 1 / (max / X_MAX) would
+    # overflow float32 (x_int garbage), a block keeps fewer levels, each x_int within half a level
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 256, generator=g)
+    x[0] *= 1e-32
+    x[1] *= 1e-36
+    x[2, :128] *= 1e-36  # one such block next to a normal one
+    x = x.to(torch.bfloat16)
+    xp, scale, xint, _ = quantize_x(x, None)
+    x_int = _unpack_pairs(xp, 3, 256)
+    assert torch.isfinite(scale).all() and (scale >= 2.0 ** -126).all()
+    assert x_int.abs().max() <= X_MAX and torch.equal(xint.long(), x_int.sum(dim=(2, 3)))
+    levels = x.double().view(3, 2, 16, 8) / scale.double()[:, :, None, None]
+    normal = x.double().view(3, 2, 16, 8).abs() >= 2.0 ** -126  # the interpreter's bf16 subnormals are off
+    assert ((x_int - levels).abs()[normal] <= 0.51).all()  # float32 x * (1 / scale): ~1e-3 of a level
+    out, ref = gemv_vs_reference(ternary_gemv_dp2a, x, 16, seed=3)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+
 def test_rejects_float32_activations():
     packed, alpha, mu, _, _ = random_ternary_layer_cpu(16, 128, 0, False, False, torch.float32)
     with pytest.raises(ValueError, match="bf16/fp16"):

@@ -13,7 +13,9 @@ y_n = sum_b alpha_nb * s_b * (P_nb - X_b) + mu_nb * sum(x_b).
 
 Precision: x_int = round(x / s_b), s_b = max |x_b| / 32767: the error is <= 2^-16 of the block's
 largest |x| per element (bf16 x itself carries 2^-9 of each element), and everything after is exact
-until the float32 epilogue. A block with NaN or Inf gets s_b = NaN, so y is NaN as in the reference.
+until the float32 epilogue. A block with NaN or Inf gets s_b = NaN, so y is NaN as in the reference;
+s_b >= 2^-126, so blocks whose largest |x| is below ~4e-34 keep fewer levels (none at bf16's
+subnormals).
 
 The pairs (prepack layout): for word column c = 8 b + j of block b (word j of every row), pair
 p = 2 r + h holds x_int of slots (8 h + r, 8 h + 4 + r) in its low and high 16 bits; slot s of word
@@ -28,6 +30,7 @@ import triton.language as tl
 from .common import x_column_stats
 
 X_MAX = tl.constexpr(32767)  # x_int in [-X_MAX, X_MAX]: per word |sum| <= 16 * 2 * X_MAX, per block < 2^24
+MIN_SCALE = tl.constexpr(2.0 ** -126)  # float32's smallest normal: 1 / MIN_SCALE still fits
 
 
 def _word_dot_lines() -> list:
@@ -103,8 +106,10 @@ def quantize_row(x_row, perm_ptr, xp_row, xscale_row, xint_row, xs_row, KW, NB,
     xsum = tl.sum(total, axis=1)
     finite = (xsum - xsum) == 0  # False for a NaN or an Inf in the block (the sum carries it)
     bmax = tl.max(big, axis=1)
-    scale = tl.where(finite, bmax / X_MAX, xsum - xsum)  # NaN where not finite
-    inv = tl.where(finite & (bmax > 0), X_MAX / tl.where(bmax > 0, bmax, 1.0), 0.0)[:, None]
+    # 1 / scale at most 2^126: blocks below X_MAX * 2^-126 (~4e-34) keep fewer levels, down to 0 at
+    # bf16's subnormals, instead of an overflowing 1 / scale that would turn x_int into garbage
+    scale = tl.where(finite, tl.maximum(bmax / X_MAX, MIN_SCALE), xsum - xsum)  # NaN where not finite
+    inv = tl.where(finite, 1.0 / tl.where(finite, scale, 1.0), 0.0)[:, None]
     isum = tl.zeros((NBT, 8), tl.int32)
     for p in tl.static_range(8):  # second pass (L1 hits): p = 2 r + h, slots 8 h + r and 8 h + 4 + r
         s_lo = 8 * (p % 2) + p // 2
