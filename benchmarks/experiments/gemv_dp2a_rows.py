@@ -18,10 +18,9 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from pt2pass.lowering.kernels.common import (INTERPRET, launch, launch_args, load_weight_tile, splitk_reduce,  # noqa: E402
-                                             store_gemv_rows)
+from pt2pass.lowering.kernels.common import (INTERPRET, launch, launch_args, load_pairs,  # noqa: E402
+                                             load_weight_tile, splitk_reduce, store_gemv_rows)
 from pt2pass.lowering.kernels.gemv_dp2a import quantize_x  # noqa: E402
-from pt2pass.lowering.kernels.gemv_packed import _load_pairs  # noqa: E402
 
 # $0..$3 = (w >> 2r) & 0x03030303 of word $4: the codes of slots r, 4 + r, 8 + r, 12 + r in bytes 0..3
 DECODE_ASM = tl.constexpr(" ".join(
@@ -69,7 +68,7 @@ def ternary_gemv_dp2a_rows_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a
         words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
         col = (blk[:, None] * 8 + tl.arange(0, 8)[None, :])[None, :, :]
         cok = blk_ok[None, :, None] & (col >= 0)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(xp_rows, col, cok, KW)
+        p0, p1, p2, p3, p4, p5, p6, p7 = load_pairs(xp_rows, col, cok, KW)
         sofs = msafe[:, None] * NB + blk[None, :]
         scale = tl.load(xscale_ptr + sofs, mask=blk_ok[None, :], other=0.0)
         xint = tl.load(xint_ptr + sofs, mask=blk_ok[None, :], other=0).to(tl.float32)

@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import pt2pass  # noqa: E402,F401
 from pt2pass.bench import random_ternary_layer, time_graph  # noqa: E402
 from pt2pass.lowering.kernels.gemv_group import quantize_x_group as prepack_x_group  # noqa: E402
-from pt2pass.lowering.kernels.gemv_packed import PREPACK, prepack_x  # noqa: E402
+from pt2pass.lowering.kernels.common import PREPACK  # noqa: E402
+from pt2pass.lowering.kernels.gemv_packed import prepack_x  # noqa: E402
 
 GROUP = torch.ops.pt2pass.ternary_linear_group
 VARIANTS = [(8, 2), (4, 2), (2, 2), (2, 1), (1, 1)]  # (NBT, num_warps): (8, 2) before session 6, (2, 1) now

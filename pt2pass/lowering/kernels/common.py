@@ -48,6 +48,11 @@ def launch(kernel, grid, *args, **kwargs):
     torch.library.wrap_triton(kernel)[grid](*args, **kwargs)
 
 
+def gemv_configs(shapes):
+    """Autotune configs from (BN rows per program, NBT blocks per iteration, warps)."""
+    return [triton.Config({"BN": bn, "NBT": nbt}, num_warps=w, num_stages=1) for bn, nbt, w in shapes]
+
+
 def launch_tuned(kernel, grid, fixed: dict, config, *args, **meta):
     """Launch an autotuned GEMV: the autotuner's pick, or one fixed config (``config`` from an
     experiment, else ``fixed``) when given or when autotuning is off. ``grid(bn)`` is the launch
@@ -57,6 +62,22 @@ def launch_tuned(kernel, grid, fixed: dict, config, *args, **meta):
         launch(kernel.fn if AUTOTUNE else kernel, grid(cfg["BN"]), *args, **meta, **cfg)
     else:
         launch(kernel, lambda META: grid(META["BN"]), *args, **meta)
+
+
+# Blocks per prepack program and its warps (a dict: experiments update it in place). Many small
+# programs: the SSR gather is latency bound, and 8 blocks x 2 warps (4 programs at K = 4096) took
+# 4.8-5.2 us with a permutation against 2.0-2.4 us here (sweep_prepack.py, H200; 1.6 us without).
+PREPACK = {"NBT": 2, "num_warps": 1}
+
+
+@triton.jit
+def load_pairs(xp_rows, col, ok, KW):
+    """The eight x pair planes (half2 or int16 pairs, plane stride KW) at the word columns ``col``
+    (any leading shape of ``xp_rows``)."""
+    return (tl.load(xp_rows + col, mask=ok, other=0), tl.load(xp_rows + KW + col, mask=ok, other=0),
+            tl.load(xp_rows + 2 * KW + col, mask=ok, other=0), tl.load(xp_rows + 3 * KW + col, mask=ok, other=0),
+            tl.load(xp_rows + 4 * KW + col, mask=ok, other=0), tl.load(xp_rows + 5 * KW + col, mask=ok, other=0),
+            tl.load(xp_rows + 6 * KW + col, mask=ok, other=0), tl.load(xp_rows + 7 * KW + col, mask=ok, other=0))
 
 
 @triton.jit

@@ -17,10 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, autotune, launch, launch_tuned, store_gemv_row
+from .common import INTERPRET, PREPACK, autotune, gemv_configs, launch, launch_tuned, store_gemv_row
 from .dp2a import quantize_row
 from .gemv_dp2a import DP2A_SHAPES, FIXED, gemv_tile_dp2a, quantize_buffers, quantize_x
-from .gemv_packed import PREPACK, gemv_configs
 
 MAX_MEMBERS = 3
 

@@ -14,8 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, autotune, launch, launch_args, launch_tuned, load_weight_tile, splitk_reduce,
-                     store_gemv_rows, x_column_stats)
+from .common import (INTERPRET, PREPACK, autotune, gemv_configs, launch, launch_args, launch_tuned, load_pairs,
+                     load_weight_tile, splitk_reduce, store_gemv_rows, x_column_stats)
 from .half2 import DECODE_ASM, DOT_ASM, emulated_word_dots, inverse_scale, pair, word_field
 
 MAX_ROWS = 2  # rows of x per program: at 4 the per-row work made it slower than the GEMM
@@ -56,12 +56,6 @@ def _prepack_x_kernel(x_ptr, perm_ptr, xp_ptr, inv_ptr, xs_ptr, KW, NB, stride_x
                 KW, NB, HAS_PERM, USE_ASM, NBT)
 
 
-# Blocks per prepack program and its warps (a dict: experiments update it in place). Many small
-# programs: the SSR gather is latency bound, and 8 blocks x 2 warps (4 programs at K = 4096) took
-# 4.8-5.2 us with a permutation against 2.0-2.4 us here (sweep_prepack.py, H200; 1.6 us without).
-PREPACK = {"NBT": 2, "num_warps": 1}
-
-
 def prepack_buffers(rows: int, k: int, device) -> tuple:
     """Empty (xp int32 (rows, 8, K/16), inv float32 (rows, K/16), xs float32 (rows, K/128))."""
     return (torch.empty((rows, 8, k // 16), device=device, dtype=torch.int32),
@@ -77,19 +71,6 @@ def prepack_x(x: torch.Tensor, perm) -> tuple:
     launch(_prepack_x_kernel, (triton.cdiv(nb, PREPACK["NBT"]), m), x, perm if perm is not None else xp,
            xp, inv, xs, kw, nb, x.stride(0), HAS_PERM=perm is not None, USE_ASM=not INTERPRET, **PREPACK)
     return xp, inv, xs
-
-
-@triton.jit
-def _load_pairs(xp_rows, col, ok, KW):
-    """The eight packed pairs of the word columns ``col`` (any leading shape of ``xp_rows``)."""
-    return (tl.load(xp_rows + col, mask=ok, other=0), tl.load(xp_rows + KW + col, mask=ok, other=0),
-            tl.load(xp_rows + 2 * KW + col, mask=ok, other=0), tl.load(xp_rows + 3 * KW + col, mask=ok, other=0),
-            tl.load(xp_rows + 4 * KW + col, mask=ok, other=0), tl.load(xp_rows + 5 * KW + col, mask=ok, other=0),
-            tl.load(xp_rows + 6 * KW + col, mask=ok, other=0), tl.load(xp_rows + 7 * KW + col, mask=ok, other=0))
-
-
-def gemv_configs(shapes):
-    return [triton.Config({"BN": bn, "NBT": nbt}, num_warps=w, num_stages=1) for bn, nbt, w in shapes]
 
 
 @autotune(gemv_configs([(16, 8, 2), (16, 16, 4), (32, 8, 4)]), key=["m_bucket", "N", "KW", "blocks_per_split"])
@@ -119,7 +100,7 @@ def ternary_gemv_packed_rows_kernel(xp_ptr, inv_ptr, xs_ptr, w_ptr, a_ptr, mu_pt
         words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
         col = (blk[:, None] * 8 + tl.arange(0, 8)[None, :])[None, :, :]
         cok = blk_ok[None, :, None] & (col >= 0)
-        p0, p1, p2, p3, p4, p5, p6, p7 = _load_pairs(xp_rows, col, cok, KW)
+        p0, p1, p2, p3, p4, p5, p6, p7 = load_pairs(xp_rows, col, cok, KW)
         inv = tl.load(inv_ptr + msafe[:, None, None] * KW + col, mask=cok, other=0.0)
         xs = tl.load(xs_ptr + msafe[:, None] * NB + blk[None, :], mask=blk_ok[None, :], other=0.0)
         if USE_ASM:
@@ -155,10 +136,10 @@ def ternary_gemv_packed(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tens
     _, _, _, _, bias_arg, _, target, m, n, kw, nb, _, bps, _, bucket = args
     xp, inv, xs = prepack_x(x, perm)
     args = (xp, inv, xs, packed, alpha, mu, bias_arg, target, m, n, kw, nb, bps, bucket)
-    meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET)
-    kernel, fixed, m_tiles = ternary_gemv_packed_rows_kernel, _FIXED_ROWS, triton.cdiv(m, MAX_ROWS)
-    meta["BM"] = MAX_ROWS
-    launch_tuned(kernel, lambda bn: (triton.cdiv(n, bn), split, m_tiles), fixed, config, *args, **meta)
+    meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, BM=MAX_ROWS)
+    m_tiles = triton.cdiv(m, MAX_ROWS)
+    launch_tuned(ternary_gemv_packed_rows_kernel, lambda bn: (triton.cdiv(n, bn), split, m_tiles), _FIXED_ROWS,
+                 config, *args, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)
     return out
