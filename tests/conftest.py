@@ -73,7 +73,7 @@ def random_ternary_layer_cpu(n: int, k: int, seed: int, bias: bool, perm: bool, 
     return pack_ternary(T), alpha, mu, b, p
 
 
-def gemv_vs_reference(gemv, x, n: int, seed: int, bias=False, perm=False, split=1):
+def gemv_vs_reference(gemv, x, n: int, seed: int, bias=False, perm=False, split=1, **launcher_kwargs):
     """(out, float64 reference) of ``gemv`` (a launcher writing into a NaN-poisoned ``out``) on a
     random layer of n rows."""
     from pt2pass.lowering.reference import ternary_linear_reference
@@ -82,7 +82,7 @@ def gemv_vs_reference(gemv, x, n: int, seed: int, bias=False, perm=False, split=
     ref = ternary_linear_reference(x.double(), packed, alpha.double(), mu.double(),
                                    None if b is None else b.double(), p)
     out = torch.full((x.shape[0], n), float("nan"), dtype=x.dtype)
-    gemv(x, packed, alpha, mu, b, p, out, split=split)
+    gemv(x, packed, alpha, mu, b, p, out, split=split, **launcher_kwargs)
     return out, ref
 
 

@@ -11,6 +11,7 @@ with and without permutation and bias, split-K), then the median of CUDA-graph r
 through >= 200 MB of weight copies. Session 5's H200 run of this comparison is in
 docs/results.md.
 """
+import functools
 import math
 import os
 import statistics
@@ -40,7 +41,9 @@ def _configs(kernel):
 
 
 KERNELS = {"in-program x": (gemv_half2.ternary_gemv_half2, _configs(gemv_half2.ternary_gemv_half2_kernel)),
-           "int16 x dp2a": (gemv_dp2a.ternary_gemv_dp2a, _configs(gemv_dp2a.ternary_gemv_dp2a_kernel))}
+           # plain loads (session 7's kernel; TMA streaming: sweep_gemv_pipelined.py)
+           "int16 x dp2a": (functools.partial(gemv_dp2a.ternary_gemv_dp2a, tma=False),
+                            [dict(BN=bn, NBT=nbt, num_warps=w) for bn, nbt, w in gemv_dp2a.DP2A_SHAPES])}
 
 
 def check(dev) -> bool:

@@ -5,7 +5,7 @@ import torch
 from conftest import gemv_vs_reference, random_ternary_layer_cpu, rel_err
 
 from pt2pass.lowering.format import pack_ternary
-from pt2pass.lowering.kernels.common import INTERPRET
+from pt2pass.lowering.kernels.common import INTERPRET, tma_supported
 from pt2pass.lowering.kernels.dp2a import X_MAX as _X_MAX
 from pt2pass.lowering.kernels.gemv_dp2a import quantize_x, ternary_gemv_dp2a
 
@@ -124,3 +124,51 @@ def test_rejects_float32_activations():
     packed, alpha, mu, _, _ = random_ternary_layer_cpu(16, 128, 0, False, False, torch.float32)
     with pytest.raises(ValueError, match="bf16/fp16"):
         ternary_gemv_dp2a(torch.randn(1, 128), packed, alpha, mu, None, None, torch.empty(1, 16))
+
+
+@pytest.mark.parametrize("n,k,bias,perm,split,config", [
+    (40, 384, True, True, 1, None),                                  # rows past N in the last tile
+    (48, 1024, False, False, 3, None),                               # tiles crossing the K splits
+    (24, 512, True, False, 1, {"BN": 8, "NBT": 4, "STAGES": 3}),     # deeper pipeline, loop of 1
+    (33, 1024, False, True, 2, {"BN": 16, "NBT": 2, "STAGES": 2}),
+])
+def test_tma_streaming_equals_plain_loads_bit_for_bit(n, k, bias, perm, split, config):
+    """Same arithmetic, only how the words reach the registers differs (TMA zero-fills outside W)."""
+    x = _x(1, k, seed=n, spread=2)
+    got = [gemv_vs_reference(ternary_gemv_dp2a, x, n, seed=k, bias=bias, perm=perm, split=split,
+                             config=config, tma=tma)[0] for tma in (True, False)]
+    assert torch.equal(got[0], got[1])
+
+
+def test_tma_needs_16_byte_aligned_weight_rows():
+    packed = torch.zeros(8, 64, dtype=torch.int32)
+    assert tma_supported(packed)
+    assert not tma_supported(packed.view(-1)[1:1 + 8 * 32].view(8, 32))  # base 4 bytes off
+    assert not tma_supported(packed[:, 8:40])                            # not contiguous
+    assert tma_supported(packed[2:6])                                     # whole rows: aligned
+
+
+def test_tma_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("PT2PASS_TMA", "0")
+    assert not tma_supported(torch.zeros(8, 64, dtype=torch.int32))
+
+
+def test_scratch_allocator_is_installed_once_and_never_replaces_the_users():
+    """In-kernel TMA descriptors need Triton's global scratch allocator (CUDA only: checked here
+    without allocating). Each case runs in its own context: triton.set_allocator is context-local."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    from pt2pass.lowering.kernels import common
+
+    def installed_after(initial):
+        if initial is not None:
+            triton.set_allocator(initial)
+        common.ensure_scratch_allocator()
+        return _allocation._allocator.get()
+
+    assert contextvars.Context().run(installed_after, None) is common._scratch
+    mine = lambda size, alignment, stream: None  # noqa: E731
+    assert contextvars.Context().run(installed_after, mine) is mine

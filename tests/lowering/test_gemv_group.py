@@ -46,6 +46,16 @@ def test_group_equals_the_ungrouped_dp2a_gemv_bit_for_bit():
         assert torch.equal(y, single)
 
 
+@pytest.mark.parametrize("config", [None, {"BN": 8, "NBT": 2, "STAGES": 3}])
+def test_group_tma_streaming_equals_plain_loads_bit_for_bit(config):
+    """Each program builds the descriptor of its own member's weight."""
+    k, dtype = 512, torch.float16
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(3)).to(dtype)
+    members = _members((24, 9, 40), k, dtype, True, True)
+    got = [ternary_gemv_group(x, *map(list, zip(*members)), config=config, tma=tma) for tma in (True, False)]
+    assert all(torch.equal(a, b) for a, b in zip(*got))
+
+
 def test_group_quantization_is_the_single_one_per_permutation():
     k = 256
     g = torch.Generator().manual_seed(4)

@@ -108,11 +108,46 @@ def load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB):
     ij = tl.arange(0, 8)
     words = tl.load(w_rows + (blk * 8)[None, :, None] + ij[None, None, :],
                     mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
+    al, mu = load_block_scales(a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
+    return words, al, mu
+
+
+@triton.jit
+def load_block_scales(a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB):
+    """alpha and mu (BN, NBT) of ``rows`` and blocks ``blk`` as float32; masked entries read 0."""
     sofs = rows[:, None] * NB + blk[None, :]
     smask = row_ok[:, None] & blk_ok[None, :]
     al = tl.load(a_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
     mu = tl.load(mu_ptr + sofs, mask=smask, other=0.0).to(tl.float32)
-    return words, al, mu
+    return al, mu
+
+
+def tma_supported(*weights: torch.Tensor) -> bool:
+    """Whether the GEMVs may read these packed weights with TMA (device-side tensor descriptors):
+    not switched off by ``PT2PASS_TMA=0``, Hopper or newer (the interpreter emulates it), contiguous
+    (as the GEMVs assume) with a 16-byte aligned base. Rows are K/16 int32 words, K % 128 == 0, so
+    they are 16-byte aligned too."""
+    if os.environ.get("PT2PASS_TMA", "1") == "0":  # opt-out: plain loads only
+        return False
+    if any(not w.is_contiguous() or w.storage_offset() % 4 for w in weights):
+        return False
+    device = weights[0].device
+    if device.type != "cuda":
+        return INTERPRET
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Device-side tensor descriptors need global scratch memory (128 B per program), which Triton
+    requests from the allocator set with ``triton.set_allocator`` and fails without one. Install a
+    torch-backed allocator (caching allocator, CUDA-graph safe) unless one is already set."""
+    from triton.runtime import _allocation
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 @triton.jit

@@ -4,6 +4,17 @@ Same structure as gemv_packed.py (a small prepack kernel, then BN rows of W per 
 blocks per iteration, split-K for small N), with dp2a.py's integer word dots: 15 instead of ~27
 instructions per word in the PTX (28 against 42 SASS instructions per word in the whole loop),
 then per word one int -> float convert and one multiply-add by alpha * s.
+
+On Hopper and newer the weight words are streamed with TMA: a device-side tensor descriptor
+copies (BN, 8 NBT) word tiles into shared memory, two or three iterations ahead of the
+arithmetic. The profile of the plain-load loop (session 7) showed a warp waiting for its words,
+then computing, with too few bytes in flight per SM to cover the memory latency; the TMA copies
+take no registers while in flight and few instructions to issue. H200, session 8
+(sweep_gemv_pipelined.py, the autotuned dispatcher): 28672x8192 37.8 -> 29.0 us, 8192x28672
+38.3 -> 27.9 us (82-85 % of the measured copy bandwidth). A descriptor built on the host would
+save ~7 % more, but torch.compile cannot trace one inside a triton_op. cp.async pipelining of the
+same loop (Triton's default for plain loads in a pipelined loop) was slower than no pipelining.
+Other GPUs, and PT2PASS_TMA=0, keep the plain loads.
 """
 from __future__ import annotations
 
@@ -11,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, PREPACK, autotune, gemv_configs, launch, launch_args, launch_tuned, load_pairs,
-                     load_weight_tile, splitk_reduce, store_gemv_row)
+from .common import (INTERPRET, PREPACK, autotune, ensure_scratch_allocator, launch, launch_args, launch_tuned,
+                     load_block_scales, load_pairs, load_weight_tile, splitk_reduce, store_gemv_row, tma_supported)
 from .dp2a import quantize_row, word_dots
 
 
@@ -45,16 +56,32 @@ def quantize_x(x: torch.Tensor, perm) -> tuple:
 
 
 @triton.jit
-def gemv_tile_dp2a(xp_row, xscale_row, xint_row, xs_row, w_ptr, a_ptr, mu_ptr, rows, row_ok, b_lo, b_hi,
-                   KW, NB, USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr):
-    """y (BN,) float32 = the K blocks [b_lo, b_hi) of W's ``rows`` times one quantized x row."""
-    w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
+def gemv_tile_dp2a(xp_row, xscale_row, xint_row, xs_row, w_ptr, a_ptr, mu_ptr, N, row0, b_lo, b_hi,
+                   KW, NB, USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr,
+                   USE_TMA: tl.constexpr, STAGES: tl.constexpr):
+    """y (BN,) float32 = the K blocks [b_lo, b_hi) of W's rows row0 .. row0 + BN - 1 (W: N rows of
+    KW words at ``w_ptr``) times one quantized x row.
+
+    USE_TMA: the words come as (BN, 8 NBT) tiles through a device-side tensor descriptor (TMA
+    bulk copies into shared memory, STAGES - 1 iterations ahead; rows past N and words past KW
+    read 0), else through plain vector loads (STAGES 1)."""
+    rows = row0 + tl.arange(0, BN)
+    row_ok = rows < N
+    if USE_TMA:
+        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, KW], strides=[KW, 1], block_shape=[BN, 8 * NBT])
+    else:
+        w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
     acc_w = tl.zeros((BN, NBT, 8), tl.float32)  # per word: alpha * s * P
     acc_b = tl.zeros((BN, NBT), tl.float32)     # per block: mu * sum(x) - alpha * s * X
-    for b0 in range(b_lo, b_hi, NBT):
+    for b0 in tl.range(b_lo, b_hi, NBT, num_stages=STAGES):
         blk = b0 + tl.arange(0, NBT)
         blk_ok = blk < b_hi
-        words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
+        if USE_TMA:
+            # words of blocks past b_hi (the next K split's) meet alpha = 0 and x = 0 below
+            words = tl.reshape(w_desc.load([row0, b0 * 8]), (BN, NBT, 8))
+            al, mu = load_block_scales(a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
+        else:
+            words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
         col = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
         cok = blk_ok[:, None] & (col >= 0)
         p0, p1, p2, p3, p4, p5, p6, p7 = load_pairs(xp_row, col, cok, KW)
@@ -70,36 +97,69 @@ def gemv_tile_dp2a(xp_row, xscale_row, xint_row, xs_row, w_ptr, a_ptr, mu_ptr, r
 
 
 # (rows per program, blocks per iteration, warps): each the best on some shape of the H200 sweep
-# (session 7, sweep_gemv_half2.py); (8, 32, 4) never was.
+# (session 7, sweep_gemv_half2.py); (8, 32, 4) never was. Plain loads.
 DP2A_SHAPES = [(8, 16, 2), (8, 8, 1), (16, 16, 4), (16, 8, 2), (16, 32, 4)]
+# (rows, blocks, warps, pipeline stages) with TMA (Hopper+): each the best or within 2 % of it on
+# some shape of the H200 sweep of session 8 (benchmarks/experiments/sweep_gemv_pipelined.py).
+DP2A_TMA_SHAPES = [(16, 8, 2, 3), (32, 8, 4, 3), (16, 8, 2, 2), (16, 16, 4, 3), (16, 32, 4, 3), (8, 16, 2, 3)]
+_KEY = ["m_bucket", "N", "KW", "blocks_per_split"]
 
 
-@autotune(gemv_configs(DP2A_SHAPES), key=["m_bucket", "N", "KW", "blocks_per_split"])
+def dp2a_configs(tma: bool) -> list:
+    """The plain-load configs, and with ``tma`` the TMA ones too: TMA wins on the large shapes
+    (28672x8192: 29 vs 38 us) and plain loads on some (4096x11008: 11.5 vs 12.2 us), so the
+    autotuner picks per shape."""
+    configs = [triton.Config({"BN": bn, "NBT": nbt, "STAGES": 1, "USE_TMA": False}, num_warps=w, num_stages=1)
+               for bn, nbt, w in DP2A_SHAPES]
+    if tma:
+        configs += [triton.Config({"BN": bn, "NBT": nbt, "STAGES": st, "USE_TMA": True}, num_warps=w, num_stages=1)
+                    for bn, nbt, w, st in DP2A_TMA_SHAPES]
+    return configs
+
+
 @triton.jit
 def ternary_gemv_dp2a_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
                              M, N, KW, NB, blocks_per_split, m_bucket,
-                             HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr,
-                             USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr):
+                             HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
+                             BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl.constexpr, STAGES: tl.constexpr):
     """One row of x (program_id 2) against BN rows of W."""
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)
-    row_ok = rows < N
+    row0 = tl.program_id(0) * BN
     b_lo = pid_k * blocks_per_split
     m64 = m.to(tl.int64)
     y = gemv_tile_dp2a(xp_ptr + m64 * 8 * KW, xscale_ptr + m64 * NB, xint_ptr + m64 * NB, xs_ptr + m64 * NB,
-                       w_ptr, a_ptr, mu_ptr, rows, row_ok, b_lo, tl.minimum(b_lo + blocks_per_split, NB),
-                       KW, NB, USE_ASM, BN, NBT)
-    store_gemv_row(out_ptr, bias_ptr, y, rows, row_ok, m, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
+                       w_ptr, a_ptr, mu_ptr, N, row0, b_lo, tl.minimum(b_lo + blocks_per_split, NB),
+                       KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
+    rows = row0 + tl.arange(0, BN)
+    store_gemv_row(out_ptr, bias_ptr, y, rows, rows < N, m, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 
 
-FIXED = {"BN": 16, "NBT": 2} if INTERPRET else {"BN": 8, "NBT": 16, "num_warps": 2}
+_DP2A = {tma: autotune(dp2a_configs(tma), _KEY)(ternary_gemv_dp2a_kernel) for tma in (False, True)}
+_FIXED = {False: {"BN": 16, "NBT": 2} if INTERPRET else {"BN": 8, "NBT": 16, "num_warps": 2},
+          True: {"BN": 16, "NBT": 2, "STAGES": 2} if INTERPRET else {"BN": 16, "NBT": 8, "num_warps": 2, "STAGES": 3}}
+
+
+def dp2a_launch(kernels: dict, tma, config, weights) -> tuple:
+    """(kernel, fixed config, config) for a dp2a GEMV launch on the packed ``weights``: with TMA
+    allowed (``tma``, or by default where :func:`tma_supported`) the autotuned kernel whose configs
+    may use it, else the plain-load one; the fixed / given config completed with STAGES and USE_TMA
+    (a given config uses TMA when allowed)."""
+    tma = tma_supported(*weights) if tma is None else tma
+    if tma and weights[0].is_cuda:
+        ensure_scratch_allocator()
+    fixed = {"STAGES": 1, **_FIXED[tma], "USE_TMA": tma}
+    if config is not None:
+        config = {"STAGES": 1, **config, "USE_TMA": tma}
+    return kernels[tma], fixed, config
 
 
 def ternary_gemv_dp2a(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-                      bias, perm, out: torch.Tensor, split: int = 1, config=None) -> torch.Tensor:
+                      bias, perm, out: torch.Tensor, split: int = 1, config=None, tma=None) -> torch.Tensor:
     """y = x[:, perm] @ W^T + bias into ``out`` (M, N), x bf16/fp16 (M, K), one program row per x row.
-    ``config``: a fixed {"BN", "NBT", "num_warps"} (experiments), else autotuned / the default."""
+    ``config``: a fixed {"BN", "NBT", "num_warps"[, "STAGES"]} (experiments), else autotuned / the
+    default. ``tma``: allow reading W with TMA (default: where :func:`tma_supported`): the autotuner
+    then also tries the TMA configs, and a fixed config uses TMA."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"ternary_gemv_dp2a takes bf16/fp16 activations, got {x.dtype}")
     args, split, target = launch_args("ternary_gemv_dp2a", x, packed, alpha, mu, bias, perm, out, split)
@@ -107,7 +167,8 @@ def ternary_gemv_dp2a(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     xq = quantize_x(x, perm)
     args = (*xq, packed, alpha, mu, bias_arg, target, m, n, kw, nb, bps, bucket)
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET)
-    launch_tuned(ternary_gemv_dp2a_kernel, lambda bn: (triton.cdiv(n, bn), split, m), FIXED, config, *args, **meta)
+    kernel, fixed, config = dp2a_launch(_DP2A, tma, config, [packed])
+    launch_tuned(kernel, lambda bn: (triton.cdiv(n, bn), split, m), fixed, config, *args, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)
     return out

@@ -7,7 +7,8 @@ weight, scales, bias and output by its row block (scalar selects, once per progr
 runs as one N = 12288 GEMV. The members keep their own buffers (nothing is concatenated: the
 full-sequence graph shares them) and their own SSR permutations: :func:`quantize_x_group`
 quantizes x once per permutation in one launch (once in all without permutations), and the GEMV
-loop is gemv_dp2a.py's :func:`gemv_tile_dp2a` (int16 x, dp2a), unchanged.
+loop is gemv_dp2a.py's :func:`gemv_tile_dp2a` (int16 x, dp2a; TMA-streamed words on Hopper: each
+program builds the descriptor of its member's weight), unchanged.
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, PREPACK, autotune, gemv_configs, launch, launch_tuned, store_gemv_row
+from .common import INTERPRET, PREPACK, autotune, launch, launch_tuned, store_gemv_row
 from .dp2a import quantize_row
-from .gemv_dp2a import DP2A_SHAPES, FIXED, gemv_tile_dp2a, quantize_buffers, quantize_x
+from .gemv_dp2a import dp2a_configs, dp2a_launch, gemv_tile_dp2a, quantize_buffers, quantize_x
 
 MAX_MEMBERS = 3
 
@@ -56,13 +57,11 @@ def quantize_x_group(x: torch.Tensor, perms: Sequence[torch.Tensor]) -> tuple:
     return bufs
 
 
-# The configs of gemv_dp2a (same loop), keyed on the members' sizes.
-@autotune(gemv_configs(DP2A_SHAPES), key=["N0", "N1", "N2", "KW"])
 @triton.jit
 def ternary_gemv_group_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w0, w1, w2, a0, a1, a2, mu0, mu1, mu2,
                               bias0, bias1, bias2, out0, out1, out2, N0, N1, N2, KW, NB,
-                              X_PER_MEMBER: tl.constexpr, HAS_BIAS: tl.constexpr,
-                              USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr):
+                              X_PER_MEMBER: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+                              BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl.constexpr, STAGES: tl.constexpr):
     """Program p covers BN rows of member g: blocks [0, c0) are member 0's, [c0, c1) member 1's,
     the rest member 2's (c_i = cumulative cdiv(N_i, BN))."""
     pid = tl.program_id(0)
@@ -71,14 +70,19 @@ def ternary_gemv_group_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w0, w1, w2, 
     g = (pid >= c0).to(tl.int32) + (pid >= c1).to(tl.int32)
     first = tl.where(g == 0, 0, tl.where(g == 1, c0, c1))
     n = _pick(g, N0, N1, N2)
-    rows = (pid - first) * BN + tl.arange(0, BN)
-    row_ok = rows < n
+    row0 = (pid - first) * BN
     xg = (g * X_PER_MEMBER).to(tl.int64)
     y = gemv_tile_dp2a(xp_ptr + xg * 8 * KW, xscale_ptr + xg * NB, xint_ptr + xg * NB, xs_ptr + xg * NB,
-                       _pick(g, w0, w1, w2), _pick(g, a0, a1, a2), _pick(g, mu0, mu1, mu2), rows, row_ok,
-                       0, NB, KW, NB, USE_ASM, BN, NBT)
-    store_gemv_row(_pick(g, out0, out1, out2), _pick(g, bias0, bias1, bias2), y, rows, row_ok, 0, 0,
+                       _pick(g, w0, w1, w2), _pick(g, a0, a1, a2), _pick(g, mu0, mu1, mu2), n, row0,
+                       0, NB, KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
+    rows = row0 + tl.arange(0, BN)
+    store_gemv_row(_pick(g, out0, out1, out2), _pick(g, bias0, bias1, bias2), y, rows, rows < n, 0, 0,
                    1, n, HAS_BIAS, False)
+
+
+# The configs of gemv_dp2a (same loop), keyed on the members' sizes.
+_GROUP = {tma: autotune(dp2a_configs(tma), ["N0", "N1", "N2", "KW"])(ternary_gemv_group_kernel)
+          for tma in (False, True)}
 
 
 def members_mismatch(alpha, mu, bias, perm) -> Optional[str]:
@@ -95,10 +99,11 @@ def members_mismatch(alpha, mu, bias, perm) -> Optional[str]:
 
 def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[torch.Tensor],
                        mu: List[torch.Tensor], bias: List[Optional[torch.Tensor]],
-                       perm: List[Optional[torch.Tensor]], config=None) -> List[torch.Tensor]:
+                       perm: List[Optional[torch.Tensor]], config=None, tma=None) -> List[torch.Tensor]:
     """[x[:, perm_i] @ W_i^T + bias_i] for a single row x (1, K) bf16/fp16 with unit stride, 2 or 3
     members with the same K and scale dtype, each with a bias (one dtype) or none, likewise perm.
-    ``config``: a fixed {"BN", "NBT", "num_warps"} (experiments), else autotuned / the default."""
+    ``config``: a fixed {"BN", "NBT", "num_warps"[, "STAGES"]} (experiments), else autotuned / the
+    default. ``tma``: allow reading the weights with TMA (default: where supported), as in gemv_dp2a."""
     if x.shape[0] != 1 or x.dtype not in (torch.bfloat16, torch.float16) or x.stride(1) != 1:
         raise ValueError(f"ternary_gemv_group takes one bf16/fp16 row with unit stride, got "
                          f"{tuple(x.shape)} {x.dtype}")
@@ -125,5 +130,6 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
             *_padded(list(bias) if has_bias else list(alpha)), *outs, *spare, *sizes, kw, nb)
     meta = dict(X_PER_MEMBER=int(has_perm), HAS_BIAS=has_bias, USE_ASM=not INTERPRET)
     blocks = lambda bn: sum(triton.cdiv(p.shape[0], bn) for p in packed)  # noqa: E731
-    launch_tuned(ternary_gemv_group_kernel, lambda bn: (blocks(bn),), FIXED, config, *args, **meta)
+    kernel, fixed, config = dp2a_launch(_GROUP, tma, config, packed)
+    launch_tuned(kernel, lambda bn: (blocks(bn),), fixed, config, *args, **meta)
     return outs

@@ -1,0 +1,133 @@
+"""Offline sm_90 build of a Triton kernel (no GPU needed): registers, SASS instruction count, and
+how many of chosen opcodes it has. Every new kernel goes through this before it reaches the lent
+GPU (the interpreter accepts code that the compiler rejects) and it is how the docs' "N SASS
+instructions" figures were measured.
+
+    from benchmarks.experiments.sass import sass_report
+    sass_report(kernel, {"x_ptr": "*i32", "N": "i32", ...}, {"BN": 8, ...}, num_warps=2)
+
+    python3 benchmarks/experiments/sass.py [--quick]   # the batch-1 decode kernels, every config
+
+Arguments not named in ``types`` or ``constexprs`` default to "i32"; pointers must be given.
+Uses the ptxas / cuobjdump that Triton bundles. Not under TRITON_INTERPRET=1 (the interpreter
+replaces the kernels with Python functions): tests/lowering/test_sm90_build.py runs ``--quick``
+in a subprocess.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _unwrap(kernel):
+    while not isinstance(kernel, triton.runtime.JITFunction):  # autotuner / heuristics wrappers
+        kernel = kernel.fn
+    return kernel
+
+
+def build(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1):
+    """The compiled kernel (sm_90) for the given argument types and constexpr values."""
+    fn = _unwrap(kernel)
+    sig = {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in fn.arg_names}
+    # as at a launch with tensors from torch's allocator: every pointer 16-byte aligned
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")}
+    src = ASTSource(fn, sig, constexprs, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def sass_report(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
+                opcodes=("LDG", "LDGSTS", "UTMALDG", "LDS", "IDP", "LDL", "STL")) -> dict:
+    """{"regs", "instructions", opcode: count, "sass": text} of the sm_90 build."""
+    compiled = build(kernel, types, constexprs, num_warps, num_stages)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(compiled.asm["cubin"])
+        path = f.name
+    try:
+        def dump(flag):
+            return subprocess.run([os.path.join(_BIN, "cuobjdump"), flag, path], check=True,
+                                  capture_output=True, text=True).stdout
+        sass, usage = dump("-sass"), dump("-res-usage")
+    finally:
+        os.unlink(path)
+    ops = Counter()
+    n = 0
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if m:
+            n += 1
+            ops[m.group(1).split(".")[0]] += 1
+    report = {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "instructions": n, "sass": sass}
+    for op in opcodes:
+        report[op] = ops.get(op, 0)
+    return report
+
+
+_DP2A_TYPES = {"xp_ptr": "*i32", "xint_ptr": "*i32", "w_ptr": "*i32", "xscale_ptr": "*fp32", "xs_ptr": "*fp32",
+               "a_ptr": "*bf16", "mu_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
+_GROUP_TYPES = {**{f"w{i}": "*i32" for i in range(3)}, **{f"{n}{i}": "*bf16" for n in ("a", "mu", "bias", "out")
+                                                           for i in range(3)},
+                "xp_ptr": "*i32", "xint_ptr": "*i32", "xscale_ptr": "*fp32", "xs_ptr": "*fp32"}
+_QUANT_TYPES = {"x_ptr": "*bf16", "perm_ptr": "*i64", "xp_ptr": "*i32", "xint_ptr": "*i32", "xscale_ptr": "*fp32",
+                "xs_ptr": "*fp32", **{f"perm{i}": "*i64" for i in range(3)}}
+
+
+def decode_kernel_builds(quick: bool):
+    """(name, kernel, types, constexprs, num_warps) of the batch-1 decode kernels: the dp2a GEMV and
+    the grouped one with every autotune config (``quick``: the first plain and the first TMA one),
+    and the x quantizers."""
+    from pt2pass.lowering.kernels import gemv_dp2a, gemv_group
+    from pt2pass.lowering.kernels.common import PREPACK
+
+    configs = gemv_dp2a.dp2a_configs(tma=True)
+    if quick:
+        configs = [configs[0], configs[len(gemv_dp2a.DP2A_SHAPES)]]
+    builds = []
+    for c in configs:
+        kw = dict(c.kwargs, USE_ASM=True)
+        tag = f"BN={kw['BN']} NBT={kw['NBT']} warps={c.num_warps} STAGES={kw['STAGES']} TMA={kw['USE_TMA']}"
+        builds.append(("ternary_gemv_dp2a_kernel " + tag, gemv_dp2a.ternary_gemv_dp2a_kernel, _DP2A_TYPES,
+                       dict(kw, HAS_BIAS=True, SPLIT_OUT=False), c.num_warps))
+        builds.append(("ternary_gemv_group_kernel " + tag, gemv_group.ternary_gemv_group_kernel, _GROUP_TYPES,
+                       dict(kw, X_PER_MEMBER=1, HAS_BIAS=True), c.num_warps))
+    builds.append(("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES,
+                   dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
+    builds.append(("_quantize_x_group_kernel", gemv_group._quantize_x_group_kernel, _QUANT_TYPES,
+                   dict(NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
+    return builds
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="offline sm_90 builds of the batch-1 decode kernels")
+    parser.add_argument("--quick", action="store_true", help="one plain and one TMA config only")
+    args = parser.parse_args(argv)
+    bad = 0
+    print("| kernel | registers | SASS instructions | TMA loads | local-memory (spill) loads / stores |")
+    print("|---|---|---|---|---|")
+    for name, kernel, types, constexprs, warps in decode_kernel_builds(args.quick):
+        r = sass_report(kernel, types, constexprs, num_warps=warps)
+        # a TMA config must issue bulk tensor copies; no config may spill to local memory
+        wrong = r["LDL"] + r["STL"] > 0 or (constexprs.get("USE_TMA") is True) != (r["UTMALDG"] > 0)
+        bad += wrong
+        print(f"| {name} | {r['regs']} | {r['instructions']} | {r['UTMALDG']} | {r['LDL']} / {r['STL']} |"
+              + (" WRONG" if wrong else ""), flush=True)
+    print(f"{bad} wrong builds")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    raise SystemExit(main())
