@@ -7,6 +7,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # an edit of the op's reference path it can replay stale code. Tests always compile afresh.
 os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
 os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+# Under pytest-xdist (`pytest -n N`) every worker, and the subprocesses it starts, computes on one
+# thread: N workers on N cores instead of N x cores threads fighting over them.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
