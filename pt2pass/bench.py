@@ -50,6 +50,30 @@ def rotating_copies(tensors: Sequence[torch.Tensor], nbytes: float) -> List[tupl
     return [tuple(t.clone() for t in tensors) for _ in range(r)]
 
 
+def gemv_check_case(m: int, n: int, k: int, dtype, bias: bool, perm: bool, device):
+    """A correctness case of the GEMV experiments: a random (n, k) layer with ``dtype`` scales,
+    m rows of x whose columns span four decades (shuffled), an optional bias and SSR permutation,
+    and the float64 reference. Returns (x, packed, alpha, mu, bias, perm, ref)."""
+    _, packed, alpha, mu = random_ternary_layer(n, k, device, scale_dtype=dtype)
+    x = torch.randn(m, k, device=device)
+    x = (x * torch.logspace(-2, 2, k, device=device)[torch.randperm(k, device=device)]).to(dtype)
+    b = torch.randn(n, device=device).to(dtype) if bias else None
+    p = torch.randperm(k, device=device) if perm else None
+    w = dequantize(packed, alpha.double(), mu.double(), dtype=torch.float64)
+    ref = (x.double()[:, p] if perm else x.double()) @ w.T + (b.double() if bias else 0)
+    return x, packed, alpha, mu, b, p, ref
+
+
+def rotating_layers(n: int, k: int, device) -> Tuple[List[tuple], List[tuple], int]:
+    """For timing an (n, k) layer with a cold L2: copies of one random bf16 weight (1-tuples) and of
+    one random ternary layer ((packed, alpha, mu)), each set covering ROTATE_BYTES, and the bytes
+    one ternary call reads (codes + bf16 alpha and mu)."""
+    _, packed, alpha, mu = random_ternary_layer(n, k, device)
+    dense = rotating_copies((torch.randn(n, k, device=device, dtype=torch.bfloat16),), n * k * 2)
+    nbytes = packed.numel() * 4 + alpha.numel() * 4
+    return dense, rotating_copies((packed, alpha, mu), nbytes), nbytes
+
+
 def time_graph(calls: Sequence[Callable], n_calls: int, replays: int = 10) -> float:
     """Median time per call (s) of a CUDA graph that runs calls[i % len(calls)] n_calls times."""
     s = torch.cuda.Stream()

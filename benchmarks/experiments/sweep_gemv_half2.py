@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import pt2pass  # noqa: E402,F401  (registers torch.ops.pt2pass)
-from pt2pass.bench import checked_gpu_run, random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
-from pt2pass.lowering.format import dequantize  # noqa: E402
+from pt2pass.bench import checked_gpu_run, gemv_check_case, rel_err, rotating_layers, time_graph  # noqa: E402
 from pt2pass.lowering.kernels import gemv_dp2a, gemv_half2, gemv_packed  # noqa: E402
 from pt2pass.lowering.kernels.dispatch import _num_sms  # noqa: E402
 from pt2pass.lowering.kernels.gemv import gemv_split  # noqa: E402
@@ -53,12 +52,7 @@ def check(dev) -> bool:
                                         (11008, 4096, torch.bfloat16, True, True, 1),
                                         (256, 14336, torch.bfloat16, False, False, 8)]:
         torch.manual_seed(n)
-        _, packed, alpha, mu = random_ternary_layer(n, k, dev, scale_dtype=dt)
-        x = (torch.randn(1, k, device=dev) * torch.logspace(-2, 2, k, device=dev)[torch.randperm(k, device=dev)]).to(dt)
-        b = torch.randn(n, device=dev).to(dt) if bias else None
-        p = torch.randperm(k, device=dev) if perm else None
-        w = dequantize(packed, alpha.double(), mu.double(), dtype=torch.float64)
-        ref = (x.double()[:, p] if perm else x.double()) @ w.T + (b.double() if bias else 0)
+        x, packed, alpha, mu, b, p, ref = gemv_check_case(1, n, k, dt, bias, perm, dev)
         for name, (fn, cfgs) in KERNELS.items():
             for cfg in cfgs[:2]:
                 out = torch.full((1, n), float("nan"), device=dev, dtype=dt)
@@ -81,10 +75,7 @@ def main():
     rows = []
     for n, k in SHAPES:
         torch.manual_seed(0)
-        _, packed, alpha, mu = random_ternary_layer(n, k, dev)
-        dense = rotating_copies((torch.randn(n, k, device=dev, dtype=torch.bfloat16),), n * k * 2)
-        nbytes = packed.numel() * 4 + alpha.numel() * 4
-        tern = rotating_copies((packed, alpha, mu), nbytes)
+        dense, tern, nbytes = rotating_layers(n, k, dev)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
         reps = max(len(tern), 10)

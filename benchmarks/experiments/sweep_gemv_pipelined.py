@@ -1,6 +1,6 @@
 """Kernel experiment (GPU): the dp2a GEMV at M = 1 with plain loads (session 7's kernel), with its
 K loop pipelined through cp.async (plain loads, STAGES > 1), and with TMA-streamed weight words
-(gemv_dp2a.py's device-side descriptors, and gemv_dp2a_pipelined.py's host-built ones), against
+(gemv_dp2a.py's in-kernel descriptors, and gemv_dp2a_pipelined.py's host-built ones), against
 bf16 F.linear and the dispatcher (autotuned).
 
     python3 benchmarks/experiments/sweep_gemv_pipelined.py      # on the device machine
@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import pt2pass  # noqa: E402,F401
-from benchmarks.experiments.gemv_dp2a_pipelined import gemv_dp2a_pipelined, weight_descriptor  # noqa: E402
-from pt2pass.bench import checked_gpu_run, random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
-from pt2pass.lowering.format import dequantize  # noqa: E402
+from benchmarks.experiments.gemv_dp2a_pipelined import gemv_dp2a_host_desc, weight_descriptor  # noqa: E402
+from pt2pass.bench import checked_gpu_run, gemv_check_case, rel_err, rotating_layers, time_graph  # noqa: E402
 from pt2pass.lowering.kernels.dispatch import _num_sms  # noqa: E402
 from pt2pass.lowering.kernels.gemv import gemv_split  # noqa: E402
 from pt2pass.lowering.kernels.gemv_dp2a import DP2A_SHAPES, DP2A_TMA_SHAPES, ternary_gemv_dp2a  # noqa: E402
@@ -35,13 +34,12 @@ OP = torch.ops.pt2pass.ternary_linear
 SHAPES = [(28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]
 PLAIN = functools.partial(ternary_gemv_dp2a, tma=False)
 TMA = functools.partial(ternary_gemv_dp2a, tma=True)
-_HOST = lambda x, packed, alpha, mu, b, p, out, split, cfg, desc=None: gemv_dp2a_pipelined(  # noqa: E731
-    x, packed, alpha, mu, b, p, out, split, {**cfg, "USE_TMA": True}, desc)
 VARIANTS = {  # name: (launcher, configs)
     "plain": (PLAIN, [dict(BN=bn, NBT=nbt, num_warps=w) for bn, nbt, w in DP2A_SHAPES]),
     "cp.async": (PLAIN, [dict(BN=bn, NBT=nbt, num_warps=w, STAGES=3) for bn, nbt, w in [(8, 16, 2), (16, 8, 2)]]),
     "tma": (TMA, [dict(BN=bn, NBT=nbt, num_warps=w, STAGES=st) for bn, nbt, w, st in DP2A_TMA_SHAPES]),
-    "tma host desc": (_HOST, [dict(BN=bn, NBT=nbt, num_warps=w, STAGES=st) for bn, nbt, w, st in DP2A_TMA_SHAPES[:3]]),
+    "tma host desc": (gemv_dp2a_host_desc, [dict(BN=bn, NBT=nbt, num_warps=w, STAGES=st)
+                                            for bn, nbt, w, st in DP2A_TMA_SHAPES[:3]]),
 }
 
 
@@ -54,12 +52,7 @@ def check(dev) -> bool:
     for n, k, dt, bias, perm, split in [(1000, 1152, torch.float16, True, True, 3),
                                         (11008, 4096, torch.bfloat16, False, False, 1)]:
         torch.manual_seed(n)
-        _, packed, alpha, mu = random_ternary_layer(n, k, dev, scale_dtype=dt)
-        x = (torch.randn(1, k, device=dev) * torch.logspace(-2, 2, k, device=dev)[torch.randperm(k, device=dev)]).to(dt)
-        b = torch.randn(n, device=dev).to(dt) if bias else None
-        p = torch.randperm(k, device=dev) if perm else None
-        w = dequantize(packed, alpha.double(), mu.double(), dtype=torch.float64)
-        ref = (x.double()[:, p] if perm else x.double()) @ w.T + (b.double() if bias else 0)
+        x, packed, alpha, mu, b, p, ref = gemv_check_case(1, n, k, dt, bias, perm, dev)
         for name, (fn, cfgs) in VARIANTS.items():
             for cfg in cfgs:
                 out = torch.full((1, n), float("nan"), device=dev, dtype=dt)
@@ -84,10 +77,7 @@ def main():
     names = list(VARIANTS) + ["dispatcher"]
     for n, k in SHAPES:
         torch.manual_seed(0)
-        _, packed, alpha, mu = random_ternary_layer(n, k, dev)
-        dense = rotating_copies((torch.randn(n, k, device=dev, dtype=torch.bfloat16),), n * k * 2)
-        nbytes = packed.numel() * 4 + alpha.numel() * 4
-        tern = rotating_copies((packed, alpha, mu), nbytes)
+        dense, tern, nbytes = rotating_layers(n, k, dev)
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         out = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
         reps = max(len(tern), 10)
@@ -97,7 +87,8 @@ def main():
         for name, (fn, cfgs) in VARIANTS.items():
             times = {}
             for c in cfgs:
-                extra = [(weight_descriptor(p[0], c["BN"], c["NBT"]),) if fn is _HOST else () for p in tern]
+                host_desc = fn is gemv_dp2a_host_desc
+                extra = [(weight_descriptor(p[0], c["BN"], c["NBT"]),) if host_desc else () for p in tern]
                 times[str(c)] = time_graph([lambda p=p, c=c, e=e: fn(x, *p, None, None, out, split, c, *e)
                                             for p, e in zip(tern, extra)], reps)
             best[name] = min(times.values())

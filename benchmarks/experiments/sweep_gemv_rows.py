@@ -23,8 +23,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import pt2pass  # noqa: E402,F401  (registers torch.ops.pt2pass)
-from pt2pass.bench import checked_gpu_run, random_ternary_layer, rel_err, rotating_copies, time_graph  # noqa: E402
-from pt2pass.lowering.format import dequantize  # noqa: E402
+from pt2pass.bench import checked_gpu_run, gemv_check_case, rel_err, rotating_layers, time_graph  # noqa: E402
 from pt2pass.lowering.kernels import gemv_packed  # noqa: E402
 from pt2pass.lowering.kernels.dispatch import _num_sms  # noqa: E402
 from pt2pass.lowering.kernels.gemm import gemm_split, ternary_gemm  # noqa: E402
@@ -58,12 +57,7 @@ def check(dev) -> bool:
                                            (8, 11008, 4096, torch.bfloat16, True, True, 1),
                                            (5, 256, 14336, torch.bfloat16, False, False, 8)]:
         torch.manual_seed(n + m)
-        _, packed, alpha, mu = random_ternary_layer(n, k, dev, scale_dtype=dt)
-        x = (torch.randn(m, k, device=dev) * torch.logspace(-2, 2, k, device=dev)[torch.randperm(k, device=dev)]).to(dt)
-        b = torch.randn(n, device=dev).to(dt) if bias else None
-        p = torch.randperm(k, device=dev) if perm else None
-        w = dequantize(packed, alpha.double(), mu.double(), dtype=torch.float64)
-        ref = (x.double()[:, p] if perm else x.double()) @ w.T + (b.double() if bias else 0)
+        x, packed, alpha, mu, b, p, ref = gemv_check_case(m, n, k, dt, bias, perm, dev)
         for name, fn, (bm, bn, nbt, nw) in [("half2", run_rows, CANDIDATES[4][0]), ("half2", run_rows, CANDIDATES[2][0]),
                                             ("dp2a", ternary_gemv_dp2a_rows, DP2A_CANDIDATES[4][0]),
                                             ("dp2a", ternary_gemv_dp2a_rows, DP2A_CANDIDATES[2][0])]:
@@ -84,9 +78,7 @@ def main():
     best = {m: [] for m in MS}
     for n, k in SHAPES:
         torch.manual_seed(0)
-        _, packed, alpha, mu = random_ternary_layer(n, k, dev)
-        dense = rotating_copies((torch.randn(n, k, device=dev, dtype=torch.bfloat16),), n * k * 2)
-        tern = rotating_copies((packed, alpha, mu), packed.numel() * 4 + alpha.numel() * 4)
+        dense, tern, _ = rotating_layers(n, k, dev)
         reps = max(len(tern), 10)
         for m in MS:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)

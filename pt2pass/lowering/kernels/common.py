@@ -9,6 +9,7 @@ Under ``TRITON_INTERPRET=1`` (the CPU tests) no autotuning happens: one small fi
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 
@@ -134,7 +135,13 @@ def tma_supported(*weights: torch.Tensor) -> bool:
     device = weights[0].device
     if device.type != "cuda":
         return INTERPRET
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _has_tma(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index: int) -> bool:
+    # cached: asked on every GEMV call, and the eager decode path is host bound
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def _scratch(size: int, alignment: int, stream):

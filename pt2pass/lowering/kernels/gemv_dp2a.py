@@ -56,21 +56,31 @@ def quantize_x(x: torch.Tensor, perm) -> tuple:
 
 
 @triton.jit
-def gemv_tile_dp2a(xp_row, xscale_row, xint_row, xs_row, w_ptr, a_ptr, mu_ptr, N, row0, b_lo, b_hi,
+def weight_source(w_ptr, N, KW, BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl.constexpr):
+    """What :func:`gemv_tile_dp2a` reads W's (N, KW) words through: with USE_TMA a tensor
+    descriptor built here, in the kernel (128 B of global scratch per program), else the pointer."""
+    if USE_TMA:
+        src = tl.make_tensor_descriptor(w_ptr, shape=[N, KW], strides=[KW, 1], block_shape=[BN, 8 * NBT])
+    else:
+        src = w_ptr
+    return src
+
+
+@triton.jit
+def gemv_tile_dp2a(xp_row, xscale_row, xint_row, xs_row, w, a_ptr, mu_ptr, N, row0, b_lo, b_hi,
                    KW, NB, USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr,
                    USE_TMA: tl.constexpr, STAGES: tl.constexpr):
     """y (BN,) float32 = the K blocks [b_lo, b_hi) of W's rows row0 .. row0 + BN - 1 (W: N rows of
-    KW words at ``w_ptr``) times one quantized x row.
+    KW words) times one quantized x row.
 
-    USE_TMA: the words come as (BN, 8 NBT) tiles through a device-side tensor descriptor (TMA
-    bulk copies into shared memory, STAGES - 1 iterations ahead; rows past N and words past KW
-    read 0), else through plain vector loads (STAGES 1)."""
+    USE_TMA: ``w`` is a tensor descriptor of W with block (BN, 8 NBT) (:func:`weight_source`), and
+    the words come as such tiles by TMA bulk copies into shared memory, STAGES - 1 iterations
+    ahead (rows past N and words past KW read 0); else ``w`` is W's pointer and the words come
+    through plain vector loads (STAGES 1)."""
     rows = row0 + tl.arange(0, BN)
     row_ok = rows < N
-    if USE_TMA:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, KW], strides=[KW, 1], block_shape=[BN, 8 * NBT])
-    else:
-        w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
+    if not USE_TMA:
+        w_rows = w + rows.to(tl.int64)[:, None, None] * KW
     acc_w = tl.zeros((BN, NBT, 8), tl.float32)  # per word: alpha * s * P
     acc_b = tl.zeros((BN, NBT), tl.float32)     # per block: mu * sum(x) - alpha * s * X
     for b0 in tl.range(b_lo, b_hi, NBT, num_stages=STAGES):
@@ -78,7 +88,7 @@ def gemv_tile_dp2a(xp_row, xscale_row, xint_row, xs_row, w_ptr, a_ptr, mu_ptr, N
         blk_ok = blk < b_hi
         if USE_TMA:
             # words of blocks past b_hi (the next K split's) meet alpha = 0 and x = 0 below
-            words = tl.reshape(w_desc.load([row0, b0 * 8]), (BN, NBT, 8))
+            words = tl.reshape(w.load([row0, b0 * 8]), (BN, NBT, 8))
             al, mu = load_block_scales(a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
         else:
             words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
@@ -129,8 +139,8 @@ def ternary_gemv_dp2a_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr,
     b_lo = pid_k * blocks_per_split
     m64 = m.to(tl.int64)
     y = gemv_tile_dp2a(xp_ptr + m64 * 8 * KW, xscale_ptr + m64 * NB, xint_ptr + m64 * NB, xs_ptr + m64 * NB,
-                       w_ptr, a_ptr, mu_ptr, N, row0, b_lo, tl.minimum(b_lo + blocks_per_split, NB),
-                       KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
+                       weight_source(w_ptr, N, KW, BN, NBT, USE_TMA), a_ptr, mu_ptr, N, row0, b_lo,
+                       tl.minimum(b_lo + blocks_per_split, NB), KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
     rows = row0 + tl.arange(0, BN)
     store_gemv_row(out_ptr, bias_ptr, y, rows, rows < N, m, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .common import INTERPRET, PREPACK, autotune, launch, launch_tuned, store_gemv_row
 from .dp2a import quantize_row
-from .gemv_dp2a import dp2a_configs, dp2a_launch, gemv_tile_dp2a, quantize_buffers, quantize_x
+from .gemv_dp2a import dp2a_configs, dp2a_launch, gemv_tile_dp2a, quantize_buffers, quantize_x, weight_source
 
 MAX_MEMBERS = 3
 
@@ -73,8 +73,8 @@ def ternary_gemv_group_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w0, w1, w2, 
     row0 = (pid - first) * BN
     xg = (g * X_PER_MEMBER).to(tl.int64)
     y = gemv_tile_dp2a(xp_ptr + xg * 8 * KW, xscale_ptr + xg * NB, xint_ptr + xg * NB, xs_ptr + xg * NB,
-                       _pick(g, w0, w1, w2), _pick(g, a0, a1, a2), _pick(g, mu0, mu1, mu2), n, row0,
-                       0, NB, KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
+                       weight_source(_pick(g, w0, w1, w2), n, KW, BN, NBT, USE_TMA), _pick(g, a0, a1, a2),
+                       _pick(g, mu0, mu1, mu2), n, row0, 0, NB, KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
     rows = row0 + tl.arange(0, BN)
     store_gemv_row(_pick(g, out0, out1, out2), _pick(g, bias0, bias1, bias2), y, rows, rows < n, 0, 0,
                    1, n, HAS_BIAS, False)

@@ -1,0 +1,22 @@
+"""The shared set-up of the GPU kernel experiments (pt2pass/bench.py), checked on CPU."""
+import torch
+
+from pt2pass.bench import ROTATE_BYTES, gemv_check_case, rel_err, rotating_layers
+from pt2pass.lowering.reference import ternary_linear_reference
+
+
+def test_gemv_check_case_reference_is_the_float64_layer_with_bias_and_permutation():
+    torch.manual_seed(0)
+    x, packed, alpha, mu, b, p, ref = gemv_check_case(3, 40, 256, torch.float16, True, True, "cpu")
+    assert x.shape == (3, 256) and x.dtype == alpha.dtype == b.dtype == torch.float16
+    assert sorted(p.tolist()) == list(range(256))
+    assert x.abs().amax(0).max() / x.abs().amax(0).min() > 100  # columns span decades
+    want = ternary_linear_reference(x.double(), packed, alpha.double(), mu.double(), b.double(), p)
+    assert rel_err(want, ref) < 1e-12
+
+
+def test_rotating_layers_cover_the_l2_flush_budget():
+    dense, tern, nbytes = rotating_layers(512, 1024, "cpu")
+    assert nbytes == 512 * 1024 // 4 + 2 * 2 * 512 * 8  # 2-bit codes + bf16 alpha and mu per 128
+    assert len(tern) * nbytes >= ROTATE_BYTES and len(dense) * 512 * 1024 * 2 >= ROTATE_BYTES
+    assert tern[0][0] is not tern[1][0] and torch.equal(tern[0][0], tern[1][0])
