@@ -26,12 +26,14 @@ GROUP = torch.ops.pt2pass.ternary_linear_group
 DEV = "cuda"
 KERNELS = ("ternary_gemv_kernel", "ternary_gemv_half2_kernel", "ternary_gemv_dp2a_kernel", "_quantize_x_kernel",
            "ternary_gemv_packed_rows_kernel", "_prepack_x_kernel", "ternary_gemm_kernel", "ternary_dequant_kernel",
-           "ternary_gemv_group_kernel", "_quantize_x_group_kernel")
-# the kernels each M must launch in TwoLayers (8192 x 4096: dp2a at M = 1, then 384 x 8192: half2;
-# the group of 1024 + 512)
+           "ternary_gemv_group_kernel", "_quantize_x_group_kernel", "ternary_gemv_imma_kernel", "_quantize_x_imma_kernel")
+# the kernels each M must launch in TwoLayers (8192 x 4096: dp2a at M = 1, imma at M = 2, then
+# 384 x 8192: half2 / the two-row GEMV; the group of 1024 + 512; M = 8: imma everywhere)
+IMMA = {"ternary_gemv_imma_kernel", "_quantize_x_imma_kernel"}
 EXPECTED = {1: {"ternary_gemv_dp2a_kernel", "_quantize_x_kernel", "ternary_gemv_half2_kernel",
                 "ternary_gemv_group_kernel", "_quantize_x_group_kernel"},
-            2: {"ternary_gemv_packed_rows_kernel", "_prepack_x_kernel"},
+            2: {"ternary_gemv_packed_rows_kernel", "_prepack_x_kernel", *IMMA},
+            8: IMMA,
             64: {"ternary_gemm_kernel"}}
 
 
@@ -72,8 +74,10 @@ def check_opcheck():
     packed, alpha, mu, bias, perm = layer(256, 512, 3)
     cases = [((1, 512), torch.bfloat16, (bias, perm)), ((2, 512), torch.float16, (bias, perm)),
              ((3, 7, 512), torch.float16, (None, None)), ((40, 512), torch.float32, (bias, perm)),
-             ((600, 512), torch.bfloat16, (bias, perm))]
-    for shape, dtype, extras in cases:  # half2 gemv, packed gemv (2 rows), gemm (split-K), gemm, dequantize + cuBLAS
+             ((600, 512), torch.bfloat16, (bias, perm)), ((4, 512), torch.bfloat16, (bias, perm)),
+             ((2, 3, 512), torch.float16, (None, None))]
+    # half2 gemv, packed gemv (2 rows), gemm (split-K), gemm, dequantize + cuBLAS, imma (4 and 6 rows)
+    for shape, dtype, extras in cases:
         x = torch.randn(*shape, device=DEV, dtype=dtype)
         torch.library.opcheck(OP.default, (x, packed, alpha, mu, *extras))
         y = OP(x, packed, alpha, mu, *extras)
@@ -100,7 +104,7 @@ def check_compile_inlines_kernels():
     from torch._inductor.utils import run_and_get_code
 
     model = TwoLayers()
-    for m in (1, 2, 64):
+    for m in (1, 2, 8, 64):
         torch._dynamo.reset()
         x = torch.randn(m, K, device=DEV, dtype=torch.bfloat16)
         compiled = torch.compile(model, fullgraph=True)

@@ -22,7 +22,7 @@ import time
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", type=int, default=256, help="number of random cases (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the case generator (default 0)")
+    p.add_argument("--seed", type=int, default=5, help="seed of the case generator (default 5: its 256 cases reach every GPU path)")
     p.add_argument("--device", default="cuda", help="cuda (default), or cpu with TRITON_INTERPRET=1")
     p.add_argument("--small", action="store_true", help="the interpreter-sized profile")
     p.add_argument("--no-autotune", action="store_true",

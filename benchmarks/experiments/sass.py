@@ -45,9 +45,20 @@ def build(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages:
                           options={"num_warps": num_warps, "num_stages": num_stages})
 
 
+def lane_per_element(ttgir: str, num_warps: int) -> bool:
+    """Whether every inline-asm op of a (R, 32 warps) kernel works on tensors laid out one element
+    per thread, element (r, 32 w + lane) in lane ``lane`` of warp w: what gemv_imma's MMA fragments
+    rely on (the compiler may pick other layouts for elementwise ops)."""
+    layouts = dict(re.findall(r"^(#blocked\d*) = #ttg\.blocked<\{(.*)\}>", ttgir, flags=re.M))
+    want = f"sizePerThread = [1, 1], threadsPerWarp = [1, 32], warpsPerCTA = [1, {num_warps}], order = [1, 0]"
+    asm = [line for line in ttgir.splitlines() if "elementwise_inline_asm" in line]
+    return bool(asm) and all(layouts.get(name) == want for line in asm for name in re.findall(r"#blocked\d*", line))
+
+
 def sass_report(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
-                opcodes=("LDG", "LDGSTS", "UTMALDG", "LDS", "IDP", "LDL", "STL")) -> dict:
-    """{"regs", "instructions", opcode: count, "sass": text} of the sm_90 build."""
+                opcodes=("LDG", "LDGSTS", "UTMALDG", "LDS", "IDP", "IMMA", "LDL", "STL")) -> dict:
+    """{"regs", "instructions", opcode: count, "sass": text, "lane_per_element": bool} of the
+    sm_90 build."""
     compiled = build(kernel, types, constexprs, num_warps, num_stages)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(compiled.asm["cubin"])
@@ -66,7 +77,8 @@ def sass_report(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_s
         if m:
             n += 1
             ops[m.group(1).split(".")[0]] += 1
-    report = {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "instructions": n, "sass": sass}
+    report = {"regs": int(re.search(r"REG:(\d+)", usage).group(1)), "instructions": n, "sass": sass,
+              "lane_per_element": lane_per_element(compiled.asm["ttgir"], num_warps)}
     for op in opcodes:
         report[op] = ops.get(op, 0)
     return report
@@ -81,11 +93,16 @@ _QUANT_TYPES = {"x_ptr": "*bf16", "perm_ptr": "*i64", "xp_ptr": "*i32", "xint_pt
                 "xs_ptr": "*fp32", **{f"perm{i}": "*i64" for i in range(3)}}
 
 
+_IMMA_TYPES = {"xf_ptr": "*i32", "xscale_ptr": "*fp32", "xint_ptr": "*i32", "xs_ptr": "*fp32", "w_ptr": "*i64",
+               "a_ptr": "*bf16", "mu_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
+
+
 def decode_kernel_builds(quick: bool):
-    """(name, kernel, types, constexprs, num_warps) of the batch-1 decode kernels: the dp2a GEMV and
-    the grouped one with every autotune config (``quick``: the first plain and the first TMA one),
-    and the x quantizers."""
-    from pt2pass.lowering.kernels import gemv_dp2a, gemv_group
+    """(name, kernel, types, constexprs, num_warps) of the decode kernels: the dp2a GEMV and the
+    grouped one with every autotune config (``quick``: the first plain and the first TMA one), the
+    integer-MMA GEMV with every config for one and two x tiles (``quick``: the first), and the x
+    quantizers."""
+    from pt2pass.lowering.kernels import gemv_dp2a, gemv_group, gemv_imma
     from pt2pass.lowering.kernels.common import PREPACK
 
     configs = gemv_dp2a.dp2a_configs(tma=True)
@@ -99,6 +116,14 @@ def decode_kernel_builds(quick: bool):
                        dict(kw, HAS_BIAS=True, SPLIT_OUT=False), c.num_warps))
         builds.append(("ternary_gemv_group_kernel " + tag, gemv_group.ternary_gemv_group_kernel, _GROUP_TYPES,
                        dict(kw, X_PER_MEMBER=1, HAS_BIAS=True), c.num_warps))
+    imma = gemv_imma.IMMA_SHAPES if not quick else gemv_imma.IMMA_SHAPES[:1]
+    for tiles in (1, 2):
+        for r, w, nbt in imma:
+            builds.append((f"ternary_gemv_imma_kernel R={r} WARPS={w} NBT={nbt} TILES={tiles}",
+                           gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
+                           dict(R=r, WARPS=w, NBT=nbt, TILES=tiles, USE_ASM=True, HAS_BIAS=True, SPLIT_OUT=False), w))
+    builds.append(("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel, {**_QUANT_TYPES, "xf_ptr": "*i32"},
+                   dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     builds.append(("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES,
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     builds.append(("_quantize_x_group_kernel", gemv_group._quantize_x_group_kernel, _QUANT_TYPES,
@@ -113,14 +138,17 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="one plain and one TMA config only")
     args = parser.parse_args(argv)
     bad = 0
-    print("| kernel | registers | SASS instructions | TMA loads | local-memory (spill) loads / stores |")
-    print("|---|---|---|---|---|")
+    print("| kernel | registers | SASS instructions | TMA loads | integer MMAs | local-memory (spill) loads / stores |")
+    print("|---|---|---|---|---|---|")
     for name, kernel, types, constexprs, warps in decode_kernel_builds(args.quick):
         r = sass_report(kernel, types, constexprs, num_warps=warps)
-        # a TMA config must issue bulk tensor copies; no config may spill to local memory
-        wrong = r["LDL"] + r["STL"] > 0 or (constexprs.get("USE_TMA") is True) != (r["UTMALDG"] > 0)
+        # a TMA config must issue bulk tensor copies; no config may spill to local memory; the
+        # integer-MMA GEMV must issue IMMA on one-element-per-lane tensors
+        mma = name.startswith("ternary_gemv_imma")
+        wrong = (r["LDL"] + r["STL"] > 0 or (constexprs.get("USE_TMA") is True) != (r["UTMALDG"] > 0)
+                 or mma != (r["IMMA"] > 0) or (mma and not r["lane_per_element"]))
         bad += wrong
-        print(f"| {name} | {r['regs']} | {r['instructions']} | {r['UTMALDG']} | {r['LDL']} / {r['STL']} |"
+        print(f"| {name} | {r['regs']} | {r['instructions']} | {r['UTMALDG']} | {r['IMMA']} | {r['LDL']} / {r['STL']} |"
               + (" WRONG" if wrong else ""), flush=True)
     print(f"{bad} wrong builds")
     return 1 if bad else 0

@@ -61,7 +61,8 @@ def test_rejects_float32_activations():
 
 def test_dispatcher_picks_the_gemv_by_dtype_m_and_n(monkeypatch):
     calls = []
-    for name in ("ternary_gemv", "ternary_gemv_half2", "ternary_gemv_dp2a", "ternary_gemv_packed", "ternary_gemm"):
+    for name in ("ternary_gemv", "ternary_gemv_half2", "ternary_gemv_dp2a", "ternary_gemv_packed", "ternary_gemv_imma",
+                 "ternary_gemm"):
         real = getattr(dispatch, name)
         monkeypatch.setattr(dispatch, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n) or _r(*a, **kw))
     monkeypatch.setattr(dispatch, "DP2A_MIN_WEIGHTS", 32 * 256)  # the real 32 M weights are slow to interpret
@@ -72,6 +73,7 @@ def test_dispatcher_picks_the_gemv_by_dtype_m_and_n(monkeypatch):
             x = torch.randn(1, m, 256).to(dtype)
             dispatch.ternary_linear_triton(x, packed, alpha.to(dtype), mu.to(dtype))
     small = ["ternary_gemv_half2", "ternary_gemv_half2", "ternary_gemv", "ternary_gemv_packed",
-             "ternary_gemm", "ternary_gemm"]
-    big = ["ternary_gemv_dp2a", "ternary_gemv_dp2a"] + small[2:]
+             "ternary_gemm", "ternary_gemv_imma"]
+    big = ["ternary_gemv_dp2a", "ternary_gemv_dp2a", "ternary_gemv", "ternary_gemv_imma", "ternary_gemm",
+           "ternary_gemv_imma"]
     assert calls == small + big

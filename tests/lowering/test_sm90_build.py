@@ -3,8 +3,10 @@
 The interpreter runs the kernels as Python and accepts code that the compiler rejects (session 7:
 a tl.constexpr re-assigned in a static loop), and it cannot say whether a config spills or
 whether the TMA configs really issue bulk tensor copies. benchmarks/experiments/sass.py builds
-each kernel with Triton's bundled ptxas (no GPU needed) and fails on a spill or on a TMA config
-without TMA loads; it must run without TRITON_INTERPRET, hence the subprocess."""
+each kernel with Triton's bundled ptxas (no GPU needed) and fails on a spill, on a TMA config
+without TMA loads, or on an integer-MMA GEMV without IMMA instructions or whose inline-asm MMAs
+do not get one tensor element per lane (their fragment layout); it must run without
+TRITON_INTERPRET, hence the subprocess."""
 import os
 import subprocess
 import sys
@@ -19,7 +21,9 @@ def test_decode_kernels_build_for_sm90_without_spills_and_with_tma_loads():
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = [line for line in run.stdout.splitlines() if line.startswith("| ternary_gemv")]
-    assert len(rows) == 4  # dp2a and grouped GEMV, one plain-load and one TMA config each
-    tma_loads = {row.split("|")[1].strip(): int(row.split("|")[4]) for row in rows}
-    assert all((n > 0) == ("TMA=True" in name) for name, n in tma_loads.items())
+    # dp2a and grouped GEMV, one plain-load and one TMA config each; the integer-MMA GEMV, 1 and 2 x tiles
+    assert len(rows) == 6
+    cells = {row.split("|")[1].strip(): [int(c) for c in row.split("|")[4:6]] for row in rows}
+    assert all((tma > 0) == ("TMA=True" in name) for name, (tma, _) in cells.items())
+    assert all((mma > 0) == ("imma" in name) for name, (_, mma) in cells.items())
     assert run.stdout.rstrip().endswith("0 wrong builds")

@@ -54,15 +54,19 @@ def gemv_configs(shapes):
     return [triton.Config({"BN": bn, "NBT": nbt}, num_warps=w, num_stages=1) for bn, nbt, w in shapes]
 
 
-def launch_tuned(kernel, grid, fixed: dict, config, *args, **meta):
+def _bn(cfg: dict) -> int:
+    return cfg["BN"]
+
+
+def launch_tuned(kernel, grid, fixed: dict, config, *args, program_rows=_bn, **meta):
     """Launch an autotuned GEMV: the autotuner's pick, or one fixed config (``config`` from an
-    experiment, else ``fixed``) when given or when autotuning is off. ``grid(bn)`` is the launch
-    grid for BN output rows per program."""
+    experiment, else ``fixed``) when given or when autotuning is off. ``grid(rows)`` is the launch
+    grid for ``program_rows(config)`` output rows per program (default: the config's BN)."""
     if config is not None or not AUTOTUNE:
         cfg = dict(config or fixed)
-        launch(kernel.fn if AUTOTUNE else kernel, grid(cfg["BN"]), *args, **meta, **cfg)
+        launch(kernel.fn if AUTOTUNE else kernel, grid(program_rows(cfg)), *args, **meta, **cfg)
     else:
-        launch(kernel, lambda META: grid(META["BN"]), *args, **meta)
+        launch(kernel, lambda META: grid(program_rows(META)), *args, **meta)
 
 
 # Blocks per prepack program and its warps (a dict: experiments update it in place). Many small

@@ -4,9 +4,11 @@ Paths (M = number of rows of x once flattened):
 - bf16/fp16 x, M = 1: :func:`ternary_gemv_dp2a` (x quantized to int16 once per call by a small
   kernel, integer dp2a arithmetic, dp2a.py) from DP2A_MIN_WEIGHTS weights, below that
   :func:`ternary_gemv_half2` (half2 arithmetic, x prepared in every program: no extra launch);
-  M = 2: :func:`ternary_gemv_packed` (half2, x prepacked once, each word decoded once for both
-  rows); float32 x, M <= GEMV_MAX_M: :func:`ternary_gemv` (CUDA cores). Permutation gathered in
-  the kernels, K split over programs when N is small.
+  M = 3-8, and M = 2 or 9-16 from DP2A_MIN_WEIGHTS: :func:`ternary_gemv_imma` (int16 x, integer
+  tensor-core MMA on register fragments, imma.py); the other M = 2: :func:`ternary_gemv_packed`
+  (half2, x prepacked once, each word decoded once for both rows); float32 x, M <= GEMV_MAX_M:
+  :func:`ternary_gemv` (CUDA cores). Permutation gathered in the kernels (or their x quantize
+  kernels), K split over programs when N is small.
 - M >= DEQUANT_MIN_M (prefill): the weight is dequantized once per call to x's dtype by a Triton
   kernel (N*K*2 bytes written) and multiplied by cuBLAS: at these sizes the product is compute
   bound and cuBLAS's matrix-unit efficiency beats the fused kernel (see docs/results.md).
@@ -32,17 +34,22 @@ from .gemm import SMALL_M_MAX, gemm_split, ternary_dequant, ternary_gemm
 from .gemv import gemv_split, ternary_gemv
 from .gemv_dp2a import ternary_gemv_dp2a
 from .gemv_half2 import ternary_gemv_half2
+from .gemv_imma import imma_split, ternary_gemv_imma
 from .gemv_group import MAX_MEMBERS, members_mismatch, ternary_gemv_group
 from .gemv_packed import ternary_gemv_packed
 
 log = logging.getLogger(__name__)
 
 GEMV_MAX_M = 1  # float32 x
-HALF2_MAX_M = 2  # bf16/fp16 x: at M = 4 the half2 GEMV lost to the GEMM (H200, session 5)
 # From this many weights gemv_dp2a (with its quantize launch) beats gemv_half2 (x prepared in every
 # program) at M = 1: H200, session 7, 4096x4096 6.4 vs 6.0 us, 4096x11008 11.5 vs 12.9 us, and
 # faster on the other five benchmark shapes too (docs/results.md).
 DP2A_MIN_WEIGHTS = 32 << 20
+# gemv_imma beats the older kernels at M = 3-8 on all seven benchmark shapes (H200, session 9:
+# 28672x8192 M = 8 114.7 -> 59.7 us, 4096x4096 12.3 -> 10.8 us); at M = 2 and 9-16 only on the
+# large ones (4096x4096: gemv_packed 9.8 vs 10.7 us at M = 2, the GEMM 12.5 vs 13.4 us at M = 16).
+IMMA_ANY_SIZE_M = (3, 8)
+IMMA_MAX_M = 16
 GATHER_MAX_M = 16
 # From 256 rows dequantize + cuBLAS beats the fused GEMM (H100, session 4: 0.50x vs 0.33-0.47x bf16).
 DEQUANT_MIN_M = 256
@@ -80,6 +87,20 @@ def _warn_fallback(reason: str) -> None:
     log.warning("pt2pass.ternary_linear: %s; running the plain-torch reference on the GPU", reason)
 
 
+def small_m_kernel(m: int, n: int, k: int, dtype: torch.dtype, packed: torch.Tensor) -> Optional[str]:
+    """The GEMV for m rows of x (module doc), or None for the GEMM / dequantize paths."""
+    big = n * k >= DP2A_MIN_WEIGHTS
+    if dtype == torch.float32:
+        return "gemv" if m <= GEMV_MAX_M else None
+    if m == 1:
+        return "gemv_dp2a" if big else "gemv_half2"
+    lo, hi = IMMA_ANY_SIZE_M
+    # gemv_imma reads the words in 8-byte pairs: an odd int32 offset (a sliced buffer) cannot
+    if m <= IMMA_MAX_M and packed.storage_offset() % 2 == 0 and (lo <= m <= hi or big):
+        return "gemv_imma"
+    return "gemv_packed" if m == 2 else None
+
+
 def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                           bias: Optional[torch.Tensor] = None, perm: Optional[torch.Tensor] = None,
                           block_size: int = BLOCK) -> torch.Tensor:
@@ -107,15 +128,13 @@ def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Te
         y = torch.addmm(bias.to(x.dtype), x2, w.t()) if bias is not None else torch.mm(x2, w.t())
         return y.reshape(*lead, n)
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    half = x.dtype != torch.float32
-    if half and m <= HALF2_MAX_M:
-        if m == 2:
-            gemv = ternary_gemv_packed
-        else:
-            gemv = ternary_gemv_dp2a if n * k >= DP2A_MIN_WEIGHTS else ternary_gemv_half2
-        gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(1, n, nb, sms))
-    elif not half and m <= GEMV_MAX_M:
-        ternary_gemv(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(m, n, nb, sms))
+    gemv = small_m_kernel(m, n, k, x.dtype, packed)
+    if gemv == "gemv_imma":
+        ternary_gemv_imma(x2, packed, alpha, mu, bias, perm, out, split=imma_split(n, nb, sms))
+    elif gemv is not None:
+        launcher = {"gemv_dp2a": ternary_gemv_dp2a, "gemv_half2": ternary_gemv_half2,
+                    "gemv_packed": ternary_gemv_packed, "gemv": ternary_gemv}[gemv]
+        launcher(x2, packed, alpha, mu, bias, perm, out, split=gemv_split(1, n, nb, sms))
     else:
         if perm is not None and m > GATHER_MAX_M:
             x2, perm = x2.index_select(1, perm), None

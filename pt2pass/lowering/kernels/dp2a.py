@@ -87,7 +87,21 @@ def word_dots(words, p0, p1, p2, p3, p4, p5, p6, p7, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def _to_int(v, inv):
+def x_block_scales(big, total):
+    """Per block, from :func:`x_column_stats`'s (blocks, 8) largest |x| and sums: the scale s_b,
+    1 / s_b (0 where the block is not finite) and sum(x)."""
+    xsum = tl.sum(total, axis=1)
+    finite = (xsum - xsum) == 0  # False for a NaN or an Inf in the block (the sum carries it)
+    bmax = tl.max(big, axis=1)
+    # 1 / scale at most 2^126: blocks below X_MAX * 2^-126 (~4e-34) keep fewer levels, down to 0 at
+    # bf16's subnormals, instead of an overflowing 1 / scale that would turn x_int into garbage
+    scale = tl.where(finite, tl.maximum(bmax / X_MAX, MIN_SCALE), xsum - xsum)  # NaN where not finite
+    inv = tl.where(finite, 1.0 / tl.where(finite, scale, 1.0), 0.0)
+    return scale, inv, xsum
+
+
+@triton.jit
+def to_int(v, inv):
     """round(v * inv) to the nearest integer, halves away from zero (exact in the interpreter too)."""
     t = v * inv
     return tl.where(t >= 0, t + 0.5, t - 0.5).to(tl.int32)
@@ -103,13 +117,8 @@ def quantize_row(x_row, perm_ptr, xp_row, xscale_row, xint_row, xs_row, KW, NB,
     ok = (blk < NB)[:, None] & (ij < 8)[None, :]
     col = blk[:, None] * 8 + ij[None, :]
     big, total = x_column_stats(x_row, perm_ptr, blk, ok, HAS_PERM, NBT)
-    xsum = tl.sum(total, axis=1)
-    finite = (xsum - xsum) == 0  # False for a NaN or an Inf in the block (the sum carries it)
-    bmax = tl.max(big, axis=1)
-    # 1 / scale at most 2^126: blocks below X_MAX * 2^-126 (~4e-34) keep fewer levels, down to 0 at
-    # bf16's subnormals, instead of an overflowing 1 / scale that would turn x_int into garbage
-    scale = tl.where(finite, tl.maximum(bmax / X_MAX, MIN_SCALE), xsum - xsum)  # NaN where not finite
-    inv = tl.where(finite, 1.0 / tl.where(finite, scale, 1.0), 0.0)[:, None]
+    scale, inv, xsum = x_block_scales(big, total)
+    inv = inv[:, None]
     isum = tl.zeros((NBT, 8), tl.int32)
     for p in tl.static_range(8):  # second pass (L1 hits): p = 2 r + h, slots 8 h + r and 8 h + 4 + r
         s_lo = 8 * (p % 2) + p // 2
@@ -118,8 +127,8 @@ def quantize_row(x_row, perm_ptr, xp_row, xscale_row, xint_row, xs_row, KW, NB,
         if HAS_PERM:
             ks = tl.load(perm_ptr + ks, mask=ok, other=0)
             ks_hi = tl.load(perm_ptr + ks_hi, mask=ok, other=0)
-        lo = _to_int(tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32), inv)
-        hi = _to_int(tl.load(x_row + ks_hi, mask=ok, other=0.0).to(tl.float32), inv)
+        lo = to_int(tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32), inv)
+        hi = to_int(tl.load(x_row + ks_hi, mask=ok, other=0.0).to(tl.float32), inv)
         isum += lo + hi
         tl.store(xp_row + p * KW + col, (lo & 0xFFFF) | (hi << 16), mask=ok)
     bok = blk < NB

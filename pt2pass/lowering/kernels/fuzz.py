@@ -20,7 +20,7 @@ import torch
 
 from ..format import dequantize, pack_ternary
 from ..reference import ternary_linear_reference
-from .dispatch import DEQUANT_MIN_M, GATHER_MAX_M, GEMV_MAX_M, HALF2_MAX_M, ternary_linear_triton
+from .dispatch import DEQUANT_MIN_M, GATHER_MAX_M, GEMV_MAX_M, IMMA_ANY_SIZE_M, IMMA_MAX_M, ternary_linear_triton
 from .gemm import SMALL_M_MAX
 
 # Relative Frobenius error allowed per activation dtype: float32 carries the kernels' own error
@@ -72,8 +72,9 @@ class FuzzCase:
 
 def _m_buckets(limit: int) -> List[Tuple[int, int]]:
     """One M range per dispatcher path, cut at ``limit``."""
-    edges = [(1, GEMV_MAX_M), (GEMV_MAX_M + 1, HALF2_MAX_M), (HALF2_MAX_M + 1, GATHER_MAX_M),
-             (GATHER_MAX_M + 1, SMALL_M_MAX),
+    lo, hi = IMMA_ANY_SIZE_M
+    edges = [(1, GEMV_MAX_M), (GEMV_MAX_M + 1, lo - 1), (lo, hi), (hi + 1, max(IMMA_MAX_M, GATHER_MAX_M)),
+             (max(IMMA_MAX_M, GATHER_MAX_M) + 1, SMALL_M_MAX),
              (SMALL_M_MAX + 1, DEQUANT_MIN_M - 1), (DEQUANT_MIN_M, limit)]
     return [(lo, min(hi, limit)) for lo, hi in edges if lo <= limit]
 

@@ -1,0 +1,183 @@
+"""GEMV for 1-16 rows of bf16/fp16 x on the tensor cores: integer MMA with register fragments (imma.py).
+
+x is quantized once per call by a small kernel into int16 per 128-block (as for the dp2a GEMV)
+and laid out as the MMA's B fragments (high and low bytes, rows padded to 8 or 16 with zeros).
+Each warp owns R tiles of 16 W rows; per block a lane loads one 64-bit word pair of each of its
+two rows, turns them into A registers with shifts and masks, and issues 8 ``mma.sync`` per 8
+rows of x (4 column steps x 2 byte halves); the float epilogue runs once per (row, x row, block).
+So the cost per weight barely grows with M: ~1.4 instructions per weight at M <= 8 and ~2 at
+M <= 16, against ~1.75 x M for the dp2a GEMV and an unpack through shared memory for the GEMM.
+
+Tensors in the kernel are (R, 32 WARPS): element (r, 32 w + lane) lives in lane ``lane`` of warp
+w, which the MMA's fragment layout relies on (checked offline by tests/lowering/test_sm90_build.py
+on the compiled layout, on the GPU by benchmarks/experiments/sweep_gemv_imma.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import INTERPRET, PREPACK, autotune, launch, launch_args, launch_tuned, splitk_reduce
+from .imma import FRAGMENT_WORDS, block_products, quantize_fragments
+
+MAX_M = 16  # two 8-row tiles of x per MMA pair
+
+
+@triton.jit
+def _quantize_x_imma_kernel(x_ptr, perm_ptr, xf_ptr, xscale_ptr, xint_ptr, xs_ptr, M, NB, stride_xm,
+                            HAS_PERM: tl.constexpr, NBT: tl.constexpr):
+    """:func:`imma.quantize_fragments` of x row m = program_id(1) (zeros for the padding rows m >= M)."""
+    m = tl.program_id(1).to(tl.int64)
+    x_row = x_ptr + tl.minimum(m, M - 1) * stride_xm
+    xf_lane = xf_ptr + (m // 8) * NB * FRAGMENT_WORDS + (m % 8) * 4
+    quantize_fragments(x_row, perm_ptr, xf_lane, xscale_ptr + m * NB, xint_ptr + m * NB, xs_ptr + m * NB, NB,
+                       m < M, HAS_PERM, NBT)
+
+
+def quantize_x_imma(x: torch.Tensor, perm) -> tuple:
+    """(xf int32 (tiles, K/128, 512), scale float32, X int32, sum float32 (8 tiles, K/128)) of
+    x[:, perm] (M <= 16 rows, padded with zero rows to 8 per tile)."""
+    m, k = x.shape
+    nb = k // 128
+    rows = 8 * triton.cdiv(m, 8)
+    xf = torch.empty((rows // 8, nb, FRAGMENT_WORDS.value), device=x.device, dtype=torch.int32)
+    xscale = torch.empty((rows, nb), device=x.device, dtype=torch.float32)
+    xint = torch.empty((rows, nb), device=x.device, dtype=torch.int32)
+    xs = torch.empty((rows, nb), device=x.device, dtype=torch.float32)
+    launch(_quantize_x_imma_kernel, (triton.cdiv(nb, PREPACK["NBT"]), rows), x, perm if perm is not None else xf,
+           xf, xscale, xint, xs, m, nb, x.stride(0), HAS_PERM=perm is not None, **PREPACK)
+    return xf, xscale, xint, xs
+
+
+@triton.jit
+def _block_update(y0, y1, y2, y3, w_top, w_bot, xf_ptr, xscale_ptr, xint_ptr, xs_ptr, tile, b, b_ok, NB,
+                  t, al_top, mu_top, al_bot, mu_bot, USE_ASM: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr):
+    """y0..y3 += block b's term for (top row, x row 2t), (top, 2t + 1), (bottom, 2t), (bottom, 2t + 1)
+    of x-row tile ``tile``. Blocks past the split (not ``b_ok``) read zero codes and scales."""
+    lane = tl.arange(0, 32 * WARPS)[None, :] % 32
+    bc = tl.minimum(b, NB - 1)  # in bounds; its codes are masked to 0
+    p0, p1, p2, p3 = block_products(w_top, w_bot, xf_ptr + (tile * NB + bc) * FRAGMENT_WORDS + lane,
+                                    USE_ASM, R, WARPS)
+    x0 = (tile * 8 + 2 * t) * NB + bc
+    x1 = x0 + NB
+    s0 = tl.load(xscale_ptr + x0, mask=b_ok, other=0.0)
+    s1 = tl.load(xscale_ptr + x1, mask=b_ok, other=0.0)
+    i0 = tl.load(xint_ptr + x0, mask=b_ok, other=0)
+    i1 = tl.load(xint_ptr + x1, mask=b_ok, other=0)
+    z0 = tl.load(xs_ptr + x0, mask=b_ok, other=0.0)
+    z1 = tl.load(xs_ptr + x1, mask=b_ok, other=0.0)
+    y0 += al_top * s0 * (p0 - i0).to(tl.float32) + mu_top * z0
+    y1 += al_top * s1 * (p1 - i1).to(tl.float32) + mu_top * z1
+    y2 += al_bot * s0 * (p2 - i0).to(tl.float32) + mu_bot * z0
+    y3 += al_bot * s1 * (p3 - i1).to(tl.float32) + mu_bot * z1
+    return y0, y1, y2, y3
+
+
+@triton.jit
+def _store(out_ptr, bias_ptr, y, xr, rows, M, N, pid_k, HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr):
+    """y[x row xr, W row rows]: float32 into the split-K workspace, else + bias in out's dtype."""
+    ok = (xr < M) & (rows < N)
+    if SPLIT_OUT:
+        tl.store(out_ptr + (pid_k * M + xr) * N + rows, y, mask=ok)
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + xr * N + rows, y.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _store_tile(out_ptr, bias_ptr, y0, y1, y2, y3, tile, t, rows, M, N, pid_k,
+                HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr):
+    xr = tile * 8 + 2 * t
+    _store(out_ptr, bias_ptr, y0, xr, rows, M, N, pid_k, HAS_BIAS, SPLIT_OUT)
+    _store(out_ptr, bias_ptr, y1, xr + 1, rows, M, N, pid_k, HAS_BIAS, SPLIT_OUT)
+    _store(out_ptr, bias_ptr, y2, xr, rows + 8, M, N, pid_k, HAS_BIAS, SPLIT_OUT)
+    _store(out_ptr, bias_ptr, y3, xr + 1, rows + 8, M, N, pid_k, HAS_BIAS, SPLIT_OUT)
+
+
+@triton.jit
+def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
+                             M, N, KW2, NB, blocks_per_split, m_bucket,
+                             HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
+                             TILES: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr, NBT: tl.constexpr):
+    """16 R WARPS rows of W (int64 word pairs, KW2 per row) per program, K blocks of split
+    program_id(1), all TILES 8-row tiles of x."""
+    pid_k = tl.program_id(1)
+    e = tl.arange(0, 32 * WARPS)[None, :]
+    g = (e % 32) // 4
+    t = e % 4
+    rows = tl.program_id(0) * (16 * R * WARPS) + (tl.arange(0, R)[:, None] * WARPS + e // 32) * 16 + g
+    ok_top = rows < N
+    ok_bot = rows + 8 < N
+    w_top = w_ptr + rows.to(tl.int64) * KW2 + t
+    w_bot = w_top + 8 * KW2
+    b_lo = pid_k * blocks_per_split
+    b_hi = tl.minimum(b_lo + blocks_per_split, NB)
+    zero = tl.zeros((R, 32 * WARPS), tl.float32)
+    y0, y1, y2, y3 = zero, zero, zero, zero
+    v0, v1, v2, v3 = zero, zero, zero, zero
+    for b0 in range(b_lo, b_hi, NBT):
+        for u in tl.static_range(NBT):
+            b = b0 + u
+            b_ok = b < b_hi
+            wt = tl.load(w_top + 4 * b, mask=ok_top & b_ok, other=0)
+            wb = tl.load(w_bot + 4 * b, mask=ok_bot & b_ok, other=0)
+            at = tl.load(a_ptr + rows * NB + b, mask=ok_top & b_ok, other=0.0).to(tl.float32)
+            mt = tl.load(mu_ptr + rows * NB + b, mask=ok_top & b_ok, other=0.0).to(tl.float32)
+            ab = tl.load(a_ptr + (rows + 8) * NB + b, mask=ok_bot & b_ok, other=0.0).to(tl.float32)
+            mb = tl.load(mu_ptr + (rows + 8) * NB + b, mask=ok_bot & b_ok, other=0.0).to(tl.float32)
+            y0, y1, y2, y3 = _block_update(y0, y1, y2, y3, wt, wb, xf_ptr, xscale_ptr, xint_ptr, xs_ptr, 0, b,
+                                           b_ok, NB, t, at, mt, ab, mb, USE_ASM, R, WARPS)
+            if TILES == 2:
+                v0, v1, v2, v3 = _block_update(v0, v1, v2, v3, wt, wb, xf_ptr, xscale_ptr, xint_ptr, xs_ptr, 1, b,
+                                               b_ok, NB, t, at, mt, ab, mb, USE_ASM, R, WARPS)
+    _store_tile(out_ptr, bias_ptr, y0, y1, y2, y3, 0, t, rows, M, N, pid_k, HAS_BIAS, SPLIT_OUT)
+    if TILES == 2:
+        _store_tile(out_ptr, bias_ptr, v0, v1, v2, v3, 1, t, rows, M, N, pid_k, HAS_BIAS, SPLIT_OUT)
+
+
+# (R row tiles per warp, warps, blocks per iteration). H200 sweep of session 9 (sweep_gemv_imma.py,
+# 9 configs with R = 1-2, NBT = 1-4): (1, 4, 4) was the best at M <= 8 on every shape, (1, 2, 2) /
+# (1, 4, 2) at M = 16 (two x tiles: 178 registers with NBT = 4); R = 2 never in the top three.
+# (1, 8, 4), (1, 2, 4) and (1, 4, 8) (more words in flight per SM) were added untimed.
+IMMA_SHAPES = [(1, 4, 4), (1, 2, 2), (1, 4, 2), (1, 8, 2), (1, 8, 4), (1, 2, 4), (1, 4, 8)]
+_IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt}, num_warps=w, num_stages=1)
+                  for r, w, nbt in IMMA_SHAPES], ["m_bucket", "N", "KW2", "blocks_per_split"])(ternary_gemv_imma_kernel)
+_FIXED = {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1} if INTERPRET else {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4}
+
+
+def program_rows(cfg: dict) -> int:
+    return 16 * cfg["R"] * cfg["WARPS"]
+
+
+def imma_split(n: int, nb: int, sms: int) -> int:
+    """K splits so that ~2 programs per SM exist (assuming 64 rows per program)."""
+    programs = triton.cdiv(n, 64)
+    if programs >= 2 * sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), nb // 2))
+
+
+def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
+                      bias, perm, out: torch.Tensor, split: int = 1, config=None) -> torch.Tensor:
+    """y = x[:, perm] @ W^T + bias into ``out`` (M, N), x bf16/fp16 (M <= 16, K). ``config``: a
+    fixed {"R", "WARPS", "NBT", "num_warps"} (experiments, tests), else autotuned / the default."""
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"ternary_gemv_imma takes bf16/fp16 activations, got {x.dtype}")
+    if not 1 <= x.shape[0] <= MAX_M:
+        raise ValueError(f"ternary_gemv_imma takes 1..{MAX_M} rows of x, got {x.shape[0]}")
+    if packed.storage_offset() % 2:
+        raise ValueError("ternary_gemv_imma reads the packed words in 8-byte pairs: the packed "
+                         "tensor's storage offset must be even")
+    args, split, target = launch_args("ternary_gemv_imma", x, packed, alpha, mu, bias, perm, out, split)
+    _, _, _, _, bias_arg, _, target, m, n, kw, nb, _, bps, _, bucket = args
+    xf, xscale, xint, xs = quantize_x_imma(x, perm)
+    args = (xf, xscale, xint, xs, packed.view(torch.int64), alpha, mu, bias_arg, target, m, n, kw // 2, nb,
+            bps, bucket)
+    meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, TILES=xf.shape[0])
+    launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), _FIXED, config, *args,
+                 program_rows=program_rows, **meta)
+    if split > 1:
+        splitk_reduce(target, bias, out)
+    return out
