@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh tma_ab | fuzz | e2e7b | e2e8b | quant7b | prefill7b | lowering | kernels | group | rows | pipelined
-# All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 4: session 5;
+#   bash benchmarks/gpu_checklist.sh imma | lowering | fuzz | e2e7b | e2e8b | kernels | profile | quant7b | prefill7b | group | rows | pipelined | tma_ab
+# All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
 # e2e7b/e2e8b at batch 1 with 256 new tokens, prefill7b, kernels at M = 1-2 with gemlite: session 7;
-# pipelined (the TMA GEMV), group, lowering, fuzz (150 of 160 cases), one e2e7b: session 8, all on
-# the H200). Owed on the H200: tma_ab (decode with and without TMA in one call: the one session-8
-# e2e run did not show the kernel gain), fuzz with the final autotune list, e2e8b and kernels with
-# the TMA GEMV, rows (the untimed dp2a rows kernel of session 7 at M = 2, 4, 8), e2e at batch 8,
-# the whole 7B quantization (quant7b). The kernels step needs the gemlite wheel carried (.whl is
-# git-ignored; benchmarks/README.md says how to build it).
+# pipelined, group: session 8; profile (the 7B decode step per kernel, TMA on and off = tma_ab),
+# the imma sweep on 4 of the 7 shapes, lowering without the export check, 50 fuzz cases: session
+# 9, all on the H200). Owed on the H200, for the session-9 dispatcher (M = 2-16 on the integer
+# tensor-core GEMV): imma (the autotuned kernel on all 7 shapes, with the 3 configs added untimed),
+# lowering (its export round trip did not run), fuzz (all 256 cases), e2e7b / e2e8b (batch 8 now
+# runs the new kernel), kernels (with gemlite, now also at M = 2-16), the whole 7B quantization
+# (quant7b). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
+# benchmarks/README.md says how to build it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -23,10 +25,11 @@ case "${1:-}" in
   group)    python3 benchmarks/bench_group.py ;;                                  # ~1 min
   rows)     python3 benchmarks/experiments/sweep_gemv_rows.py ;;                  # ~3 min (session 5: 2.5)
   pipelined) python3 benchmarks/experiments/sweep_gemv_pipelined.py ;;           # ~1.5 min with compiles
-  tma_ab)   for t in 0 1; do PT2PASS_TMA=$t python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 \
-                --new-tokens 128 --skip-quant-timing --skip-bf16; done ;;         # ~3 min each
+  tma_ab)   python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --tma 0 1 0 1 ;;  # ~5 min
+  profile)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --bf16 --tma 1 ;;  # ~4 min
+  imma)     python3 benchmarks/experiments/sweep_gemv_imma.py --tuned-only --ms 2 4 8 16 ;;     # compiles ~4 min
   kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels)
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
-            PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py ;;
-  *) echo "usage: $0 tma_ab|fuzz|e2e7b|e2e8b|quant7b|prefill7b|lowering|kernels|group|rows|pipelined" >&2; exit 2 ;;
+            PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py --ms 1 2 4 8 16 ;;
+  *) echo "usage: $0 imma|lowering|fuzz|e2e7b|e2e8b|kernels|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
 esac
