@@ -45,9 +45,9 @@ GEMV_MAX_M = 1  # float32 x
 # program) at M = 1: H200, session 7, 4096x4096 6.4 vs 6.0 us, 4096x11008 11.5 vs 12.9 us, and
 # faster on the other five benchmark shapes too (docs/results.md).
 DP2A_MIN_WEIGHTS = 32 << 20
-# gemv_imma beats the older kernels at M = 3-8 on all seven benchmark shapes (H200, session 9:
-# 28672x8192 M = 8 114.7 -> 59.7 us, 4096x4096 12.3 -> 10.8 us); at M = 2 and 9-16 only on the
-# large ones (4096x4096: gemv_packed 9.8 vs 10.7 us at M = 2, the GEMM 12.5 vs 13.4 us at M = 16).
+# gemv_imma beats the older kernels at M = 3-8 on the four benchmark shapes timed (H200, session 9:
+# 28672x8192 M = 8 114.7 -> 60.9 us, 4096x4096 12.3 -> 10.9 us); at M = 2 and 9-16 only on the
+# large ones (4096x4096: gemv_packed 9.8 vs 10.5 us at M = 2, the GEMM 12.5 vs 14.2 us at M = 16).
 IMMA_ANY_SIZE_M = (3, 8)
 IMMA_MAX_M = 16
 GATHER_MAX_M = 16
