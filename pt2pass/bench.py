@@ -136,11 +136,10 @@ def op_path(device: torch.device, m: int, x: torch.Tensor, packed, alpha) -> str
     reason = dispatch.unsupported_reason(x, packed, alpha, SCALE_BLOCK)
     if reason is not None:
         return f"plain-torch reference on the GPU ({reason})"
-    if m <= dispatch.GEMV_MAX_M:
-        return "Triton GEMV"
     if m >= dispatch.DEQUANT_MIN_M:
         return "Triton dequantize + cuBLAS"
-    return "Triton GEMM"
+    gemv = dispatch.small_m_kernel(m, packed.shape[0], x.shape[-1], x.dtype, packed)
+    return f"Triton {gemv}" if gemv is not None else "Triton GEMM"
 
 
 @dataclass

@@ -20,3 +20,17 @@ def test_rotating_layers_cover_the_l2_flush_budget():
     assert nbytes == 512 * 1024 // 4 + 2 * 2 * 512 * 8  # 2-bit codes + bf16 alpha and mu per 128
     assert len(tern) * nbytes >= ROTATE_BYTES and len(dense) * 512 * 1024 * 2 >= ROTATE_BYTES
     assert tern[0][0] is not tern[1][0] and torch.equal(tern[0][0], tern[1][0])
+
+
+def test_op_path_names_the_kernel_the_dispatcher_runs():
+    from pt2pass.bench import op_path, random_ternary_layer
+
+    cuda = torch.device("cuda")  # op_path only reads shapes and dtypes: CPU tensors stand in
+    _, packed, alpha, _ = random_ternary_layer(64, 256, "cpu")
+    x = torch.zeros(1, 256, dtype=torch.bfloat16)
+    assert op_path(torch.device("cpu"), 1, x, packed, alpha).startswith("CPU reference")
+    assert [op_path(cuda, m, x, packed, alpha) for m in (1, 2, 4, 12, 300)] == [
+        "Triton gemv_half2", "Triton gemv_packed", "Triton gemv_imma", "Triton GEMM", "Triton dequantize + cuBLAS"]
+    assert op_path(cuda, 1, x.float(), packed, alpha) == "Triton gemv"
+    _, odd_k, odd_alpha, _ = random_ternary_layer(64, 576, "cpu")
+    assert "576 is not a multiple of 128" in op_path(cuda, 1, torch.zeros(1, 576), odd_k, odd_alpha)
