@@ -51,7 +51,7 @@ def picked(m, n, k, split) -> str:
     return str(_IMMA.cache[key].kwargs) if key is not None else "?"
 
 
-def check(dev) -> bool:
+def check(dev, configs) -> bool:
     ok = True
     cases = [(1, 1000, 1152, torch.float16, True, True, 3), (3, 4096, 4096, torch.bfloat16, False, True, 1),
              (8, 11008, 4096, torch.bfloat16, True, False, 1), (9, 1000, 1152, torch.bfloat16, False, False, 2),
@@ -61,7 +61,7 @@ def check(dev) -> bool:
         x, packed, alpha, mu, b, p, ref = gemv_check_case(m, n, k, dt, bias, perm, dev)
         y_op = OP(x, packed, alpha, mu, b, p)
         worst = 0.0
-        for cfg in CONFIGS + [None]:
+        for cfg in configs + [None]:
             out = torch.full((m, n), float("nan"), device=dev, dtype=dt)
             ternary_gemv_imma(x, packed, alpha, mu, b, p, out, split, cfg)
             e, e_op = rel_err(out, ref), rel_err(out, y_op.double())
@@ -81,10 +81,9 @@ def main():
     parser.add_argument("--tuned-only", action="store_true",
                         help="check and time only the autotuned launcher (prints its pick), not every config")
     args = parser.parse_args()
-    if args.tuned_only:
-        CONFIGS.clear()
+    configs = [] if args.tuned_only else CONFIGS
     dev = "cuda"
-    t0 = checked_gpu_run(check, dev)
+    t0 = checked_gpu_run(lambda d: check(d, configs), dev)
     sms = _num_sms(torch.device(dev))
     ratios = {m: {"dispatcher": [], "imma best": [], "imma tuned": []} for m in args.ms}
     for n, k in SHAPES:
@@ -98,7 +97,7 @@ def main():
             t_bf16 = time_graph([lambda w=w: F.linear(x, w[0]) for w in dense], max(len(dense), 10))
             t_op = time_graph([lambda p=p: OP(x, *p) for p in tern], reps)
             times = {str(c): time_graph([lambda p=p, c=c: ternary_gemv_imma(x, *p, None, None, out, split, c)
-                                         for p in tern], reps) for c in CONFIGS}
+                                         for p in tern], reps) for c in configs}
             t_tuned = time_graph([lambda p=p: ternary_gemv_imma(x, *p, None, None, out, split) for p in tern], reps)
             t_best = min(times.values()) if times else t_tuned
             times = times or {f"tuned: {picked(m, n, k, split)}": t_tuned}

@@ -34,6 +34,7 @@ from .gemm import SMALL_M_MAX, gemm_split, ternary_dequant, ternary_gemm
 from .gemv import gemv_split, ternary_gemv
 from .gemv_dp2a import ternary_gemv_dp2a
 from .gemv_half2 import ternary_gemv_half2
+from .gemv_imma import MAX_M as IMMA_MAX_M
 from .gemv_imma import imma_split, ternary_gemv_imma
 from .gemv_group import MAX_MEMBERS, members_mismatch, ternary_gemv_group
 from .gemv_packed import ternary_gemv_packed
@@ -49,7 +50,6 @@ DP2A_MIN_WEIGHTS = 32 << 20
 # 28672x8192 M = 8 114.7 -> 60.9 us, 4096x4096 12.3 -> 10.9 us); at M = 2 and 9-16 only on the
 # large ones (4096x4096: gemv_packed 9.8 vs 10.5 us at M = 2, the GEMM 12.5 vs 14.2 us at M = 16).
 IMMA_ANY_SIZE_M = (3, 8)
-IMMA_MAX_M = 16
 GATHER_MAX_M = 16
 # From 256 rows dequantize + cuBLAS beats the fused GEMM (H100, session 4: 0.50x vs 0.33-0.47x bf16).
 DEQUANT_MIN_M = 256

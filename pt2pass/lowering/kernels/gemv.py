@@ -109,12 +109,13 @@ def ternary_gemv_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
 _FIXED_CONFIG = {"BN": 16, "NBT": 2} if INTERPRET else {"BN": 4, "NBT": 32, "num_warps": 2}
 
 
-def gemv_split(m: int, n: int, nb: int, sms: int) -> int:
-    """K splits so that at least ~2 programs per SM exist when N is small (rows per program ~8)."""
-    programs = triton.cdiv(n, 8) * m
+def gemv_split(m: int, n: int, nb: int, sms: int, rows_per_program: int = 8, min_blocks: int = 4) -> int:
+    """K splits so that at least ~2 programs per SM exist when N is small (``rows_per_program``
+    rows of W per program, each split at least ``min_blocks`` blocks long)."""
+    programs = triton.cdiv(n, rows_per_program) * m
     if programs >= 2 * sms:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), nb // 4))
+    return max(1, min(triton.cdiv(2 * sms, programs), nb // min_blocks))
 
 
 def ternary_gemv(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,

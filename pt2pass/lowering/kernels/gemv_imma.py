@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import INTERPRET, PREPACK, autotune, launch, launch_args, launch_tuned, splitk_reduce
+from .gemv import gemv_split
 from .imma import FRAGMENT_WORDS, block_products, quantize_fragments
 
 MAX_M = 16  # two 8-row tiles of x per MMA pair
@@ -153,11 +154,8 @@ def program_rows(cfg: dict) -> int:
 
 
 def imma_split(n: int, nb: int, sms: int) -> int:
-    """K splits so that ~2 programs per SM exist (assuming 64 rows per program)."""
-    programs = triton.cdiv(n, 64)
-    if programs >= 2 * sms:
-        return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), nb // 2))
+    """K splits for ~2 programs per SM, assuming 64 rows per program (the fixed config's)."""
+    return gemv_split(1, n, nb, sms, rows_per_program=64, min_blocks=2)
 
 
 def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
