@@ -1,10 +1,11 @@
 """Where does the time of one decode step go? Per-kernel GPU time of the CUDA-graphed step.
 
     python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --tma 0 1 0 1
+    python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --env PT2PASS_FUSE_X=0 PT2PASS_FUSE_X=1
 
 Builds the random bf16 LLaMA-shaped model of bench_e2e.py, ternarizes it (``method="rtn"``), and
 for each ``--tma`` setting (``PT2PASS_TMA`` read when the step is traced, so each setting gets its
-own compiled step in this process) times the decode step exactly as generation runs it (compiled
+own compiled step in this process; ``--env`` sets any such variables) times the decode step exactly as generation runs it (compiled
 with CUDA graphs, one token at position ``--position``), then profiles ``--steps`` replays and
 prints GPU time per step by kernel family and the top kernels. ``--bf16`` profiles the bf16 model
 first. Wall time per step minus the kernels' sum is what the GPU spends between kernels.
@@ -99,6 +100,8 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=512, help="static cache length")
     parser.add_argument("--position", type=int, default=256, help="the decoded token's position")
     parser.add_argument("--tma", nargs="+", default=["1"], help="PT2PASS_TMA values, one run each")
+    parser.add_argument("--env", nargs="+", help="instead of --tma: settings 'VAR=V[,VAR=V]', one run each "
+                                                 "(e.g. PT2PASS_FUSE_X=0 PT2PASS_FUSE_X=1)")
     parser.add_argument("--bf16", action="store_true", help="profile the bf16 model first")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=15)
@@ -113,10 +116,10 @@ def main() -> None:
     qm = pt2pass.compile(model, config=pt2pass.CompileConfig(ternary=pt2pass.TernaryConfig(method="rtn")),
                          progress=False)
     del model
-    for i, tma in enumerate(args.tma):
-        os.environ["PT2PASS_TMA"] = tma
-        results[f"ternary TMA={tma} #{i}"] = measure(f"ternary, PT2PASS_TMA={tma} (run {i})",
-                                                     qm.skeleton, qm.store, args)
+    settings = args.env or [f"PT2PASS_TMA={tma}" for tma in args.tma]
+    for i, setting in enumerate(settings):
+        os.environ.update(dict(item.split("=", 1) for item in setting.split(",")))
+        results[f"ternary {setting} #{i}"] = measure(f"ternary, {setting} (run {i})", qm.skeleton, qm.store, args)
     print("\n| run | us per step | tok/s |\n|---|---|---|")
     for label, wall in results.items():
         print(f"| {label} | {wall * 1e6:.1f} | {args.batch / wall:.1f} |")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import x_column_stats
 
 X_MAX = tl.constexpr(32767)  # x_int in [-X_MAX, X_MAX]: per word |sum| <= 16 * 2 * X_MAX, per block < 2^24
 MIN_SCALE = tl.constexpr(2.0 ** -126)  # float32's smallest normal: 1 / MIN_SCALE still fits
@@ -108,30 +107,85 @@ def to_int(v, inv):
 
 
 @triton.jit
+def _x_slot(x_row, perm_ptr, blk, ok, s: tl.constexpr, HAS_PERM: tl.constexpr):
+    """x (float32, (blocks, 8)) at slot s of every word column j: columns 128 b + 8 s + j, gathered
+    through ``perm_ptr``; masked entries read 0."""
+    ks = blk[:, None] * 128 + 8 * s + tl.arange(0, 8)[None, :]
+    if HAS_PERM:
+        ks = tl.load(perm_ptr + ks, mask=ok, other=0)
+    return tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _pair(lo, hi):
+    return (lo & 0xFFFF) | (hi << 16)
+
+
+@triton.jit
+def quantize_blocks(x_row, perm_ptr, blk, ok, HAS_PERM: tl.constexpr):
+    """The quantized x of one row's blocks ``blk`` (gathered through ``perm_ptr``; ``ok`` masks
+    (blocks, 8)): the int16 pairs p0 .. p7 (blocks, 8) in the word layout of the module doc, and
+    per block the scale s_b, X_b = sum x_int (int32) and sum(x). One pass: the 16 slots of each
+    word column stay in registers between the block statistics and the rounding."""
+    v0 = _x_slot(x_row, perm_ptr, blk, ok, 0, HAS_PERM)
+    v1 = _x_slot(x_row, perm_ptr, blk, ok, 1, HAS_PERM)
+    v2 = _x_slot(x_row, perm_ptr, blk, ok, 2, HAS_PERM)
+    v3 = _x_slot(x_row, perm_ptr, blk, ok, 3, HAS_PERM)
+    v4 = _x_slot(x_row, perm_ptr, blk, ok, 4, HAS_PERM)
+    v5 = _x_slot(x_row, perm_ptr, blk, ok, 5, HAS_PERM)
+    v6 = _x_slot(x_row, perm_ptr, blk, ok, 6, HAS_PERM)
+    v7 = _x_slot(x_row, perm_ptr, blk, ok, 7, HAS_PERM)
+    v8 = _x_slot(x_row, perm_ptr, blk, ok, 8, HAS_PERM)
+    v9 = _x_slot(x_row, perm_ptr, blk, ok, 9, HAS_PERM)
+    v10 = _x_slot(x_row, perm_ptr, blk, ok, 10, HAS_PERM)
+    v11 = _x_slot(x_row, perm_ptr, blk, ok, 11, HAS_PERM)
+    v12 = _x_slot(x_row, perm_ptr, blk, ok, 12, HAS_PERM)
+    v13 = _x_slot(x_row, perm_ptr, blk, ok, 13, HAS_PERM)
+    v14 = _x_slot(x_row, perm_ptr, blk, ok, 14, HAS_PERM)
+    v15 = _x_slot(x_row, perm_ptr, blk, ok, 15, HAS_PERM)
+    # the sum in slot order, as x_column_stats adds (the block sums then agree to the bit)
+    total = (((((((v0 + v1) + v2) + v3) + v4) + v5) + v6) + v7)
+    total = (((((((total + v8) + v9) + v10) + v11) + v12) + v13) + v14) + v15
+    big = tl.maximum(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
+                     tl.maximum(tl.maximum(tl.abs(v4), tl.abs(v5)), tl.maximum(tl.abs(v6), tl.abs(v7))))
+    big = tl.maximum(big, tl.maximum(tl.maximum(tl.maximum(tl.abs(v8), tl.abs(v9)), tl.maximum(tl.abs(v10), tl.abs(v11))),
+                                     tl.maximum(tl.maximum(tl.abs(v12), tl.abs(v13)), tl.maximum(tl.abs(v14), tl.abs(v15)))))
+    scale, inv, xsum = x_block_scales(big, total)
+    inv = inv[:, None]
+    # pair p = 2 r + h: slots 8 h + r (low half) and 8 h + 4 + r (high half)
+    q0, q4 = to_int(v0, inv), to_int(v4, inv)
+    q8, q12 = to_int(v8, inv), to_int(v12, inv)
+    q1, q5 = to_int(v1, inv), to_int(v5, inv)
+    q9, q13 = to_int(v9, inv), to_int(v13, inv)
+    q2, q6 = to_int(v2, inv), to_int(v6, inv)
+    q10, q14 = to_int(v10, inv), to_int(v14, inv)
+    q3, q7 = to_int(v3, inv), to_int(v7, inv)
+    q11, q15 = to_int(v11, inv), to_int(v15, inv)
+    isum = (q0 + q1 + q2 + q3 + q4 + q5 + q6 + q7) + (q8 + q9 + q10 + q11 + q12 + q13 + q14 + q15)
+    return (_pair(q0, q4), _pair(q8, q12), _pair(q1, q5), _pair(q9, q13), _pair(q2, q6), _pair(q10, q14),
+            _pair(q3, q7), _pair(q11, q15), scale, tl.sum(isum, axis=1), xsum)
+
+
+@triton.jit
 def quantize_row(x_row, perm_ptr, xp_row, xscale_row, xint_row, xs_row, KW, NB,
                  HAS_PERM: tl.constexpr, NBT: tl.constexpr):
-    """For one x row (gathered through ``perm_ptr``) and this program's NBT blocks: the int16
-    pairs xp[p, c] (module doc), per block the scale s_b, X_b = sum x_int and sum(x)."""
+    """For one x row (gathered through ``perm_ptr``) and this program's NBT blocks,
+    :func:`quantize_blocks` stored: the int16 pairs xp[p, c] (module doc), per block the scale s_b,
+    X_b = sum x_int and sum(x)."""
     blk = tl.program_id(0) * NBT + tl.arange(0, NBT)
     ij = tl.arange(0, 8)
     ok = (blk < NB)[:, None] & (ij < 8)[None, :]
     col = blk[:, None] * 8 + ij[None, :]
-    big, total = x_column_stats(x_row, perm_ptr, blk, ok, HAS_PERM, NBT)
-    scale, inv, xsum = x_block_scales(big, total)
-    inv = inv[:, None]
-    isum = tl.zeros((NBT, 8), tl.int32)
-    for p in tl.static_range(8):  # second pass (L1 hits): p = 2 r + h, slots 8 h + r and 8 h + 4 + r
-        s_lo = 8 * (p % 2) + p // 2
-        ks = blk[:, None] * 128 + 8 * s_lo + ij[None, :]
-        ks_hi = ks + 32
-        if HAS_PERM:
-            ks = tl.load(perm_ptr + ks, mask=ok, other=0)
-            ks_hi = tl.load(perm_ptr + ks_hi, mask=ok, other=0)
-        lo = to_int(tl.load(x_row + ks, mask=ok, other=0.0).to(tl.float32), inv)
-        hi = to_int(tl.load(x_row + ks_hi, mask=ok, other=0.0).to(tl.float32), inv)
-        isum += lo + hi
-        tl.store(xp_row + p * KW + col, (lo & 0xFFFF) | (hi << 16), mask=ok)
+    p0, p1, p2, p3, p4, p5, p6, p7, scale, xint, xsum = quantize_blocks(x_row, perm_ptr, blk, ok, HAS_PERM)
+    tl.store(xp_row + col, p0, mask=ok)
+    tl.store(xp_row + KW + col, p1, mask=ok)
+    tl.store(xp_row + 2 * KW + col, p2, mask=ok)
+    tl.store(xp_row + 3 * KW + col, p3, mask=ok)
+    tl.store(xp_row + 4 * KW + col, p4, mask=ok)
+    tl.store(xp_row + 5 * KW + col, p5, mask=ok)
+    tl.store(xp_row + 6 * KW + col, p6, mask=ok)
+    tl.store(xp_row + 7 * KW + col, p7, mask=ok)
     bok = blk < NB
     tl.store(xscale_row + blk, scale, mask=bok)
-    tl.store(xint_row + blk, tl.sum(isum, axis=1), mask=bok)
+    tl.store(xint_row + blk, xint, mask=bok)
     tl.store(xs_row + blk, xsum, mask=bok)
