@@ -26,6 +26,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import pt2pass
 from pt2pass.decode import CachedDecoder, build_decode_graph, make_skeleton
+from pt2pass.lowering.ops import compile_fresh
 from pt2pass.sizes import bits_per_weight, ternary_linear_sizes
 from pt2pass.store import QuantStore
 
@@ -90,7 +91,7 @@ def decode_rate(decoder: CachedDecoder, batch: int, prompt: int, new_tokens: int
 def prefill_seconds(forward, tokens: int, vocab: int, compile_prefill: bool) -> float:
     """Best of 5 full-sequence forwards of ``tokens`` tokens (logits of every position), eager
     (the matmuls dominate at this size) or compiled with ``torch.compile``."""
-    compiled = torch.compile(forward, dynamic=False) if compile_prefill else forward
+    compiled = compile_fresh(forward, dynamic=False) if compile_prefill else forward
     ids = torch.randint(0, vocab, (1, tokens), device=DEVICE)
     with torch.no_grad():
         for _ in range(2):

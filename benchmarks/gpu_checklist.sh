@@ -27,11 +27,9 @@ case "${1:-}" in
   pipelined) python3 benchmarks/experiments/sweep_gemv_pipelined.py ;;           # ~1.5 min with compiles
   tma_ab)   python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --tma 0 1 0 1 ;;  # ~5 min
   profile)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --bf16 --tma 1 ;;  # ~4 min
-  fuse_x)   python3 benchmarks/experiments/sweep_fuse_x.py ;;                     # x quantized inside the GEMVs
-  fuse_ab)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --env PT2PASS_FUSE_X=0 PT2PASS_FUSE_X=1 ;;
   imma)     python3 benchmarks/experiments/sweep_gemv_imma.py --tuned-only --ms 2 4 8 16 ;;     # compiles ~4 min
   kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels)
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
             PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py --ms 1 2 4 8 16 ;;
-  *) echo "usage: $0 imma|lowering|fuzz|e2e7b|e2e8b|kernels|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab|fuse_x|fuse_ab" >&2; exit 2 ;;
+  *) echo "usage: $0 imma|lowering|fuzz|e2e7b|e2e8b|kernels|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
 esac

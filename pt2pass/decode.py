@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -33,6 +33,7 @@ from torch import nn
 
 from .assemble import lower_from_store, real_device, traceable_weights
 from .capture import CaptureError, capture_error_message, tag_linears
+from .lowering.ops import compile_fresh
 from .lowering.group_siblings import GroupSiblingLinears
 from .pass_manager import PassManager
 from .sampling import NextLogits, Sampling, check_prompt, generation_loop
@@ -219,18 +220,18 @@ class CachedDecoder:
         self.batch_size, _, self.max_cache_len, _ = keys[0].shape
         self.device = keys[0].device
         self.compile_decode = compile_decode
-        self._compiled: Optional[nn.Module] = None
+        self._compiled: Optional[Callable] = None
 
-    def compiled_step(self) -> nn.Module:
-        """The step compiled with CUDA graphs (``mode="reduce-overhead"``), compiled once. The
-        cache buffers are written in place, so their addresses are fixed and the graph can be
+    def compiled_step(self) -> Callable:
+        """The step compiled with CUDA graphs (``mode="reduce-overhead"``), compiled once, with the
+        kernel choices traced anew (``ops.compile_fresh``: never from torch's AOTAutograd cache).
+        The cache buffers are written in place, so their addresses are fixed and the graph can be
         replayed; the first one-token call records it."""
         if self._compiled is None:
             for name, t in self.step.named_buffers():
                 if name.startswith(CACHE_PREFIX):
                     torch._dynamo.mark_static_address(t)
-            self._compiled = torch.compile(self.step, mode="reduce-overhead", fullgraph=True,
-                                           dynamic=False)
+            self._compiled = compile_fresh(self.step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         return self._compiled
 
     def logits_fn(self, compile_decode: Optional[bool] = None) -> NextLogits:

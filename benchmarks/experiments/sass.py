@@ -85,12 +85,10 @@ def sass_report(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_s
 
 
 _DP2A_TYPES = {"xp_ptr": "*i32", "xint_ptr": "*i32", "w_ptr": "*i32", "xscale_ptr": "*fp32", "xs_ptr": "*fp32",
-               "a_ptr": "*bf16", "mu_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16", "x_ptr": "*bf16",
-               "perm_ptr": "*i64"}
+               "a_ptr": "*bf16", "mu_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
 _GROUP_TYPES = {**{f"w{i}": "*i32" for i in range(3)}, **{f"{n}{i}": "*bf16" for n in ("a", "mu", "bias", "out")
                                                            for i in range(3)},
-                "xp_ptr": "*i32", "xint_ptr": "*i32", "xscale_ptr": "*fp32", "xs_ptr": "*fp32", "x_ptr": "*bf16",
-                **{f"perm{i}": "*i64" for i in range(3)}}
+                "xp_ptr": "*i32", "xint_ptr": "*i32", "xscale_ptr": "*fp32", "xs_ptr": "*fp32"}
 _QUANT_TYPES = {"x_ptr": "*bf16", "perm_ptr": "*i64", "xp_ptr": "*i32", "xint_ptr": "*i32", "xscale_ptr": "*fp32",
                 "xs_ptr": "*fp32", **{f"perm{i}": "*i64" for i in range(3)}}
 
@@ -107,19 +105,17 @@ def decode_kernel_builds(quick: bool):
     from pt2pass.lowering.kernels import gemv_dp2a, gemv_group, gemv_imma
     from pt2pass.lowering.kernels.common import PREPACK
 
+    configs = gemv_dp2a.dp2a_configs(tma=True)
+    if quick:
+        configs = [configs[0], configs[len(gemv_dp2a.DP2A_SHAPES)]]
     builds = []
-    for fuse in (False, True):  # x quantized by the launch before, or in the GEMV (with a permutation)
-        configs = gemv_dp2a.dp2a_configs(tma=True, fuse_x=fuse)
-        if quick:
-            configs = [configs[0], configs[len(gemv_dp2a.DP2A_SHAPES)]]
-        for c in configs:
-            kw = dict(c.kwargs, USE_ASM=True, FUSE_X=fuse, HAS_PERM=fuse)
-            tag = (f"BN={kw['BN']} NBT={kw['NBT']} warps={c.num_warps} STAGES={kw['STAGES']} TMA={kw['USE_TMA']}"
-                   f" FUSE_X={fuse}")
-            builds.append(("ternary_gemv_dp2a_kernel " + tag, gemv_dp2a.ternary_gemv_dp2a_kernel, _DP2A_TYPES,
-                           dict(kw, HAS_BIAS=True, SPLIT_OUT=False), c.num_warps))
-            builds.append(("ternary_gemv_group_kernel " + tag, gemv_group.ternary_gemv_group_kernel, _GROUP_TYPES,
-                           dict(kw, X_PER_MEMBER=1, HAS_BIAS=True), c.num_warps))
+    for c in configs:
+        kw = dict(c.kwargs, USE_ASM=True)
+        tag = f"BN={kw['BN']} NBT={kw['NBT']} warps={c.num_warps} STAGES={kw['STAGES']} TMA={kw['USE_TMA']}"
+        builds.append(("ternary_gemv_dp2a_kernel " + tag, gemv_dp2a.ternary_gemv_dp2a_kernel, _DP2A_TYPES,
+                       dict(kw, HAS_BIAS=True, SPLIT_OUT=False), c.num_warps))
+        builds.append(("ternary_gemv_group_kernel " + tag, gemv_group.ternary_gemv_group_kernel, _GROUP_TYPES,
+                       dict(kw, X_PER_MEMBER=1, HAS_BIAS=True), c.num_warps))
     imma = gemv_imma.IMMA_SHAPES if not quick else gemv_imma.IMMA_SHAPES[:1]
     for tiles in (1, 2):
         for r, w, nbt in imma:

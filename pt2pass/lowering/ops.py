@@ -89,3 +89,24 @@ def _fake_group(x, packed, alpha, mu, bias, perm, block_size=DEFAULT_BLOCK_SIZE)
 
 
 ternary_linear_group.register_fake(_fake_group)
+
+
+def compile_fresh(fn, **compile_kwargs):
+    """``torch.compile(fn, **compile_kwargs)`` whose compilations trace the pt2pass ops' bodies
+    anew: calls run with torch's AOTAutograd cache off.
+
+    That cache keys a graph by the ops it calls, not by what a custom op's body does
+    (pytorch/pytorch#160472), and it lives on disk: a graph compiled before an upgrade of pt2pass,
+    or under other ``PT2PASS_TMA`` / ``PT2PASS_AUTOTUNE`` settings, would come back with the old
+    kernel choices (session 10 found a same-process A/B of PT2PASS_TMA silently comparing one
+    setting with itself). Inductor's own cache, keyed after tracing (kernel sources included),
+    stays on. Set ``TORCHINDUCTOR_AUTOGRAD_CACHE=0`` for models you compile yourself."""
+    import functools
+
+    compiled = torch.compile(fn, **compile_kwargs)
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            return compiled(*args, **kwargs)
+    return run

@@ -141,31 +141,6 @@ def test_tma_streaming_equals_plain_loads_bit_for_bit(n, k, bias, perm, split, c
     assert rel_err(tma_out, ref) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("m,n,k,dtype,bias,perm,split,tma", [
-    (1, 40, 384, torch.bfloat16, True, True, 1, False),   # rows past N, a gathered x
-    (1, 48, 1024, torch.float16, False, False, 3, False),  # each K split quantizes its own blocks
-    (2, 24, 512, torch.bfloat16, True, False, 1, True),    # two x rows, TMA-streamed words
-    (3, 33, 1024, torch.float16, False, True, 2, True),
-])
-def test_quantizing_x_inside_the_gemv_equals_the_quantizer_launch_bit_for_bit(m, n, k, dtype, bias, perm,
-                                                                              split, tma):
-    """FUSE_X: every program quantizes its own blocks of x with the quantizer's arithmetic."""
-    x = _x(m, k, seed=n + m, dtype=dtype, spread=3)
-    x[-1, k - 128:] = 0  # an all-zero block (scale floor, x_int 0)
-    (fused, ref), (launched, _) = [gemv_vs_reference(ternary_gemv_dp2a, x, n, seed=k, bias=bias, perm=perm,
-                                                     split=split, tma=tma, fuse_x=fuse) for fuse in (True, False)]
-    assert torch.equal(fused, launched)
-    assert rel_err(fused, ref) < TOL[dtype]
-
-
-def test_fused_quantization_keeps_a_nan_in_its_row():
-    x = _x(2, 256, seed=8)
-    x[1, 7] = float("nan")
-    out, ref = gemv_vs_reference(ternary_gemv_dp2a, x, 16, seed=4, fuse_x=True)
-    assert out[1].isnan().all() and not out[0].isnan().any()
-    assert rel_err(out[:1], ref[:1]) < TOL[torch.bfloat16]
-
-
 def test_tma_needs_16_byte_aligned_weight_rows():
     packed = torch.zeros(8, 64, dtype=torch.int32)
     assert tma_supported(packed)

@@ -56,16 +56,6 @@ def test_group_tma_streaming_equals_plain_loads_bit_for_bit(config):
     assert all(torch.equal(a, b) for a, b in zip(*got))
 
 
-@pytest.mark.parametrize("perm,tma", [(True, False), (False, True), (True, True)])
-def test_group_quantizing_x_inside_equals_the_quantizer_launch_bit_for_bit(perm, tma):
-    """FUSE_X: each program quantizes x through its own member's permutation."""
-    k, dtype = 384, torch.bfloat16
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(5)).to(dtype)
-    members = _members((24, 9, 40), k, dtype, True, perm)
-    fused, launched = [ternary_gemv_group(x, *map(list, zip(*members)), tma=tma, fuse_x=f) for f in (True, False)]
-    assert all(torch.equal(a, b) for a, b in zip(fused, launched))
-
-
 def test_group_quantization_is_the_single_one_per_permutation():
     k = 256
     g = torch.Generator().manual_seed(4)

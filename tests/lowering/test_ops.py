@@ -140,3 +140,40 @@ def test_aoti_package_runs_on_cpu(tmp_path):
     runner = torch._inductor.aoti_load_package(path)
     torch.testing.assert_close(runner(x), model(x), rtol=1e-5, atol=1e-5)
     print(f"aoti_compile_and_package took {time.time() - start:.0f} s")
+
+
+
+_RETRACE = """
+import sys
+import torch
+from pt2pass.lowering.ops import compile_fresh
+BODY = {"factor": 2.0}
+
+@torch.library.triton_op("pt2pass_test::scaled", mutates_args=())
+def scaled(x: torch.Tensor) -> torch.Tensor:
+    return x * BODY["factor"]  # what a pt2pass op's body decides is invisible to the graph
+
+def f(x):
+    return scaled(x) + 1
+
+compile = compile_fresh if sys.argv[1] == "fresh" else torch.compile
+got = []
+for factor in (2.0, 5.0, 2.0):
+    BODY["factor"] = factor
+    torch._dynamo.reset()
+    got.append(compile(f)(torch.ones(3))[0].item())
+print(got)
+"""
+
+
+def test_compile_fresh_retraces_an_op_body_that_decides_differently(tmp_path):
+    """torch's AOTAutograd cache (on disk, on by default; conftest turns it off for the suite, so
+    this runs in a subprocess with it on) returns the first trace of a custom op's body for a graph
+    it has seen (pytorch/pytorch#160472): a kernel choice made at trace time would stick (plain
+    torch.compile prints [3.0, 3.0, 3.0] here with torch 2.13). compile_fresh traces it anew."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHINDUCTOR_")}
+    env.update(TORCHINDUCTOR_CACHE_DIR=str(tmp_path), PYTHONPATH=ROOT)
+    run = subprocess.run([sys.executable, "-c", _RETRACE, "fresh"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "[3.0, 6.0, 3.0]"

@@ -126,7 +126,12 @@ def quantize_blocks(x_row, perm_ptr, blk, ok, HAS_PERM: tl.constexpr):
     """The quantized x of one row's blocks ``blk`` (gathered through ``perm_ptr``; ``ok`` masks
     (blocks, 8)): the int16 pairs p0 .. p7 (blocks, 8) in the word layout of the module doc, and
     per block the scale s_b, X_b = sum x_int (int32) and sum(x). One pass: the 16 slots of each
-    word column stay in registers between the block statistics and the rounding."""
+    word column stay in registers between the block statistics and the rounding.
+
+    Session 10 also ran this inside the GEMV loops (each program quantizing its own blocks, no
+    quantize launch): bit-equal, but slower on the H200 everywhere except 4096x4096 (where the
+    half2 GEMV is as fast), 0.47-0.67x for the grouped GEMVs with SSR permutations (the gathers
+    sit in every iteration's dependency chain); docs/results.md has the table."""
     v0 = _x_slot(x_row, perm_ptr, blk, ok, 0, HAS_PERM)
     v1 = _x_slot(x_row, perm_ptr, blk, ok, 1, HAS_PERM)
     v2 = _x_slot(x_row, perm_ptr, blk, ok, 2, HAS_PERM)

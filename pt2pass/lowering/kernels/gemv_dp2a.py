@@ -18,15 +18,13 @@ Other GPUs, and PT2PASS_TMA=0, keep the plain loads.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from .common import (INTERPRET, PREPACK, autotune, ensure_scratch_allocator, launch, launch_args, launch_tuned,
                      load_block_scales, load_pairs, load_weight_tile, splitk_reduce, store_gemv_row, tma_supported)
-from .dp2a import quantize_blocks, quantize_row, word_dots
+from .dp2a import quantize_row, word_dots
 
 
 @triton.jit
@@ -69,14 +67,11 @@ def weight_source(w_ptr, N, KW, BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl
 
 
 @triton.jit
-def gemv_tile_dp2a(xp_row, xscale_row, xint_row, xs_row, x_row, perm_ptr, w, a_ptr, mu_ptr, N, row0, b_lo, b_hi,
+def gemv_tile_dp2a(xp_row, xscale_row, xint_row, xs_row, w, a_ptr, mu_ptr, N, row0, b_lo, b_hi,
                    KW, NB, USE_ASM: tl.constexpr, BN: tl.constexpr, NBT: tl.constexpr,
-                   USE_TMA: tl.constexpr, STAGES: tl.constexpr, FUSE_X: tl.constexpr, HAS_PERM: tl.constexpr):
+                   USE_TMA: tl.constexpr, STAGES: tl.constexpr):
     """y (BN,) float32 = the K blocks [b_lo, b_hi) of W's rows row0 .. row0 + BN - 1 (W: N rows of
-    KW words) times one quantized x row: read from the quantizer's buffers (``xp_row`` ..
-    ``xs_row``), or with FUSE_X quantized here, block by block, from the bf16/fp16 row ``x_row``
-    (gathered through ``perm_ptr`` with HAS_PERM): the same integers and scales
-    (:func:`dp2a.quantize_blocks`) without the quantizer's launch.
+    KW words) times one quantized x row.
 
     USE_TMA: ``w`` is a tensor descriptor of W with block (BN, 8 NBT) (:func:`weight_source`), and
     the words come as such tiles by TMA bulk copies into shared memory, STAGES - 1 iterations
@@ -99,14 +94,10 @@ def gemv_tile_dp2a(xp_row, xscale_row, xint_row, xs_row, x_row, perm_ptr, w, a_p
             words, al, mu = load_weight_tile(w_rows, a_ptr, mu_ptr, rows, row_ok, blk, blk_ok, NB)
         col = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
         cok = blk_ok[:, None] & (col >= 0)
-        if FUSE_X:  # blocks past b_hi: x = 0, so x_int = 0 and sum(x) = 0 (their alpha is 0 too)
-            p0, p1, p2, p3, p4, p5, p6, p7, scale, xint, xs = quantize_blocks(x_row, perm_ptr, blk, cok, HAS_PERM)
-            xint = xint.to(tl.float32)
-        else:
-            p0, p1, p2, p3, p4, p5, p6, p7 = load_pairs(xp_row, col, cok, KW)
-            scale = tl.load(xscale_row + blk, mask=blk_ok, other=0.0)
-            xint = tl.load(xint_row + blk, mask=blk_ok, other=0).to(tl.float32)
-            xs = tl.load(xs_row + blk, mask=blk_ok, other=0.0)
+        p0, p1, p2, p3, p4, p5, p6, p7 = load_pairs(xp_row, col, cok, KW)
+        scale = tl.load(xscale_row + blk, mask=blk_ok, other=0.0)
+        xint = tl.load(xint_row + blk, mask=blk_ok, other=0).to(tl.float32)
+        xs = tl.load(xs_row + blk, mask=blk_ok, other=0.0)
         a_s = al * scale[None, :]
         # Per word, not summed over the block's 8 words first: that sum crosses threads (shuffles
         # every iteration; 454 against 579 SASS instructions per iteration, offline sm_90 build).
@@ -124,88 +115,69 @@ DP2A_TMA_SHAPES = [(16, 8, 2, 3), (32, 8, 4, 3), (16, 8, 2, 2), (16, 16, 4, 3), 
 _KEY = ["m_bucket", "N", "KW", "blocks_per_split"]
 
 
-# With x quantized in the loop this one needs 168 registers and spills (offline sm_90 build).
-FUSED_X_SPILLS = (32, 8, 4, 3)
-
-
-def dp2a_configs(tma: bool, fuse_x: bool = False) -> list:
+def dp2a_configs(tma: bool) -> list:
     """The plain-load configs, and with ``tma`` the TMA ones too: TMA wins on the large shapes
     (28672x8192: 29 vs 38 us) and plain loads on some (4096x11008: 11.5 vs 12.2 us), so the
-    autotuner picks per shape. ``fuse_x``: for the loop that quantizes x itself."""
+    autotuner picks per shape."""
     configs = [triton.Config({"BN": bn, "NBT": nbt, "STAGES": 1, "USE_TMA": False}, num_warps=w, num_stages=1)
                for bn, nbt, w in DP2A_SHAPES]
     if tma:
         configs += [triton.Config({"BN": bn, "NBT": nbt, "STAGES": st, "USE_TMA": True}, num_warps=w, num_stages=1)
-                    for bn, nbt, w, st in DP2A_TMA_SHAPES if not (fuse_x and (bn, nbt, w, st) == FUSED_X_SPILLS)]
+                    for bn, nbt, w, st in DP2A_TMA_SHAPES]
     return configs
 
 
-def fuse_x_default() -> bool:
-    """Whether the GEMVs quantize x themselves (default) or a launch before them does
-    (``PT2PASS_FUSE_X=0``); read at every call, as PT2PASS_TMA is, so experiments can compare."""
-    return os.environ.get("PT2PASS_FUSE_X", "1") != "0"
-
-
 @triton.jit
-def ternary_gemv_dp2a_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, x_ptr, perm_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr,
-                             out_ptr, M, N, KW, NB, stride_xm, blocks_per_split, m_bucket,
+def ternary_gemv_dp2a_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
+                             M, N, KW, NB, blocks_per_split, m_bucket,
                              HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
-                             FUSE_X: tl.constexpr, HAS_PERM: tl.constexpr,
                              BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl.constexpr, STAGES: tl.constexpr):
-    """One row of x (program_id 2) against BN rows of W; x quantized beforehand, or here (FUSE_X)."""
+    """One row of x (program_id 2) against BN rows of W."""
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     row0 = tl.program_id(0) * BN
     b_lo = pid_k * blocks_per_split
     m64 = m.to(tl.int64)
     y = gemv_tile_dp2a(xp_ptr + m64 * 8 * KW, xscale_ptr + m64 * NB, xint_ptr + m64 * NB, xs_ptr + m64 * NB,
-                       x_ptr + m64 * stride_xm, perm_ptr, weight_source(w_ptr, N, KW, BN, NBT, USE_TMA),
-                       a_ptr, mu_ptr, N, row0, b_lo, tl.minimum(b_lo + blocks_per_split, NB), KW, NB,
-                       USE_ASM, BN, NBT, USE_TMA, STAGES, FUSE_X, HAS_PERM)
+                       weight_source(w_ptr, N, KW, BN, NBT, USE_TMA), a_ptr, mu_ptr, N, row0, b_lo,
+                       tl.minimum(b_lo + blocks_per_split, NB), KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
     rows = row0 + tl.arange(0, BN)
     store_gemv_row(out_ptr, bias_ptr, y, rows, rows < N, m, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 
 
-# keyed by (tma, fuse_x)
-_DP2A = {(tma, fuse): autotune(dp2a_configs(tma, fuse), _KEY)(ternary_gemv_dp2a_kernel)
-         for tma in (False, True) for fuse in (False, True)}
+_DP2A = {tma: autotune(dp2a_configs(tma), _KEY)(ternary_gemv_dp2a_kernel) for tma in (False, True)}
 _FIXED = {False: {"BN": 16, "NBT": 2} if INTERPRET else {"BN": 8, "NBT": 16, "num_warps": 2},
           True: {"BN": 16, "NBT": 2, "STAGES": 2} if INTERPRET else {"BN": 16, "NBT": 8, "num_warps": 2, "STAGES": 3}}
 
 
-def dp2a_launch(kernels: dict, tma, fuse_x: bool, config, weights) -> tuple:
+def dp2a_launch(kernels: dict, tma, config, weights) -> tuple:
     """(kernel, fixed config, config) for a dp2a GEMV launch on the packed ``weights``: with TMA
     allowed (``tma``, or by default where :func:`tma_supported`) the autotuned kernel whose configs
-    may use it, else the plain-load one (``kernels`` keyed by (tma, fuse_x)); the fixed / given
-    config completed with STAGES and USE_TMA (a given config uses TMA when allowed)."""
+    may use it, else the plain-load one; the fixed / given config completed with STAGES and USE_TMA
+    (a given config uses TMA when allowed)."""
     tma = tma_supported(*weights) if tma is None else tma
     if tma and weights[0].is_cuda:
         ensure_scratch_allocator()
     fixed = {"STAGES": 1, **_FIXED[tma], "USE_TMA": tma}
     if config is not None:
         config = {"STAGES": 1, **config, "USE_TMA": tma}
-    return kernels[tma, fuse_x], fixed, config
+    return kernels[tma], fixed, config
 
 
 def ternary_gemv_dp2a(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-                      bias, perm, out: torch.Tensor, split: int = 1, config=None, tma=None,
-                      fuse_x=None) -> torch.Tensor:
+                      bias, perm, out: torch.Tensor, split: int = 1, config=None, tma=None) -> torch.Tensor:
     """y = x[:, perm] @ W^T + bias into ``out`` (M, N), x bf16/fp16 (M, K), one program row per x row.
     ``config``: a fixed {"BN", "NBT", "num_warps"[, "STAGES"]} (experiments), else autotuned / the
     default. ``tma``: allow reading W with TMA (default: where :func:`tma_supported`): the autotuner
-    then also tries the TMA configs, and a fixed config uses TMA. ``fuse_x``: quantize x inside the
-    GEMV instead of in a launch before it (default :func:`fuse_x_default`); the same result."""
+    then also tries the TMA configs, and a fixed config uses TMA."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"ternary_gemv_dp2a takes bf16/fp16 activations, got {x.dtype}")
     args, split, target = launch_args("ternary_gemv_dp2a", x, packed, alpha, mu, bias, perm, out, split)
-    _, _, _, _, bias_arg, perm_arg, target, m, n, kw, nb, stride_xm, bps, _, bucket = args
-    fuse_x = fuse_x_default() if fuse_x is None else fuse_x
-    # fused: the quantizer's buffers are not read; x stands in for them (any pointer will do)
-    xq = (x, x, x, x) if fuse_x else quantize_x(x, perm)
-    args = (*xq, x, perm_arg, packed, alpha, mu, bias_arg, target, m, n, kw, nb, stride_xm, bps, bucket)
-    meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, FUSE_X=fuse_x,
-                HAS_PERM=perm is not None)
-    kernel, fixed, config = dp2a_launch(_DP2A, tma, fuse_x, config, [packed])
+    _, _, _, _, bias_arg, _, target, m, n, kw, nb, _, bps, _, bucket = args
+    xq = quantize_x(x, perm)
+    args = (*xq, packed, alpha, mu, bias_arg, target, m, n, kw, nb, bps, bucket)
+    meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET)
+    kernel, fixed, config = dp2a_launch(_DP2A, tma, config, [packed])
     launch_tuned(kernel, lambda bn: (triton.cdiv(n, bn), split, m), fixed, config, *args, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)

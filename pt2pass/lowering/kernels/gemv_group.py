@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .common import INTERPRET, PREPACK, autotune, launch, launch_tuned, store_gemv_row
 from .dp2a import quantize_row
-from .gemv_dp2a import dp2a_configs, dp2a_launch, fuse_x_default, gemv_tile_dp2a, quantize_buffers, quantize_x, weight_source
+from .gemv_dp2a import dp2a_configs, dp2a_launch, gemv_tile_dp2a, quantize_buffers, quantize_x, weight_source
 
 MAX_MEMBERS = 3
 
@@ -58,15 +58,12 @@ def quantize_x_group(x: torch.Tensor, perms: Sequence[torch.Tensor]) -> tuple:
 
 
 @triton.jit
-def ternary_gemv_group_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, x_ptr, perm0, perm1, perm2, w0, w1, w2,
-                              a0, a1, a2, mu0, mu1, mu2, bias0, bias1, bias2, out0, out1, out2, N0, N1, N2, KW, NB,
+def ternary_gemv_group_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w0, w1, w2, a0, a1, a2, mu0, mu1, mu2,
+                              bias0, bias1, bias2, out0, out1, out2, N0, N1, N2, KW, NB,
                               X_PER_MEMBER: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
-                              FUSE_X: tl.constexpr, HAS_PERM: tl.constexpr,
                               BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl.constexpr, STAGES: tl.constexpr):
     """Program p covers BN rows of member g: blocks [0, c0) are member 0's, [c0, c1) member 1's,
-    the rest member 2's (c_i = cumulative cdiv(N_i, BN)). x comes quantized (row g of the buffers
-    with X_PER_MEMBER, else row 0) or, with FUSE_X, is quantized here through member g's
-    permutation."""
+    the rest member 2's (c_i = cumulative cdiv(N_i, BN))."""
     pid = tl.program_id(0)
     c0 = tl.cdiv(N0, BN)
     c1 = c0 + tl.cdiv(N1, BN)
@@ -76,18 +73,16 @@ def ternary_gemv_group_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, x_ptr, perm0
     row0 = (pid - first) * BN
     xg = (g * X_PER_MEMBER).to(tl.int64)
     y = gemv_tile_dp2a(xp_ptr + xg * 8 * KW, xscale_ptr + xg * NB, xint_ptr + xg * NB, xs_ptr + xg * NB,
-                       x_ptr, _pick(g, perm0, perm1, perm2), weight_source(_pick(g, w0, w1, w2), n, KW, BN, NBT,
-                                                                            USE_TMA),
-                       _pick(g, a0, a1, a2), _pick(g, mu0, mu1, mu2), n, row0, 0, NB, KW, NB, USE_ASM, BN, NBT,
-                       USE_TMA, STAGES, FUSE_X, HAS_PERM)
+                       weight_source(_pick(g, w0, w1, w2), n, KW, BN, NBT, USE_TMA), _pick(g, a0, a1, a2),
+                       _pick(g, mu0, mu1, mu2), n, row0, 0, NB, KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
     rows = row0 + tl.arange(0, BN)
     store_gemv_row(_pick(g, out0, out1, out2), _pick(g, bias0, bias1, bias2), y, rows, rows < n, 0, 0,
                    1, n, HAS_BIAS, False)
 
 
 # The configs of gemv_dp2a (same loop), keyed on the members' sizes.
-_GROUP = {(tma, fuse): autotune(dp2a_configs(tma, fuse), ["N0", "N1", "N2", "KW"])(ternary_gemv_group_kernel)
-          for tma in (False, True) for fuse in (False, True)}
+_GROUP = {tma: autotune(dp2a_configs(tma), ["N0", "N1", "N2", "KW"])(ternary_gemv_group_kernel)
+          for tma in (False, True)}
 
 
 def members_mismatch(alpha, mu, bias, perm) -> Optional[str]:
@@ -104,13 +99,11 @@ def members_mismatch(alpha, mu, bias, perm) -> Optional[str]:
 
 def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[torch.Tensor],
                        mu: List[torch.Tensor], bias: List[Optional[torch.Tensor]],
-                       perm: List[Optional[torch.Tensor]], config=None, tma=None,
-                       fuse_x=None) -> List[torch.Tensor]:
+                       perm: List[Optional[torch.Tensor]], config=None, tma=None) -> List[torch.Tensor]:
     """[x[:, perm_i] @ W_i^T + bias_i] for a single row x (1, K) bf16/fp16 with unit stride, 2 or 3
     members with the same K and scale dtype, each with a bias (one dtype) or none, likewise perm.
     ``config``: a fixed {"BN", "NBT", "num_warps"[, "STAGES"]} (experiments), else autotuned / the
-    default. ``tma``: allow reading the weights with TMA (default: where supported), ``fuse_x``:
-    quantize x inside the GEMV (default: gemv_dp2a.fuse_x_default), as in gemv_dp2a."""
+    default. ``tma``: allow reading the weights with TMA (default: where supported), as in gemv_dp2a."""
     if x.shape[0] != 1 or x.dtype not in (torch.bfloat16, torch.float16) or x.stride(1) != 1:
         raise ValueError(f"ternary_gemv_group takes one bf16/fp16 row with unit stride, got "
                          f"{tuple(x.shape)} {x.dtype}")
@@ -125,11 +118,7 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
     if mismatch:
         raise ValueError(f"ternary_gemv_group: {mismatch}")
     has_perm = perm[0] is not None
-    fuse_x = fuse_x_default() if fuse_x is None else fuse_x
-    if fuse_x:  # the quantizer's buffers are not read; x stands in for them
-        xq = (x, x, x, x)
-    else:
-        xq = quantize_x_group(x, perm) if has_perm else quantize_x(x, None)
+    xq = quantize_x_group(x, perm) if has_perm else quantize_x(x, None)
     outs = [torch.empty((1, p.shape[0]), device=x.device, dtype=x.dtype) for p in packed]
     # Unused member slots (N = 0, never written) get their own dummy outputs: under torch.compile
     # every written argument is cloned and written back, and one tensor in two written slots
@@ -137,12 +126,10 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
     spare = [torch.empty(1, device=x.device, dtype=x.dtype) for _ in range(MAX_MEMBERS - len(outs))]
     sizes = [p.shape[0] for p in packed] + [0] * len(spare)
     has_bias = bias[0] is not None
-    perms = _padded(list(perm) if has_perm else list(packed))
-    args = (*xq, x, *perms, *_padded(list(packed)), *_padded(list(alpha)), *_padded(list(mu)),
+    args = (*xq, *_padded(list(packed)), *_padded(list(alpha)), *_padded(list(mu)),
             *_padded(list(bias) if has_bias else list(alpha)), *outs, *spare, *sizes, kw, nb)
-    meta = dict(X_PER_MEMBER=int(has_perm), HAS_BIAS=has_bias, USE_ASM=not INTERPRET, FUSE_X=fuse_x,
-                HAS_PERM=has_perm)
+    meta = dict(X_PER_MEMBER=int(has_perm), HAS_BIAS=has_bias, USE_ASM=not INTERPRET)
     blocks = lambda bn: sum(triton.cdiv(p.shape[0], bn) for p in packed)  # noqa: E731
-    kernel, fixed, config = dp2a_launch(_GROUP, tma, fuse_x, config, packed)
+    kernel, fixed, config = dp2a_launch(_GROUP, tma, config, packed)
     launch_tuned(kernel, lambda bn: (blocks(bn),), fixed, config, *args, **meta)
     return outs
