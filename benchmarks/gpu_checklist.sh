@@ -4,14 +4,14 @@
 #   bash benchmarks/gpu_checklist.sh imma | lowering | fuzz | e2e7b | e2e8b | kernels | profile | quant7b | prefill7b | group | rows | pipelined | tma_ab
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
 # e2e7b/e2e8b at batch 1 with 256 new tokens, prefill7b, kernels at M = 1-2 with gemlite: session 7;
-# pipelined, group: session 8; profile (the 7B decode step per kernel, TMA on and off = tma_ab),
-# the imma sweep on 4 of the 7 shapes, lowering without the export check, 50 fuzz cases: session
-# 9, all on the H200). Owed on the H200, for the session-9 dispatcher (M = 2-16 on the integer
-# tensor-core GEMV): imma (the autotuned kernel on all 7 shapes, with the 3 configs added untimed),
-# lowering (its export round trip did not run), fuzz (all 256 cases), e2e7b / e2e8b (batch 8 now
-# runs the new kernel), kernels (with gemlite, now also at M = 2-16), the whole 7B quantization
-# (quant7b). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
-# benchmarks/README.md says how to build it).
+# pipelined, group: session 8; the imma sweep on 4 of the 7 shapes: session 9; lowering incl. the
+# export round trip, profile + tma_ab with fresh traces, bf16 at batch 8: session 10, all on the
+# H200). Owed on the H200: imma (the autotuned kernel on all 7 shapes, with the 3 configs added
+# untimed), fuzz (all 256 cases; 50 in sessions 9 and 10), e2e7b / e2e8b (ternary at batch 8,
+# which now runs the integer tensor-core GEMV), kernels (with gemlite, now also at M = 2-16), the
+# whole 7B quantization (quant7b). The kernels step needs the gemlite wheel carried (.whl is
+# git-ignored; benchmarks/README.md says how to build it). Each profile_decode setting needs
+# ~150-290 s (model build, rtn codes, compile with autotuning): one or two per call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
