@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh imma | lowering | fuzz | e2e7b | e2e8b | kernels | profile | quant7b | prefill7b | group | rows | pipelined | tma_ab
+#   bash benchmarks/gpu_checklist.sh attention | attn_ab | imma | lowering | fuzz | e2e7b | e2e8b | kernels | profile
+#                                    | quant7b | prefill7b | group | rows | pipelined | tma_ab
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
 # e2e7b/e2e8b at batch 1 with 256 new tokens, prefill7b, kernels at M = 1-2 with gemlite: session 7;
 # pipelined, group: session 8; the imma sweep on 4 of the 7 shapes: session 9; lowering incl. the
 # export round trip, profile + tma_ab with fresh traces, bf16 at batch 8: session 10, all on the
-# H200). Owed on the H200: imma (the autotuned kernel on all 7 shapes, with the 3 configs added
-# untimed), fuzz (all 256 cases; 50 in sessions 9 and 10), e2e7b / e2e8b (ternary at batch 8,
+# H200). Owed on the H200: attention + attn_ab (the decode attention kernel of session 10, built
+# and tested on CPU only, off by default until measured: PT2PASS_DECODE_ATTENTION=1), imma (the
+# autotuned kernel on all 7 shapes, with the 3 configs added untimed), fuzz (all 256 cases; 50 in sessions 9 and 10), e2e7b / e2e8b (ternary at batch 8,
 # which now runs the integer tensor-core GEMV), kernels (with gemlite, now also at M = 2-16), the
 # whole 7B quantization (quant7b). The kernels step needs the gemlite wheel carried (.whl is
 # git-ignored; benchmarks/README.md says how to build it). Each profile_decode setting needs
@@ -27,9 +29,11 @@ case "${1:-}" in
   pipelined) python3 benchmarks/experiments/sweep_gemv_pipelined.py ;;           # ~1.5 min with compiles
   tma_ab)   python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --tma 0 1 0 1 ;;  # ~5 min
   profile)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --bf16 --tma 1 ;;  # ~4 min
+  attention) python3 benchmarks/experiments/bench_decode_attention.py ;;        # session 10's kernel, untimed: ~1 min
+  attn_ab)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --env PT2PASS_DECODE_ATTENTION=0 PT2PASS_DECODE_ATTENTION=1 ;;  # ~5 min
   imma)     python3 benchmarks/experiments/sweep_gemv_imma.py --tuned-only --ms 2 4 8 16 ;;     # compiles ~4 min
   kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels)
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
             PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py --ms 1 2 4 8 16 ;;
-  *) echo "usage: $0 imma|lowering|fuzz|e2e7b|e2e8b|kernels|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
+  *) echo "usage: $0 attention|attn_ab|imma|lowering|fuzz|e2e7b|e2e8b|kernels|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
 esac

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -33,8 +34,9 @@ from torch import nn
 
 from .assemble import lower_from_store, real_device, traceable_weights
 from .capture import CaptureError, capture_error_message, tag_linears
-from .lowering.ops import compile_fresh
 from .lowering.group_siblings import GroupSiblingLinears
+from .lowering.lower_attention import LowerDecodeAttention
+from .lowering.ops import compile_fresh
 from .pass_manager import PassManager
 from .sampling import NextLogits, Sampling, check_prompt, generation_loop
 from .store import QuantStore
@@ -140,12 +142,15 @@ class StaticCacheLM(nn.Module):
 
 def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, max_cache_len: int,
                        share_with: Optional[fx.GraphModule] = None,
-                       group_siblings: bool = True) -> fx.GraphModule:
+                       group_siblings: bool = True, decode_attention: Optional[bool] = None) -> fx.GraphModule:
     """Capture ``skeleton`` around a static cache and lower it with the store's results.
 
     ``share_with``: a lowered graph of the same model whose equal buffers (packed weights,
     scales, permutations) the new graph should reuse instead of holding copies.
     ``group_siblings``: group the Linears that read the same input (GroupSiblingLinears).
+    ``decode_attention``: attention through ``pt2pass.attention`` (LowerDecodeAttention: the
+    split-cache decode kernel on the GPU); default off, on with ``PT2PASS_DECODE_ATTENTION=1``
+    (experimental: built in session 10, not yet timed on a GPU).
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
@@ -167,8 +172,12 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
     gm = ep.module()
     tag_linears(gm, module)
     gm, _ = lower_from_store(gm, store, weights, device)
-    if group_siblings:
-        gm = PassManager([GroupSiblingLinears()])(gm)
+    if decode_attention is None:
+        decode_attention = os.environ.get("PT2PASS_DECODE_ATTENTION", "0") == "1"
+    passes = [GroupSiblingLinears()] if group_siblings else []
+    passes += [LowerDecodeAttention()] if decode_attention else []
+    if passes:
+        gm = PassManager(passes)(gm)
     left = [n for n, t in [*gm.named_parameters(), *gm.named_buffers()] if t.device.type == "meta"]
     if left:
         raise ValueError(f"the decode graph still reads meta tensors after lowering: {left[:3]} "

@@ -8,7 +8,8 @@ instructions" figures were measured.
 
     python3 benchmarks/experiments/sass.py [--quick]   # the batch-1 decode kernels, every config
 
-Arguments not named in ``types`` or ``constexprs`` default to "i32"; pointers must be given.
+Arguments not named in ``types`` or ``constexprs`` default to "i32"; pointers must be given;
+"i32/16" marks an integer that launches pass divisible by 16.
 Uses the ptxas / cuobjdump that Triton bundles. Not under TRITON_INTERPRET=1 (the interpreter
 replaces the kernels with Python functions): tests/lowering/test_sm90_build.py runs ``--quick``
 in a subprocess.
@@ -37,9 +38,11 @@ def _unwrap(kernel):
 def build(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1):
     """The compiled kernel (sm_90) for the given argument types and constexpr values."""
     fn = _unwrap(kernel)
-    sig = {name: ("constexpr" if name in constexprs else types.get(name, "i32")) for name in fn.arg_names}
-    # as at a launch with tensors from torch's allocator: every pointer 16-byte aligned
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if sig[name].startswith("*")}
+    sig = {name: ("constexpr" if name in constexprs else types.get(name, "i32").split("/")[0]) for name in fn.arg_names}
+    # as at a launch with tensors from torch's allocator: every pointer 16-byte aligned; integers
+    # typed "i32/16" divisible by 16, as Triton specializes them at a launch (e.g. row strides)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if sig[name].startswith("*") or types.get(name, "").endswith("/16")}
     src = ASTSource(fn, sig, constexprs, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
@@ -100,9 +103,9 @@ _IMMA_TYPES = {"xf_ptr": "*i32", "xscale_ptr": "*fp32", "xint_ptr": "*i32", "xs_
 def decode_kernel_builds(quick: bool):
     """(name, kernel, types, constexprs, num_warps) of the decode kernels: the dp2a GEMV and the
     grouped one with every autotune config (``quick``: the first plain and the first TMA one), the
-    integer-MMA GEMV with every config for one and two x tiles (``quick``: the first), and the x
-    quantizers."""
-    from pt2pass.lowering.kernels import gemv_dp2a, gemv_group, gemv_imma
+    integer-MMA GEMV with every config for one and two x tiles (``quick``: the first), the decode
+    attention kernels, and the x quantizers."""
+    from pt2pass.lowering.kernels import decode_attention, gemv_dp2a, gemv_group, gemv_imma
     from pt2pass.lowering.kernels.common import PREPACK
 
     configs = gemv_dp2a.dp2a_configs(tma=True)
@@ -126,6 +129,16 @@ def decode_kernel_builds(quick: bool):
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     builds.append(("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES,
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
+    # decode attention at the 7B shape (head dim 128, bool mask); the strides of q and the cache
+    # are multiples of 16 there, the mask's slot stride is 1
+    attn_types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "acc_ptr": "*fp32",
+                  "ml_ptr": "*fp32", "out_ptr": "*bf16", "scale": "fp32",
+                  **{f"s{t}_{d}": "i32/16" for t in "qkv" for d in "bhl"}, "so_b": "i32/16", "so_h": "i32/16"}
+    warps = decode_attention.NUM_WARPS
+    builds.append(("decode_attention._decode_attention_split_kernel", decode_attention._decode_attention_split_kernel,
+                   attn_types, dict(MASK=1, D=128, BL=decode_attention.BLOCK_L, sm_l=1), warps))
+    builds.append(("decode_attention._decode_attention_combine_kernel",
+                   decode_attention._decode_attention_combine_kernel, attn_types, dict(D=128, NS=16), warps))
     builds.append(("_quantize_x_group_kernel", gemv_group._quantize_x_group_kernel, _QUANT_TYPES,
                    dict(NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     return builds

@@ -1,4 +1,5 @@
-"""Registration of ``torch.ops.pt2pass.ternary_linear`` with torch.library.
+"""Registration of ``torch.ops.pt2pass.ternary_linear`` (and ``ternary_linear_group``,
+``attention``) with torch.library.
 
 The op is a ``triton_op``: on CUDA its body launches the Triton kernels through ``wrap_triton``
 (so torch.compile sees and inlines the kernel, no graph break); on CPU it runs the plain-torch
@@ -17,6 +18,7 @@ from .reference import ternary_linear_reference
 
 OP_NAME = "pt2pass::ternary_linear"
 GROUP_OP_NAME = "pt2pass::ternary_linear_group"
+ATTENTION_OP_NAME = "pt2pass::attention"
 
 
 def _check_args(x, packed, alpha, mu, bias, perm, block_size) -> None:
@@ -89,6 +91,30 @@ def _fake_group(x, packed, alpha, mu, bias, perm, block_size=DEFAULT_BLOCK_SIZE)
 
 
 ternary_linear_group.register_fake(_fake_group)
+
+
+@triton_op(ATTENTION_OP_NAME, mutates_args=())
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+              scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
+    """``F.scaled_dot_product_attention(q, k, v, attn_mask, scale=scale, enable_gqa=enable_gqa)``
+    (no dropout, not causal); on the GPU a single query position over a KV cache runs the
+    split-cache decode kernel (kernels/decode_attention.py), which skips the blocks the mask hides."""
+    if q.device.type == "cuda" and q.shape[2] == 1 and (enable_gqa or k.shape[1] == q.shape[1]):
+        from .kernels.decode_attention import decode_attention, unsupported_reason
+        from .kernels.dispatch import _num_sms
+
+        if unsupported_reason(q, k, v, attn_mask) is None:
+            return decode_attention(q, k, v, attn_mask, q.shape[-1] ** -0.5 if scale is None else scale,
+                                    sms=_num_sms(q.device))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale,
+                                                            enable_gqa=enable_gqa)
+
+
+def _fake_attention(q, k, v, attn_mask=None, scale=None, enable_gqa=False):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+attention.register_fake(_fake_attention)
 
 
 def compile_fresh(fn, **compile_kwargs):

@@ -1,0 +1,83 @@
+"""Kernel experiment (GPU): the split-cache decode attention (kernels/decode_attention.py) against
+torch's SDPA on the decode step's shapes.
+
+    python3 benchmarks/experiments/bench_decode_attention.py     # on the device machine
+
+Correctness first (float64 SDPA reference, bool and additive masks, MHA and GQA, rows that see
+1 / part / all of the cache), then per shape the median of CUDA-graph replays over 32 layers'
+caches (as one decode step reads them): SDPA as the decode graph calls it (K/V repeated to the
+query heads for GQA, as HF's repeat_kv does; the backend torch picks) against pt2pass.attention,
+which reads only the visible slots.
+"""
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import pt2pass  # noqa: E402,F401  (registers torch.ops.pt2pass)
+from pt2pass.bench import checked_gpu_run, rel_err, time_graph  # noqa: E402
+
+ATTENTION = torch.ops.pt2pass.attention
+# (name, batch, query heads, kv heads, cache slots, visible slots, head dim)
+SHAPES = [("llama2-7b b1", 1, 32, 32, 512, 257, 128), ("llama2-7b b1 full", 1, 32, 32, 512, 512, 128),
+          ("llama2-7b b8", 8, 32, 32, 512, 257, 128), ("llama3-8b b1", 1, 32, 8, 512, 257, 128),
+          ("llama3-8b b8", 8, 32, 8, 512, 257, 128)]
+LAYERS = 32
+
+
+def inputs(b, h, hk, length, seen, d, dev, dtype=torch.bfloat16, kind="bool"):
+    q = torch.randn(b, h, 1, d, device=dev, dtype=dtype)
+    k = torch.randn(b, hk, length, d, device=dev, dtype=dtype)
+    v = torch.randn(b, hk, length, d, device=dev, dtype=dtype)
+    visible = torch.arange(length, device=dev)[None, :] < torch.as_tensor(seen, device=dev).reshape(-1, 1)
+    mask = visible[:, None, None, :].expand(b, 1, 1, length)
+    if kind == "additive":
+        mask = torch.zeros(mask.shape, device=dev, dtype=dtype).masked_fill(~mask, float("-inf"))
+    return q, k, v, mask
+
+
+def check(dev) -> bool:
+    ok = True
+    for b, h, hk, length, seen, kind in [(2, 32, 32, 512, [1, 300], "bool"), (3, 32, 8, 512, [512, 64, 129], "bool"),
+                                         (2, 8, 8, 200, [200, 13], "additive"), (1, 4, 1, 64, [64], "bool")]:
+        for dtype in (torch.bfloat16, torch.float16):
+            q, k, v, mask = inputs(b, h, hk, length, seen, 128, dev, dtype, kind)
+            out = ATTENTION(q, k, v, mask, None, hk != h)
+            rep = h // hk
+            m = mask if kind == "bool" else mask.double()
+            ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(rep, 1),
+                                                 v.double().repeat_interleave(rep, 1), attn_mask=m)
+            err = rel_err(out, ref)
+            good = err < 1e-2
+            ok &= good
+            print(f"check b={b} h={h}/{hk} L={length} seen={seen} {kind} {dtype}: rel err {err:.2e} "
+                  f"{'ok' if good else 'FAIL'}", flush=True)
+    return ok
+
+
+def main():
+    dev = "cuda"
+    checked_gpu_run(check, dev)
+    print("\n| decode step shape | SDPA per layer (us) | pt2pass.attention per layer (us) | speed-up | "
+          "x 32 layers saved (us) |\n|---|---|---|---|---|")
+    for name, b, h, hk, length, seen, d in SHAPES:
+        layers = [inputs(b, h, hk, length, [seen] * b, d, dev) for _ in range(LAYERS)]
+        rep = h // hk
+
+        def sdpa(q, k, v, mask):
+            if rep > 1:  # what the graph does: repeat_kv, then SDPA
+                k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+        t_sdpa = time_graph([lambda a=a: sdpa(*a) for a in layers], LAYERS)
+        t_ours = time_graph([lambda a=a: ATTENTION(*a, None, rep > 1) for a in layers], LAYERS)
+        print(f"| {name} (cache {length}, visible {seen}) | {t_sdpa * 1e6:.1f} | {t_ours * 1e6:.1f} | "
+              f"{t_sdpa / t_ours:.2f}x | {(t_sdpa - t_ours) * 1e6 * LAYERS:.0f} |", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""The split-cache decode attention kernel under the Triton interpreter, against float64 SDPA, and
+the pt2pass.attention op around it (opcheck; SDPA itself off the decode path)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pt2pass.lowering.kernels.common import INTERPRET
+from pt2pass.lowering.kernels.decode_attention import BLOCK_L, decode_attention, unsupported_reason
+
+ATTENTION = torch.ops.pt2pass.attention
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+kernel_test = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TRITON_INTERPRET=1")
+
+
+def _inputs(b, h, hk, length, d, dtype, valid, kind, seed=0):
+    """q (b, h, 1, d), k and v (b, hk, length, d) and a mask letting row i see its first valid[i]
+    slots: None, bool or additive (0 / -inf); the hidden slots of k and v hold NaN."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, 1, d, generator=g).to(dtype)
+    k = torch.randn(b, hk, length, d, generator=g).to(dtype)
+    v = torch.randn(b, hk, length, d, generator=g).to(dtype)
+    seen = torch.arange(length)[None, :] < torch.tensor(valid)[:, None]
+    if kind != "none":  # a kernel reading a hidden slot would turn its row into NaN
+        k.masked_fill_(~seen[:, None, :, None], float("nan"))
+        v.masked_fill_(~seen[:, None, :, None], float("nan"))
+    mask = {"none": None, "bool": seen[:, None, None, :],
+            "additive": torch.zeros(b, 1, 1, length, dtype=dtype).masked_fill(~seen[:, None, None, :],
+                                                                              float("-inf"))}[kind]
+    return q, k, v, mask
+
+
+def _reference(q, k, v, mask, scale):
+    rep = q.shape[1] // k.shape[1]
+    kk = torch.nan_to_num(k.double()).repeat_interleave(rep, 1)  # hidden slots weigh exactly 0
+    vv = torch.nan_to_num(v.double()).repeat_interleave(rep, 1)
+    m = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    return F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=m, scale=scale)
+
+
+@kernel_test
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["none", "bool", "additive"])
+@pytest.mark.parametrize("heads, length, valid, n_split", [
+    ((4, 4), 150, [150, 150], None),   # MHA, the last block partial
+    ((4, 2), 150, [100, 7], 3),        # GQA; row 1 sees part of its first block only
+    ((2, 1), 256, [1, 200], 4),        # one slot; splits that see no slot at all
+])
+def test_matches_sdpa(dtype, kind, heads, length, valid, n_split):
+    h, hk = heads
+    if kind == "none":
+        valid = [length] * len(valid)
+    q, k, v, mask = _inputs(len(valid), h, hk, length, 32, dtype, valid, kind, seed=length)
+    out = decode_attention(q, k, v, mask, 0.17, n_split=n_split)
+    ref = _reference(q, k, v, mask, 0.17)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
+
+
+@kernel_test
+def test_blocks_the_mask_hides_are_never_read():
+    """The unwritten end of a static cache: NaN there (not merely masked) leaves the rows finite,
+    and so does NaN in a fully hidden block with an additive mask (skipped by the scores, not read
+    as values)."""
+    q, k, v, mask = _inputs(1, 2, 2, 4 * BLOCK_L, 16, torch.float32, [BLOCK_L + 3], "bool")
+    out = decode_attention(q, k, v, mask, 0.25, n_split=4)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), _reference(q, k, v, mask, 0.25), atol=1e-5)
+
+
+@kernel_test
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_a_row_that_sees_nothing_is_zero_as_in_sdpa_and_nan_still_propagates(kind):
+    q, k, v, mask = _inputs(3, 2, 2, 80, 16, torch.float32, [0, 80, 80], kind)
+    q[2, 0, 0, 3] = float("nan")
+    out = decode_attention(q, k, v, mask, 0.25)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    assert torch.equal(_reference(q[:1], k[:1], v[:1], mask[:1], 0.25), torch.zeros_like(out[0:1]).double())
+    assert torch.allclose(out[1].double(), _reference(q, k, v, mask, 0.25)[1], atol=1e-5)
+    assert out[2, 0].isnan().all() and not out[2, 1].isnan().any()
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(q=(2, 4, 2, 32)), "2 query positions"),
+    (dict(q=(2, 4, 1, 48), k=(2, 4, 10, 48)), "head dim 48"),
+    (dict(q=(2, 3, 1, 32)), "does not match"),
+    (dict(mask=(2, 1, 1, 11)), "does not broadcast"),
+    (dict(kdtype=torch.float16), "dtypes"),
+])
+def test_unsupported_inputs_are_named(change, message):
+    shapes = {"q": (2, 4, 1, 32), "k": (2, 2, 10, 32), "mask": (2, 1, 1, 10), **change}
+    q = torch.zeros(shapes["q"])
+    k = torch.zeros(shapes.get("k"), dtype=change.get("kdtype", torch.float32))
+    mask = torch.ones(shapes["mask"], dtype=torch.bool)
+    assert message in unsupported_reason(q, k, k, mask)
+    with pytest.raises(ValueError, match=message):
+        decode_attention(q, k, k, mask, 1.0)
+
+
+@pytest.mark.parametrize("gqa", [False, True])
+def test_the_op_is_sdpa_off_the_gpu_decode_path(gqa):
+    q, k, v, mask = _inputs(2, 4, 2 if gqa else 4, 40, 16, torch.float32, [40, 9], "bool")
+    k, v = k.nan_to_num(), v.nan_to_num()
+    out = ATTENTION(q, k, v, mask, 0.3, gqa)
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=gqa))
+
+
+def test_opcheck():
+    q, k, v, mask = _inputs(1, 4, 2, 24, 16, torch.float32, [24], "bool")
+    torch.library.opcheck(ATTENTION, (q, k.nan_to_num(), v.nan_to_num(), mask, None, True))
