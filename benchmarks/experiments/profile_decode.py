@@ -103,12 +103,14 @@ def main() -> None:
     parser.add_argument("--env", nargs="+", help="instead of --tma: settings 'VAR=V[,VAR=V]', one run each "
                                                  "(e.g. PT2PASS_FUSE_X=0 PT2PASS_FUSE_X=1)")
     parser.add_argument("--bf16", action="store_true", help="profile the bf16 model first")
+    parser.add_argument("--layers", type=int, help="decoder layers (default: the shape's; fewer for a "
+                                                   "quicker A/B, the per-layer kernels are the same)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     print(torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU smoke test", "torch", torch.__version__, flush=True)
-    model = build_model(args.shape)
+    model = build_model(args.shape, args.layers)
     results = {}
     if args.bf16:
         empty = QuantStore()

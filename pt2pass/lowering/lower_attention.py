@@ -3,6 +3,10 @@
 Before:  o = aten.scaled_dot_product_attention(q, k_cache, v_cache, mask, scale=s)
 After:   o = pt2pass.attention(q, k_cache, v_cache, mask, s, enable_gqa)
 
+With grouped-query attention HF repeats the cache's KV heads to the query heads first
+(``repeat_kv``: unsqueeze, expand, reshape: a copy of the whole cache per layer and step); the
+pass recognizes that chain and passes the cache itself with ``enable_gqa=True``.
+
 The op computes the same thing, by SDPA itself everywhere but where a CUDA decode step asks for
 one query position over the cache: there it runs the split-cache decode kernel
 (kernels/decode_attention.py), which reads only the cache blocks the mask leaves visible. Only
@@ -12,6 +16,7 @@ pass an explicit mask). Off by default until timed on a GPU (see decode.build_de
 from __future__ import annotations
 
 import logging
+from typing import Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -35,6 +40,29 @@ def sdpa_arguments(node: fx.Node) -> dict:
     return values
 
 
+_RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default)
+
+
+def repeated_kv(node) -> Optional[Tuple[fx.Node, int]]:
+    """(cache, rep) when ``node`` is HF's ``repeat_kv(cache, rep)`` as traced:
+    reshape(expand(unsqueeze(cache, 2), (B, Hkv, rep, L, D)), (B, Hkv * rep, L, D)); else None."""
+    if not (isinstance(node, fx.Node) and node.target in _RESHAPES):
+        return None
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.target is torch.ops.aten.expand.default):
+        return None
+    unsqueeze = expand.args[0]
+    if not (isinstance(unsqueeze, fx.Node) and unsqueeze.target is torch.ops.aten.unsqueeze.default
+            and unsqueeze.args[1] == 2):
+        return None
+    cache = unsqueeze.args[0]
+    shape = cache.meta.get("val").shape if "val" in cache.meta else None
+    out = node.meta.get("val").shape if "val" in node.meta else None
+    if shape is None or out is None or len(shape) != 4 or len(out) != 4 or out[1] % shape[1]:
+        return None
+    return cache, out[1] // shape[1]
+
+
 class LowerDecodeAttention(Pass):
     def __init__(self):
         self.rewritten = 0
@@ -49,12 +77,17 @@ class LowerDecodeAttention(Pass):
             if a["dropout_p"] != 0.0 or a["is_causal"]:
                 self.kept += 1
                 continue
+            key, value, gqa = a["key"], a["value"], a["enable_gqa"]
+            k_rep, v_rep = repeated_kv(key), repeated_kv(value)
+            if not gqa and k_rep and v_rep and k_rep[1] == v_rep[1]:
+                # grouped-query attention: the op reads the cache itself, not a repeated copy
+                key, value, gqa = k_rep[0], v_rep[0], True
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(ATTENTION_OP, (a["query"], a["key"], a["value"], a["attn_mask"],
-                                                            a["scale"], a["enable_gqa"]))
+                new = gm.graph.call_function(ATTENTION_OP, (a["query"], key, value, a["attn_mask"], a["scale"], gqa))
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
+            _erase_dead_chain(gm.graph, [a["key"], a["value"]])
             self.rewritten += 1
         gm.recompile()
         log.info("attention: %d SDPA nodes -> pt2pass.attention (%d kept: dropout or is_causal)",
@@ -62,6 +95,19 @@ class LowerDecodeAttention(Pass):
         return PassResult(gm, modified=bool(self.rewritten))
 
     def ensures(self, gm: fx.GraphModule) -> None:
+        """The SDPA nodes left are the ones it kept."""
         left = sum(n.target is SDPA for n in gm.graph.nodes)
         if left != self.kept:
             raise AssertionError(f"LowerDecodeAttention left {left} SDPA nodes, expected {self.kept}")
+
+
+def _erase_dead_chain(graph: fx.Graph, nodes) -> None:
+    """Erase the pure view / expand nodes of a repeat_kv that nothing reads any more (not
+    eliminate_dead_code: the cache writes it could see as dead are in-place)."""
+    pure = set(_RESHAPES) | {torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default}
+    todo = [n for n in nodes if isinstance(n, fx.Node)]
+    while todo:
+        node = todo.pop()
+        if node.target in pure and not node.users:
+            todo += [a for a in node.args if isinstance(a, fx.Node)]
+            graph.erase_node(node)

@@ -106,8 +106,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
         if unsupported_reason(q, k, v, attn_mask) is None:
             return decode_attention(q, k, v, attn_mask, q.shape[-1] ** -0.5 if scale is None else scale,
                                     sms=_num_sms(q.device))
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale,
-                                                            enable_gqa=enable_gqa)
+    if enable_gqa and k.shape[1] != q.shape[1]:  # KV heads repeated as HF's repeat_kv does: same values
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 def _fake_attention(q, k, v, attn_mask=None, scale=None, enable_gqa=False):

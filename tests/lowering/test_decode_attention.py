@@ -102,7 +102,12 @@ def test_the_op_is_sdpa_off_the_gpu_decode_path(gqa):
     q, k, v, mask = _inputs(2, 4, 2 if gqa else 4, 40, 16, torch.float32, [40, 9], "bool")
     k, v = k.nan_to_num(), v.nan_to_num()
     out = ATTENTION(q, k, v, mask, 0.3, gqa)
-    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=gqa))
+    rep = 2 if gqa else 1  # the values of HF's repeat_kv, then SDPA: what the graph computed before
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                          attn_mask=mask, scale=0.3)
+    assert torch.equal(out, want)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=gqa),
+                          atol=1e-6)
 
 
 def test_opcheck():

@@ -34,6 +34,17 @@ def test_every_sdpa_node_becomes_one_attention_node(qm):
     assert (_count(after.graph, SDPA), _count(after.graph, ATTENTION_OP)) == (0, N_LAYERS)
 
 
+def test_grouped_query_attention_reads_the_cache_not_a_repeated_copy(qm):
+    """The tiny LLaMA has 4 query and 2 KV heads: HF's repeat_kv (unsqueeze, expand, reshape) goes."""
+    before = _graph(qm, decode_attention=False)
+    after = _graph(qm, decode_attention=True)
+    nodes = [n for n in after.graph.nodes if n.target is ATTENTION_OP]
+    assert all(n.args[5] is True for n in nodes)
+    assert all(tuple(n.args[i].meta["val"].shape) == (2, 2, 40, 32) for n in nodes for i in (1, 2))
+    expands = [sum(n.target is torch.ops.aten.expand.default for n in g.graph.nodes) for g in (before, after)]
+    assert expands[0] - expands[1] == 2 * N_LAYERS  # one for keys, one for values per layer
+
+
 def test_the_lowered_decode_graph_computes_exactly_the_same(qm):
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     steps = [_graph(qm, decode_attention=flag) for flag in (False, True)]
