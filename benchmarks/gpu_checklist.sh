@@ -9,7 +9,8 @@
 # export round trip, profile + tma_ab with fresh traces, bf16 at batch 8: session 10, all on the
 # H200). Owed on the H200: attention + attn_ab (the decode attention kernel of session 10, built
 # and tested on CPU only, off by default until measured: PT2PASS_DECODE_ATTENTION=1), imma (the
-# autotuned kernel on all 7 shapes, with the 3 configs added untimed), fuzz (all 256 cases; 50 in sessions 9 and 10), e2e7b / e2e8b (ternary at batch 8,
+# autotuned kernel on all 7 shapes, with the 3 configs added untimed), fuzz (all 256 cases; 50 in
+# sessions 9 and 10), e2e7b / e2e8b (ternary at batch 8,
 # which now runs the integer tensor-core GEMV), kernels (with gemlite, now also at M = 2-16), the
 # whole 7B quantization (quant7b). The kernels step needs the gemlite wheel carried (.whl is
 # git-ignored; benchmarks/README.md says how to build it). Each profile_decode setting needs
@@ -30,7 +31,8 @@ case "${1:-}" in
   tma_ab)   python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --tma 0 1 0 1 ;;  # ~5 min
   profile)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --bf16 --tma 1 ;;  # ~4 min
   attention) python3 benchmarks/experiments/bench_decode_attention.py ;;        # session 10's kernel, untimed: ~1 min
-  attn_ab)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --env PT2PASS_DECODE_ATTENTION=0 PT2PASS_DECODE_ATTENTION=1 ;;  # ~5 min
+  attn_ab)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b \
+              --env PT2PASS_DECODE_ATTENTION=0 PT2PASS_DECODE_ATTENTION=1 ;;  # ~5 min
   imma)     python3 benchmarks/experiments/sweep_gemv_imma.py --tuned-only --ms 2 4 8 16 ;;     # compiles ~4 min
   kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels)
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl

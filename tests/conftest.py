@@ -3,8 +3,9 @@
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# Inductor's on-disk FX graph cache keys a triton_op by its graph, not by its Python body: after
-# an edit of the op's reference path it can replay stale code. Tests always compile afresh.
+# torch's on-disk compile caches (AOTAutograd's above all, pytorch#160472) key a triton_op by its
+# graph, not by its Python body: after an edit of the op it can replay stale code (see
+# lowering.ops.compile_fresh). Tests always compile afresh.
 os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
 os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
 # Under pytest-xdist (`pytest -n N`) every worker, and the subprocesses it starts, computes on one

@@ -5,10 +5,11 @@
 
 Builds the random bf16 LLaMA-shaped model of bench_e2e.py, ternarizes it (``method="rtn"``), and
 for each ``--tma`` setting (``PT2PASS_TMA`` read when the step is traced, so each setting gets its
-own compiled step in this process; ``--env`` sets any such variables) times the decode step exactly as generation runs it (compiled
-with CUDA graphs, one token at position ``--position``), then profiles ``--steps`` replays and
-prints GPU time per step by kernel family and the top kernels. ``--bf16`` profiles the bf16 model
-first. Wall time per step minus the kernels' sum is what the GPU spends between kernels.
+own compiled step in this process; ``--env`` sets any such variables) times the decode step
+exactly as generation runs it (compiled with CUDA graphs, one token at position ``--position``),
+then profiles ``--steps`` replays and prints GPU time per step by kernel family and the top
+kernels. ``--bf16`` profiles the bf16 model first. Wall time per step minus the kernels' sum is
+what the GPU spends between kernels.
 """
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    print(torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU smoke test", "torch", torch.__version__, flush=True)
+    print(torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU smoke test", "torch", torch.__version__,
+          flush=True)
     model = build_model(args.shape, args.layers)
     results = {}
     if args.bf16:
@@ -120,8 +122,11 @@ def main() -> None:
     del model
     settings = args.env or [f"PT2PASS_TMA={tma}" for tma in args.tma]
     for i, setting in enumerate(settings):
+        saved = dict(os.environ)
         os.environ.update(dict(item.split("=", 1) for item in setting.split(",")))
         results[f"ternary {setting} #{i}"] = measure(f"ternary, {setting} (run {i})", qm.skeleton, qm.store, args)
+        os.environ.clear()  # each setting on its own, not on top of the ones before
+        os.environ.update(saved)
     print("\n| run | us per step | tok/s |\n|---|---|---|")
     for label, wall in results.items():
         print(f"| {label} | {wall * 1e6:.1f} | {args.batch / wall:.1f} |")

@@ -129,14 +129,16 @@ def decode_kernel_builds(quick: bool):
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     builds.append(("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES,
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
-    # decode attention at the 7B shape (head dim 128, bool mask); the strides of q and the cache
-    # are multiples of 16 there, the mask's slot stride is 1
+    # decode attention at the 7B shape (head dim 128, bool and additive masks); the strides of q
+    # and the cache are multiples of 16 there, the mask's slot stride is 1
     attn_types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "acc_ptr": "*fp32",
                   "ml_ptr": "*fp32", "out_ptr": "*bf16", "scale": "fp32",
                   **{f"s{t}_{d}": "i32/16" for t in "qkv" for d in "bhl"}, "so_b": "i32/16", "so_h": "i32/16"}
     warps = decode_attention.NUM_WARPS
-    builds.append(("decode_attention._decode_attention_split_kernel", decode_attention._decode_attention_split_kernel,
-                   attn_types, dict(MASK=1, D=128, BL=decode_attention.BLOCK_L, sm_l=1), warps))
+    for kind, mask_type in ((decode_attention.BOOL_MASK, "*i1"), (decode_attention.ADD_MASK, "*bf16")):
+        builds.append((f"decode_attention._decode_attention_split_kernel MASK={kind.value}",
+                       decode_attention._decode_attention_split_kernel, {**attn_types, "mask_ptr": mask_type},
+                       dict(MASK=kind.value, D=128, BL=decode_attention.BLOCK_L, sm_l=1), warps))
     builds.append(("decode_attention._decode_attention_combine_kernel",
                    decode_attention._decode_attention_combine_kernel, attn_types, dict(D=128, NS=16), warps))
     builds.append(("_quantize_x_group_kernel", gemv_group._quantize_x_group_kernel, _QUANT_TYPES,

@@ -56,11 +56,15 @@ def repeated_kv(node) -> Optional[Tuple[fx.Node, int]]:
             and unsqueeze.args[1] == 2):
         return None
     cache = unsqueeze.args[0]
-    shape = cache.meta.get("val").shape if "val" in cache.meta else None
-    out = node.meta.get("val").shape if "val" in node.meta else None
-    if shape is None or out is None or len(shape) != 4 or len(out) != 4 or out[1] % shape[1]:
+    shapes = [n.meta["val"].shape if isinstance(n, fx.Node) and "val" in n.meta else None
+              for n in (cache, expand, node)]
+    if any(shape is None for shape in shapes) or len(shapes[0]) != 4:
         return None
-    return cache, out[1] // shape[1]
+    (b, hk, length, d), expanded, out = shapes
+    rep = expanded[2] if len(expanded) == 5 else 0
+    if rep < 1 or tuple(expanded) != (b, hk, rep, length, d) or tuple(out) != (b, hk * rep, length, d):
+        return None
+    return cache, rep
 
 
 class LowerDecodeAttention(Pass):
@@ -87,8 +91,8 @@ class LowerDecodeAttention(Pass):
             new.meta.update(node.meta)
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
-            _erase_dead_chain(gm.graph, [a["key"], a["value"]])
             self.rewritten += 1
+        gm.graph.eliminate_dead_code()  # the repeat_kv chains (in-place cache writes are kept: impure)
         gm.recompile()
         log.info("attention: %d SDPA nodes -> pt2pass.attention (%d kept: dropout or is_causal)",
                  self.rewritten, self.kept)
@@ -100,14 +104,3 @@ class LowerDecodeAttention(Pass):
         if left != self.kept:
             raise AssertionError(f"LowerDecodeAttention left {left} SDPA nodes, expected {self.kept}")
 
-
-def _erase_dead_chain(graph: fx.Graph, nodes) -> None:
-    """Erase the pure view / expand nodes of a repeat_kv that nothing reads any more (not
-    eliminate_dead_code: the cache writes it could see as dead are in-place)."""
-    pure = set(_RESHAPES) | {torch.ops.aten.expand.default, torch.ops.aten.unsqueeze.default}
-    todo = [n for n in nodes if isinstance(n, fx.Node)]
-    while todo:
-        node = todo.pop()
-        if node.target in pure and not node.users:
-            todo += [a for a in node.args if isinstance(a, fx.Node)]
-            graph.erase_node(node)

@@ -8,6 +8,7 @@ fails under export/AOTInductor on CPU. The fake implementation gives shapes to t
 """
 from __future__ import annotations
 
+import logging
 from typing import List, Optional
 
 import torch
@@ -15,6 +16,8 @@ from torch.library import triton_op
 
 from .format import DEFAULT_BLOCK_SIZE, WEIGHTS_PER_WORD, n_blocks
 from .reference import ternary_linear_reference
+
+log = logging.getLogger(__name__)
 
 OP_NAME = "pt2pass::ternary_linear"
 GROUP_OP_NAME = "pt2pass::ternary_linear_group"
@@ -120,21 +123,22 @@ attention.register_fake(_fake_attention)
 
 
 def compile_fresh(fn, **compile_kwargs):
-    """``torch.compile(fn, **compile_kwargs)`` whose compilations trace the pt2pass ops' bodies
-    anew: calls run with torch's AOTAutograd cache off.
+    """``torch.compile(fn, **compile_kwargs)`` after turning torch's AOTAutograd cache off for
+    this process, so that compilations trace the pt2pass ops' bodies anew.
 
     That cache keys a graph by the ops it calls, not by what a custom op's body does
     (pytorch/pytorch#160472), and it lives on disk: a graph compiled before an upgrade of pt2pass,
-    or under other ``PT2PASS_TMA`` / ``PT2PASS_AUTOTUNE`` settings, would come back with the old
-    kernel choices (session 10 found a same-process A/B of PT2PASS_TMA silently comparing one
-    setting with itself). Inductor's own cache, keyed after tracing (kernel sources included),
-    stays on. Set ``TORCHINDUCTOR_AUTOGRAD_CACHE=0`` for models you compile yourself."""
-    import functools
+    or under other ``PT2PASS_TMA`` / ``PT2PASS_AUTOTUNE`` / ``PT2PASS_DECODE_ATTENTION`` settings,
+    would come back with the old kernel choices (session 10 found a same-process A/B of a setting
+    silently comparing it with itself). Process-wide, because a compilation can happen at any call
+    (a guard failure) and switching the setting around every call costs 20-100 us of host time
+    per decode step; it only costs compile time. Inductor's own cache, keyed after tracing (kernel
+    sources included), stays on. ``TORCHINDUCTOR_AUTOGRAD_CACHE=0`` does the same for models you
+    compile yourself."""
+    import torch._functorch.config as functorch_config
 
-    compiled = torch.compile(fn, **compile_kwargs)
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        with torch._functorch.config.patch(enable_autograd_cache=False):
-            return compiled(*args, **kwargs)
-    return run
+    if functorch_config.enable_autograd_cache:
+        log.info("pt2pass: torch's AOTAutograd cache turned off for this process (it would replay stale "
+                 "traces of pt2pass ops)")
+        functorch_config.enable_autograd_cache = False
+    return torch.compile(fn, **compile_kwargs)

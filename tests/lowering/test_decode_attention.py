@@ -58,14 +58,38 @@ def test_matches_sdpa(dtype, kind, heads, length, valid, n_split):
 
 
 @kernel_test
-def test_blocks_the_mask_hides_are_never_read():
-    """The unwritten end of a static cache: NaN there (not merely masked) leaves the rows finite,
-    and so does NaN in a fully hidden block with an additive mask (skipped by the scores, not read
-    as values)."""
-    q, k, v, mask = _inputs(1, 2, 2, 4 * BLOCK_L, 16, torch.float32, [BLOCK_L + 3], "bool")
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_slots_the_mask_hides_are_never_read(kind):
+    """The unwritten end of a static cache, and hidden slots inside a visible block: NaN there
+    (not merely masked) leaves the rows finite; False and -inf hide alike."""
+    q, k, v, mask = _inputs(1, 2, 2, 4 * BLOCK_L, 16, torch.float32, [BLOCK_L + 3], kind)
     out = decode_attention(q, k, v, mask, 0.25, n_split=4)
     assert torch.isfinite(out).all()
     assert torch.allclose(out.double(), _reference(q, k, v, mask, 0.25), atol=1e-5)
+
+
+@kernel_test
+@pytest.mark.parametrize("shape", [(2, 4, 1, 70), (1, 1, 1, 70), (1, 70), (2, 1, 1, 70)])
+def test_masks_broadcast_as_in_sdpa(shape):
+    """Per head, shared by the batch, 2-D; a mask as the decode graph passes it."""
+    q, k, v, _ = _inputs(2, 4, 2, 70, 16, torch.float32, [70, 70], "none", seed=5)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(6)) > 0.3
+    mask[..., 0] = True  # every row sees a slot
+    out = decode_attention(q, k, v, mask, 0.2)
+    assert torch.allclose(out.double(), _reference(q, k, v, mask, 0.2), atol=1e-5)
+
+
+@kernel_test
+def test_a_strided_cache_view_and_a_nan_in_an_additive_mask():
+    """The first 90 slots of a longer cache (row stride of the full one); a NaN in the mask makes
+    its row NaN, as in SDPA, instead of hiding the slot."""
+    q, k, v, mask = _inputs(2, 2, 2, 128, 16, torch.float32, [128, 128], "additive", seed=7)
+    k, v, mask = k[:, :, :90], v[:, :, :90], mask[..., :90].clone()
+    out = decode_attention(q, k, v, mask, 0.3)
+    assert torch.allclose(out.double(), _reference(q, k, v, mask, 0.3), atol=1e-5)
+    mask[1, 0, 0, 4] = float("nan")
+    out = decode_attention(q, k, v, mask, 0.3)
+    assert out[1].isnan().all() and torch.isfinite(out[0]).all()
 
 
 @kernel_test
@@ -85,13 +109,17 @@ def test_a_row_that_sees_nothing_is_zero_as_in_sdpa_and_nan_still_propagates(kin
     (dict(q=(2, 4, 1, 48), k=(2, 4, 10, 48)), "head dim 48"),
     (dict(q=(2, 3, 1, 32)), "does not match"),
     (dict(mask=(2, 1, 1, 11)), "does not broadcast"),
+    (dict(q=(1, 4, 1, 32), k=(1, 2, 10, 32)), "does not broadcast"),   # would broadcast q up
+    (dict(mask=(1, 2, 1, 1, 10)), "does not broadcast"),
     (dict(kdtype=torch.float16), "dtypes"),
+    (dict(mdtype=torch.float64), "mask dtype"),                        # SDPA rejects it too
+    (dict(k=(2, 2, 0, 32), mask=(2, 1, 1, 0)), "an empty cache"),
 ])
 def test_unsupported_inputs_are_named(change, message):
     shapes = {"q": (2, 4, 1, 32), "k": (2, 2, 10, 32), "mask": (2, 1, 1, 10), **change}
     q = torch.zeros(shapes["q"])
     k = torch.zeros(shapes.get("k"), dtype=change.get("kdtype", torch.float32))
-    mask = torch.ones(shapes["mask"], dtype=torch.bool)
+    mask = torch.ones(shapes["mask"], dtype=change.get("mdtype", torch.bool))
     assert message in unsupported_reason(q, k, k, mask)
     with pytest.raises(ValueError, match=message):
         decode_attention(q, k, k, mask, 1.0)

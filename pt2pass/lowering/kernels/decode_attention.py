@@ -54,9 +54,9 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_pt
         keep = slots < L
         if MASK == BOOL_MASK:
             keep = keep & (tl.load(m_base + slots * sm_l, mask=keep, other=0) != 0)
-        if MASK == ADD_MASK:  # -inf hides a slot as False does
+        if MASK == ADD_MASK:  # -inf hides a slot as False does (a NaN does not: it propagates)
             add = tl.load(m_base + slots * sm_l, mask=keep, other=float("-inf")).to(tl.float32)
-            keep = keep & (add > float("-inf"))
+            keep = keep & (add != float("-inf"))
         if tl.max(keep.to(tl.int32), axis=0) > 0:  # else the mask hides the block: no K/V reads
             rows = slots.to(tl.int64)[:, None]
             k = tl.load(k_base + rows * sk_l + d[None, :], mask=keep[:, None], other=0.0).to(tl.float32)
@@ -114,13 +114,21 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return f"head dim {d} (needs a power of two <= {MAX_HEAD_DIM})"
     if q.dtype not in (torch.bfloat16, torch.float16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
         return f"dtypes q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    if k.shape[2] == 0:
+        return "an empty cache"
+    tensors = [q, k, v] + ([mask] if mask is not None else [])
+    if len({t.device for t in tensors}) != 1:
+        return f"tensors on {sorted({str(t.device) for t in tensors})}"
     if mask is not None:
-        if mask.dtype != torch.bool and not mask.is_floating_point():
-            return f"mask dtype {mask.dtype}"
+        if mask.dtype not in (torch.bool, q.dtype):  # what SDPA accepts
+            return f"mask dtype {mask.dtype} (bool or q's {q.dtype})"
+        target = (b, h, 1, k.shape[2])
         try:
-            torch.broadcast_shapes(mask.shape, (b, h, 1, k.shape[2]))
+            fits = torch.broadcast_shapes(mask.shape, target) == target
         except RuntimeError:
-            return f"mask {tuple(mask.shape)} does not broadcast to {(b, h, 1, k.shape[2])}"
+            fits = False
+        if not fits:
+            return f"mask {tuple(mask.shape)} does not broadcast to {target}"
     return None
 
 

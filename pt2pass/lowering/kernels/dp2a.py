@@ -153,8 +153,9 @@ def quantize_blocks(x_row, perm_ptr, blk, ok, HAS_PERM: tl.constexpr):
     total = (((((((total + v8) + v9) + v10) + v11) + v12) + v13) + v14) + v15
     big = tl.maximum(tl.maximum(tl.maximum(tl.abs(v0), tl.abs(v1)), tl.maximum(tl.abs(v2), tl.abs(v3))),
                      tl.maximum(tl.maximum(tl.abs(v4), tl.abs(v5)), tl.maximum(tl.abs(v6), tl.abs(v7))))
-    big = tl.maximum(big, tl.maximum(tl.maximum(tl.maximum(tl.abs(v8), tl.abs(v9)), tl.maximum(tl.abs(v10), tl.abs(v11))),
-                                     tl.maximum(tl.maximum(tl.abs(v12), tl.abs(v13)), tl.maximum(tl.abs(v14), tl.abs(v15)))))
+    big_hi = tl.maximum(tl.maximum(tl.maximum(tl.abs(v8), tl.abs(v9)), tl.maximum(tl.abs(v10), tl.abs(v11))),
+                        tl.maximum(tl.maximum(tl.abs(v12), tl.abs(v13)), tl.maximum(tl.abs(v14), tl.abs(v15))))
+    big = tl.maximum(big, big_hi)
     scale, inv, xsum = x_block_scales(big, total)
     inv = inv[:, None]
     # pair p = 2 r + h: slots 8 h + r (low half) and 8 h + 4 + r (high half)
