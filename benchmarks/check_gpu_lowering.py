@@ -1,5 +1,5 @@
 """GPU checks of the lowering (run on the lent H100): opcheck, torch.compile inlines the Triton
-kernels, torch.export save/load/run in a fresh process, AOTInductor package.
+kernels, torch.export save/load/run in a fresh process, the decode attention op, AOTInductor package.
 
     PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py   # one PASS/FAIL line per check; exit 1 on FAIL
     PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_aoti   # only the named checks
@@ -119,6 +119,42 @@ def check_compile_inlines_kernels():
     assert explained.graph_count == 1 and explained.graph_break_count == 0
 
 
+ATTENTION = torch.ops.pt2pass.attention
+ATTENTION_KERNELS = {"_decode_attention_split_kernel", "_decode_attention_combine_kernel"}
+
+
+def check_attention():
+    """pt2pass.attention (session 10): opcheck on the decode-kernel path (one query position, bool
+    and additive masks, GQA) and the SDPA path (several positions), against float64 SDPA; then
+    torch.compile(fullgraph) of a one-token call launches the two decode kernels."""
+    from torch._inductor.utils import run_and_get_code
+
+    def inputs(s, hk, kind, dtype=torch.bfloat16):
+        q = torch.randn(2, 8, s, 128, device=DEV, dtype=dtype)
+        k, v = (torch.randn(2, hk, 300, 128, device=DEV, dtype=dtype) for _ in range(2))
+        seen = torch.arange(300, device=DEV)[None, :] < torch.tensor([[120], [300]], device=DEV)
+        mask = seen[:, None, None, :].expand(2, 1, s, 300)
+        if kind == "additive":
+            mask = torch.zeros(mask.shape, device=DEV, dtype=dtype).masked_fill(~mask, float("-inf"))
+        return q, k, v, mask
+
+    for s, hk, kind in ((1, 8, "bool"), (1, 2, "bool"), (1, 8, "additive"), (5, 8, "bool"), (5, 2, "additive")):
+        q, k, v, mask = inputs(s, hk, kind)
+        args = (q, k, v, mask, None, hk != 8)
+        torch.library.opcheck(ATTENTION.default, args)
+        rep = 8 // hk
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1),
+            attn_mask=mask if kind == "bool" else mask.double())
+        assert rel(ATTENTION(*args), ref) < 1e-2, (s, hk, kind, rel(ATTENTION(*args), ref))
+    torch._dynamo.reset()
+    q, k, v, mask = inputs(1, 2, "bool")
+    y, codes = run_and_get_code(torch.compile(lambda *a: ATTENTION(*a, None, True), fullgraph=True), q, k, v, mask)
+    found = {name for name in ATTENTION_KERNELS if name in "\n".join(codes)}
+    assert found == ATTENTION_KERNELS, f"generated code launches {sorted(found)}"
+    assert rel(y, ATTENTION(q, k, v, mask, None, True)) < 1e-3
+
+
 _FRESH = """
 import sys, torch
 import pt2pass
@@ -179,7 +215,7 @@ def check_aoti():
 
 def main():
     failed = 0
-    checks = (check_opcheck, check_compile_inlines_kernels, check_export_round_trip, check_aoti)
+    checks = (check_opcheck, check_compile_inlines_kernels, check_export_round_trip, check_attention, check_aoti)
     only = sys.argv[1:]  # e.g. check_aoti: run just these
     for check in [c for c in checks if not only or c.__name__ in only]:
         t = time.time()

@@ -30,7 +30,8 @@ case "${1:-}" in
   pipelined) python3 benchmarks/experiments/sweep_gemv_pipelined.py ;;           # ~1.5 min with compiles
   tma_ab)   python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --tma 0 1 0 1 ;;  # ~5 min
   profile)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --bf16 --tma 1 ;;  # ~4 min
-  attention) python3 benchmarks/experiments/bench_decode_attention.py ;;        # session 10's kernel, untimed: ~1 min
+  attention) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_attention  # opcheck + compile
+            python3 benchmarks/experiments/bench_decode_attention.py ;;        # session 10's kernel, untimed: ~2 min
   attn_ab)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b \
               --env PT2PASS_DECODE_ATTENTION=0 PT2PASS_DECODE_ATTENTION=1 ;;  # ~5 min
   imma)     python3 benchmarks/experiments/sweep_gemv_imma.py --tuned-only --ms 2 4 8 16 ;;     # compiles ~4 min

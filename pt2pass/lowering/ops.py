@@ -112,7 +112,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Opti
     if enable_gqa and k.shape[1] != q.shape[1]:  # KV heads repeated as HF's repeat_kv does: same values
         k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
         v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+    # contiguous, as the fake says: CUDA's SDPA kernels may return a transposed layout, and
+    # export / AOTInductor plan memory from the fake's strides (a no-op on CPU)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale).contiguous()
 
 
 def _fake_attention(q, k, v, attn_mask=None, scale=None, enable_gqa=False):
