@@ -140,6 +140,12 @@ class StaticCacheLM(nn.Module):
         return out.logits
 
 
+def decode_attention_default() -> bool:
+    """Whether decode graphs take LowerDecodeAttention: ``PT2PASS_DECODE_ATTENTION=1`` (read when a
+    graph is built)."""
+    return os.environ.get("PT2PASS_DECODE_ATTENTION", "0") == "1"
+
+
 def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, max_cache_len: int,
                        share_with: Optional[fx.GraphModule] = None,
                        group_siblings: bool = True, decode_attention: Optional[bool] = None) -> fx.GraphModule:
@@ -173,7 +179,7 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
     tag_linears(gm, module)
     gm, _ = lower_from_store(gm, store, weights, device)
     if decode_attention is None:
-        decode_attention = os.environ.get("PT2PASS_DECODE_ATTENTION", "0") == "1"
+        decode_attention = decode_attention_default()
     passes = [GroupSiblingLinears()] if group_siblings else []
     passes += [LowerDecodeAttention()] if decode_attention else []
     if passes:

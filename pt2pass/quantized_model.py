@@ -109,7 +109,8 @@ class QuantizedCausalLM(QuantizedModel):
     def decoder(self, batch_size: int, total_tokens: int, device: torch.device):
         """The ``CachedDecoder`` for this batch size whose cache holds ``total_tokens`` (its
         length rounded up, see ``decode.cache_length_for``); captured and lowered on first use."""
-        from .decode import CachedDecoder, build_decode_graph, cache_length_for, model_placement
+        from .decode import (CachedDecoder, build_decode_graph, cache_length_for, decode_attention_default,
+                             model_placement)
 
         if self.skeleton is None:
             raise ValueError("this QuantizedCausalLM has no skeleton model to capture a decode "
@@ -119,10 +120,11 @@ class QuantizedCausalLM(QuantizedModel):
         if torch.device(device) != model_device:
             raise ValueError(f"input_ids are on {device} but the model is on {model_device}")
         length = cache_length_for(total_tokens, self.max_positions)
-        key = (batch_size, length, dtype, model_device)
+        attention = decode_attention_default()  # a graph per setting: flipping it takes effect
+        key = (batch_size, length, dtype, model_device, attention)
         if key not in self._decoders:
             graph = build_decode_graph(self.skeleton, self.store, batch_size, length,
-                                       share_with=self.gm)
+                                       share_with=self.gm, decode_attention=attention)
             self._decoders[key] = CachedDecoder(graph)
         return self._decoders[key]
 

@@ -57,10 +57,15 @@ def test_the_lowered_decode_graph_computes_exactly_the_same(qm):
     assert torch.equal(tokens[0], tokens[1])
 
 
-def test_the_environment_switches_it_on(qm, monkeypatch):
+def test_the_environment_switches_it_on_also_for_generate(qm, monkeypatch):
     assert _count(_graph(qm).graph, ATTENTION_OP) == 0
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    plain = qm.generate(ids, 8)
     monkeypatch.setenv("PT2PASS_DECODE_ATTENTION", "1")
     assert _count(_graph(qm).graph, ATTENTION_OP) == N_LAYERS
+    assert torch.equal(qm.generate(ids, 8), plain)  # a graph of its own, not the one built before
+    steps = [d.step for key, d in qm._decoders.items() if key[0] == 1]
+    assert sorted(_count(s.graph, ATTENTION_OP) for s in steps) == [0, N_LAYERS]
 
 
 def test_dropout_and_causal_nodes_are_left_alone():
