@@ -25,7 +25,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pt2pass
-from pt2pass.decode import CachedDecoder, build_decode_graph, make_skeleton
+from pt2pass.decode import CachedDecoder, build_decode_graph, decode_attention_default, make_skeleton
 from pt2pass.lowering.ops import compile_fresh
 from pt2pass.sizes import bits_per_weight, ternary_linear_sizes
 from pt2pass.store import QuantStore
@@ -166,7 +166,9 @@ def main() -> None:
     torch.set_grad_enabled(False)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test: reference op path)"
     print(name, "torch", torch.__version__, flush=True)
-    results = {"shape": args.shape, "args": vars(args)}
+    # the decode graphs of both models take the decode attention kernel under PT2PASS_DECODE_ATTENTION=1
+    results = {"shape": args.shape, "args": vars(args), "decode_attention": decode_attention_default()}
+    print("decode attention:", "pt2pass.attention" if results["decode_attention"] else "SDPA", flush=True)
     if args.quant_only:
         results["quant"] = quant_timing(args)
         print("quant", results["quant"], flush=True)
