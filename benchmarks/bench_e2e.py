@@ -168,13 +168,13 @@ def main() -> None:
     print(name, "torch", torch.__version__, flush=True)
     # the decode graphs of both models take the decode attention kernel under PT2PASS_DECODE_ATTENTION=1
     results = {"shape": args.shape, "args": vars(args), "decode_attention": decode_attention_default()}
-    print("decode attention:", "pt2pass.attention" if results["decode_attention"] else "SDPA", flush=True)
     if args.quant_only:
         results["quant"] = quant_timing(args)
         print("quant", results["quant"], flush=True)
         print_quant_row(results["quant"])
         write_json(args.json, results)
         return
+    print("decode attention:", "pt2pass.attention" if results["decode_attention"] else "SDPA", flush=True)
 
     model = build_model(args.shape)
     vocab = model.config.vocab_size
