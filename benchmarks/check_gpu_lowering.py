@@ -18,6 +18,7 @@ import torch
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 import pt2pass  # noqa: E402,F401
+from pt2pass.bench import attention_case, attention_reference  # noqa: E402
 from pt2pass.lowering.format import pack_ternary  # noqa: E402
 from pt2pass.lowering.reference import ternary_linear_reference  # noqa: E402
 
@@ -129,24 +130,15 @@ def check_attention():
     torch.compile(fullgraph) of a one-token call launches the two decode kernels."""
     from torch._inductor.utils import run_and_get_code
 
-    def inputs(s, hk, kind, dtype=torch.bfloat16):
-        q = torch.randn(2, 8, s, 128, device=DEV, dtype=dtype)
-        k, v = (torch.randn(2, hk, 300, 128, device=DEV, dtype=dtype) for _ in range(2))
-        seen = torch.arange(300, device=DEV)[None, :] < torch.tensor([[120], [300]], device=DEV)
-        mask = seen[:, None, None, :].expand(2, 1, s, 300)
-        if kind == "additive":
-            mask = torch.zeros(mask.shape, device=DEV, dtype=dtype).masked_fill(~mask, float("-inf"))
-        return q, k, v, mask
+    def inputs(positions, hk, kind):
+        return attention_case(2, 8, hk, 300, [120, 300], 128, DEV, kind=kind, positions=positions)
 
     for s, hk, kind in ((1, 8, "bool"), (1, 2, "bool"), (1, 8, "additive"), (5, 8, "bool"), (5, 2, "additive")):
         q, k, v, mask = inputs(s, hk, kind)
         args = (q, k, v, mask, None, hk != 8)
         torch.library.opcheck(ATTENTION.default, args)
-        rep = 8 // hk
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            q.double(), k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1),
-            attn_mask=mask if kind == "bool" else mask.double())
-        assert rel(ATTENTION(*args), ref) < 1e-2, (s, hk, kind, rel(ATTENTION(*args), ref))
+        err = rel(ATTENTION(*args), attention_reference(q, k, v, mask))
+        assert err < 1e-2, (s, hk, kind, err)
     torch._dynamo.reset()
     q, k, v, mask = inputs(1, 2, "bool")
     y, codes = run_and_get_code(torch.compile(lambda *a: ATTENTION(*a, None, True), fullgraph=True), q, k, v, mask)
@@ -215,7 +207,8 @@ def check_aoti():
 
 def main():
     failed = 0
-    checks = (check_opcheck, check_compile_inlines_kernels, check_export_round_trip, check_attention, check_aoti)
+    checks = (check_opcheck, check_compile_inlines_kernels, check_export_round_trip, check_attention,
+              check_aoti)
     only = sys.argv[1:]  # e.g. check_aoti: run just these
     for check in [c for c in checks if not only or c.__name__ in only]:
         t = time.time()

@@ -64,6 +64,38 @@ def gemv_check_case(m: int, n: int, k: int, dtype, bias: bool, perm: bool, devic
     return x, packed, alpha, mu, b, p, ref
 
 
+def attention_case(batch: int, heads: int, kv_heads: int, length: int, seen: Sequence[int], head_dim: int,
+                   device, dtype=torch.bfloat16, kind: str = "bool", hidden: float = 0.0, positions: int = 1,
+                   seed: int = 0):
+    """A decode-attention case of the attention experiments and tests: q (batch, heads, positions,
+    head_dim), a cache k, v (batch, kv_heads, length, head_dim) and a mask showing row i its first
+    seen[i] slots: None (``kind="none"``, every slot seen), bool, or additive 0 / -inf (q's dtype),
+    shaped (batch, 1, positions, length). The slots a mask hides hold ``hidden`` in k and v (NaN:
+    a kernel that read one would show it). Returns (q, k, v, mask)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(batch, heads, positions, head_dim, generator=g, device=device).to(dtype)
+    k, v = (torch.randn(batch, kv_heads, length, head_dim, generator=g, device=device).to(dtype) for _ in range(2))
+    if kind == "none":
+        return q, k, v, None
+    visible = torch.arange(length, device=device)[None, :] < torch.tensor(list(seen), device=device)[:, None]
+    k.masked_fill_(~visible[:, None, :, None], hidden)
+    v.masked_fill_(~visible[:, None, :, None], hidden)
+    mask = visible[:, None, None, :].expand(batch, 1, positions, length)
+    if kind == "additive":
+        mask = torch.zeros(mask.shape, device=device, dtype=dtype).masked_fill(~mask, float("-inf"))
+    return q, k, v, mask
+
+
+def attention_reference(q, k, v, mask, scale=None) -> torch.Tensor:
+    """float64 SDPA of an :func:`attention_case`: the KV heads repeated to the query heads (as
+    HF's repeat_kv), hidden NaN slots as 0 (the mask gives them weight 0)."""
+    rep = q.shape[1] // k.shape[1]
+    kk = torch.nan_to_num(k.double()).repeat_interleave(rep, 1)
+    vv = torch.nan_to_num(v.double()).repeat_interleave(rep, 1)
+    m = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    return F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=m, scale=scale)
+
+
 def rotating_layers(n: int, k: int, device) -> Tuple[List[tuple], List[tuple], int]:
     """For timing an (n, k) layer with a cold L2: copies of one random bf16 weight (1-tuples) and of
     one random ternary layer ((packed, alpha, mu)), each set covering ROTATE_BYTES, and the bytes

@@ -34,3 +34,19 @@ def test_op_path_names_the_kernel_the_dispatcher_runs():
     assert op_path(cuda, 1, x.float(), packed, alpha) == "Triton gemv"
     _, odd_k, odd_alpha, _ = random_ternary_layer(64, 576, "cpu")
     assert "576 is not a multiple of 128" in op_path(cuda, 1, torch.zeros(1, 576), odd_k, odd_alpha)
+
+
+def test_attention_case_hides_the_slots_its_mask_hides_and_the_reference_ignores_them():
+    from pt2pass.bench import attention_case, attention_reference
+
+    q, k, v, mask = attention_case(2, 4, 2, 10, [3, 10], 8, "cpu", torch.float32, "bool", hidden=float("nan"),
+                                   positions=2)
+    assert q.shape == (2, 4, 2, 8) and k.shape == v.shape == (2, 2, 10, 8) and mask.shape == (2, 1, 2, 10)
+    assert k[0, :, 3:].isnan().all() and not k[0, :, :3].isnan().any() and not k[1].isnan().any()
+    assert torch.equal(mask[0, 0, 1], torch.arange(10) < 3)
+    _, _, _, additive = attention_case(2, 4, 2, 10, [3, 10], 8, "cpu", torch.float16, "additive")
+    assert additive.dtype == torch.float16 and torch.equal(additive == 0, mask[:, :, :1])
+    ref = attention_reference(q, k, v, mask)
+    seen = torch.nn.functional.scaled_dot_product_attention(
+        q[:1].double(), k[:1, :, :3].double().repeat_interleave(2, 1), v[:1, :, :3].double().repeat_interleave(2, 1))
+    assert torch.isfinite(ref).all() and torch.allclose(ref[:1], seen)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import pt2pass  # noqa: E402,F401  (registers torch.ops.pt2pass)
-from pt2pass.bench import checked_gpu_run, rel_err, time_graph  # noqa: E402
+from pt2pass.bench import attention_case, attention_reference, checked_gpu_run, rel_err, time_graph  # noqa: E402
 
 ATTENTION = torch.ops.pt2pass.attention
 # (name, batch, query heads, kv heads, cache slots, visible slots, head dim)
@@ -27,34 +27,15 @@ SHAPES = [("llama2-7b b1", 1, 32, 32, 512, 257, 128), ("llama2-7b b1 full", 1, 3
 LAYERS = 32
 
 
-def inputs(b, h, hk, length, seen, d, dev, dtype=torch.bfloat16, kind="bool", hidden=0.0):
-    """q, the cache and a mask showing row i its first seen[i] slots; ``hidden`` fills the rest of
-    the cache (NaN: a kernel that read a hidden slot would give NaN)."""
-    q = torch.randn(b, h, 1, d, device=dev, dtype=dtype)
-    k = torch.randn(b, hk, length, d, device=dev, dtype=dtype)
-    v = torch.randn(b, hk, length, d, device=dev, dtype=dtype)
-    visible = torch.arange(length, device=dev)[None, :] < torch.as_tensor(seen, device=dev).reshape(-1, 1)
-    k.masked_fill_(~visible[:, None, :, None], hidden)
-    v.masked_fill_(~visible[:, None, :, None], hidden)
-    mask = visible[:, None, None, :].expand(b, 1, 1, length)
-    if kind == "additive":
-        mask = torch.zeros(mask.shape, device=dev, dtype=dtype).masked_fill(~mask, float("-inf"))
-    return q, k, v, mask
-
-
 def check(dev) -> bool:
     ok = True
     for b, h, hk, length, seen, kind in [(2, 32, 32, 512, [1, 300], "bool"), (3, 32, 8, 512, [512, 64, 129], "bool"),
                                          (2, 8, 8, 200, [200, 13], "additive"), (1, 4, 1, 64, [64], "bool"),
                                          (2, 4, 4, 96, [0, 96], "bool")]:  # a row that sees nothing: 0
         for dtype in (torch.bfloat16, torch.float16):
-            q, k, v, mask = inputs(b, h, hk, length, seen, 128, dev, dtype, kind, hidden=float("nan"))
+            q, k, v, mask = attention_case(b, h, hk, length, seen, 128, dev, dtype, kind, hidden=float("nan"))
             out = ATTENTION(q, k, v, mask, None, hk != h)
-            rep = h // hk
-            m = mask if kind == "bool" else mask.double()
-            ref = F.scaled_dot_product_attention(q.double(), k.double().nan_to_num().repeat_interleave(rep, 1),
-                                                 v.double().nan_to_num().repeat_interleave(rep, 1), attn_mask=m)
-            err = rel_err(out, ref)
+            err = rel_err(out, attention_reference(q, k, v, mask))
             good = err < 1e-2 and bool(torch.isfinite(out).all())
             ok &= good
             print(f"check b={b} h={h}/{hk} L={length} seen={seen} {kind} {dtype}: rel err {err:.2e} "
@@ -68,7 +49,7 @@ def main():
     print("\n| decode step shape | SDPA per layer (us) | pt2pass.attention per layer (us) | speed-up | "
           "x 32 layers saved (us) |\n|---|---|---|---|---|")
     for name, b, h, hk, length, seen, d in SHAPES:
-        layers = [inputs(b, h, hk, length, [seen] * b, d, dev) for _ in range(LAYERS)]
+        layers = [attention_case(b, h, hk, length, [seen] * b, d, dev, seed=i) for i in range(LAYERS)]
         rep = h // hk
 
         def sdpa(q, k, v, mask):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pt2pass.bench import attention_case, attention_reference
 from pt2pass.lowering.kernels.common import INTERPRET
 from pt2pass.lowering.kernels.decode_attention import BLOCK_L, decode_attention, unsupported_reason
 
@@ -15,26 +16,7 @@ kernel_test = pytest.mark.skipif(not INTERPRET, reason="CPU kernel tests need TR
 def _inputs(b, h, hk, length, d, dtype, valid, kind, seed=0):
     """q (b, h, 1, d), k and v (b, hk, length, d) and a mask letting row i see its first valid[i]
     slots: None, bool or additive (0 / -inf); the hidden slots of k and v hold NaN."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, h, 1, d, generator=g).to(dtype)
-    k = torch.randn(b, hk, length, d, generator=g).to(dtype)
-    v = torch.randn(b, hk, length, d, generator=g).to(dtype)
-    seen = torch.arange(length)[None, :] < torch.tensor(valid)[:, None]
-    if kind != "none":  # a kernel reading a hidden slot would turn its row into NaN
-        k.masked_fill_(~seen[:, None, :, None], float("nan"))
-        v.masked_fill_(~seen[:, None, :, None], float("nan"))
-    mask = {"none": None, "bool": seen[:, None, None, :],
-            "additive": torch.zeros(b, 1, 1, length, dtype=dtype).masked_fill(~seen[:, None, None, :],
-                                                                              float("-inf"))}[kind]
-    return q, k, v, mask
-
-
-def _reference(q, k, v, mask, scale):
-    rep = q.shape[1] // k.shape[1]
-    kk = torch.nan_to_num(k.double()).repeat_interleave(rep, 1)  # hidden slots weigh exactly 0
-    vv = torch.nan_to_num(v.double()).repeat_interleave(rep, 1)
-    m = mask if mask is None or mask.dtype == torch.bool else mask.double()
-    return F.scaled_dot_product_attention(q.double(), kk, vv, attn_mask=m, scale=scale)
+    return attention_case(b, h, hk, length, valid, d, "cpu", dtype, kind, hidden=float("nan"), seed=seed)
 
 
 @kernel_test
@@ -51,7 +33,7 @@ def test_matches_sdpa(dtype, kind, heads, length, valid, n_split):
         valid = [length] * len(valid)
     q, k, v, mask = _inputs(len(valid), h, hk, length, 32, dtype, valid, kind, seed=length)
     out = decode_attention(q, k, v, mask, 0.17, n_split=n_split)
-    ref = _reference(q, k, v, mask, 0.17)
+    ref = attention_reference(q, k, v, mask, 0.17)
     assert out.shape == q.shape and out.dtype == dtype
     assert torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < TOL[dtype]
@@ -65,7 +47,7 @@ def test_slots_the_mask_hides_are_never_read(kind):
     q, k, v, mask = _inputs(1, 2, 2, 4 * BLOCK_L, 16, torch.float32, [BLOCK_L + 3], kind)
     out = decode_attention(q, k, v, mask, 0.25, n_split=4)
     assert torch.isfinite(out).all()
-    assert torch.allclose(out.double(), _reference(q, k, v, mask, 0.25), atol=1e-5)
+    assert torch.allclose(out.double(), attention_reference(q, k, v, mask, 0.25), atol=1e-5)
 
 
 @kernel_test
@@ -76,7 +58,7 @@ def test_masks_broadcast_as_in_sdpa(shape):
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(6)) > 0.3
     mask[..., 0] = True  # every row sees a slot
     out = decode_attention(q, k, v, mask, 0.2)
-    assert torch.allclose(out.double(), _reference(q, k, v, mask, 0.2), atol=1e-5)
+    assert torch.allclose(out.double(), attention_reference(q, k, v, mask, 0.2), atol=1e-5)
 
 
 @kernel_test
@@ -86,7 +68,7 @@ def test_a_strided_cache_view_and_a_nan_in_an_additive_mask():
     q, k, v, mask = _inputs(2, 2, 2, 128, 16, torch.float32, [128, 128], "additive", seed=7)
     k, v, mask = k[:, :, :90], v[:, :, :90], mask[..., :90].clone()
     out = decode_attention(q, k, v, mask, 0.3)
-    assert torch.allclose(out.double(), _reference(q, k, v, mask, 0.3), atol=1e-5)
+    assert torch.allclose(out.double(), attention_reference(q, k, v, mask, 0.3), atol=1e-5)
     mask[1, 0, 0, 4] = float("nan")
     out = decode_attention(q, k, v, mask, 0.3)
     assert out[1].isnan().all() and torch.isfinite(out[0]).all()
@@ -99,8 +81,8 @@ def test_a_row_that_sees_nothing_is_zero_as_in_sdpa_and_nan_still_propagates(kin
     q[2, 0, 0, 3] = float("nan")
     out = decode_attention(q, k, v, mask, 0.25)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
-    assert torch.equal(_reference(q[:1], k[:1], v[:1], mask[:1], 0.25), torch.zeros_like(out[0:1]).double())
-    assert torch.allclose(out[1].double(), _reference(q, k, v, mask, 0.25)[1], atol=1e-5)
+    assert torch.equal(attention_reference(q[:1], k[:1], v[:1], mask[:1], 0.25), torch.zeros_like(out[0:1]).double())
+    assert torch.allclose(out[1].double(), attention_reference(q, k, v, mask, 0.25)[1], atol=1e-5)
     assert out[2, 0].isnan().all() and not out[2, 1].isnan().any()
 
 

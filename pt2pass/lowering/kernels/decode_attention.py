@@ -5,7 +5,9 @@ prefill kernel, reads the whole 512-slot cache of every layer at ~0.85 TB/s, als
 mask hides. Here each program takes one (batch row, query head) and a range of cache blocks:
 it reads the mask first and reads K/V only at the slots it shows (False or -inf hide a slot), so
 the unwritten end of a static cache costs no K/V traffic, then runs the online softmax in
-float32; a second kernel combines the splits. Query heads that share a KV head (grouped-query attention) read its K/V.
+float32; a second kernel combines the splits. Query heads that share a KV head (grouped-query
+attention) each read its K/V: rep reads of the same slots, L2 hits at best; one program per KV
+head with the rep query rows through tl.dot would read them once (not built: untimed as it is).
 
     out (B, H, 1, D) = softmax(q K^T * scale + mask) V
 
