@@ -132,7 +132,7 @@ def decode_kernel_builds(quick: bool):
     # decode attention at the 7B shape (head dim 128, bool and additive masks); the strides of q
     # and the cache are multiples of 16 there, the mask's slot stride is 1
     attn_types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "acc_ptr": "*fp32",
-                  "ml_ptr": "*fp32", "out_ptr": "*bf16", "scale": "fp32",
+                  "ml_ptr": "*fp32", "out_ptr": "*bf16", "scale": "fp64",
                   **{f"s{t}_{d}": "i32/16" for t in "qkv" for d in "bhl"}, "so_b": "i32/16", "so_h": "i32/16"}
     warps = decode_attention.NUM_WARPS
     for kind, mask_type in ((decode_attention.BOOL_MASK, "*i1"), (decode_attention.ADD_MASK, "*bf16")):

@@ -43,7 +43,8 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_pt
     h = bh % H
     hk = (h // GROUP).to(tl.int64)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * scale
+    # Inductor passes a Python float as fp64 (the JIT as fp32): keep the softmax in float32
+    q = (tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * scale).to(tl.float32)
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
     m_base = mask_ptr + b * sm_b + h * sm_h
