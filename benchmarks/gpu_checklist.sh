@@ -7,12 +7,12 @@
 # e2e7b/e2e8b at batch 1 with 256 new tokens, prefill7b, kernels at M = 1-2 with gemlite: session 7;
 # pipelined, group: session 8; the imma sweep on 4 of the 7 shapes: session 9; lowering incl. the
 # export round trip, profile + tma_ab with fresh traces, bf16 at batch 8: session 10, all on the
-# H200). Owed on the H200: attention + attn_ab (the decode attention kernel of session 10, built
-# and tested on CPU only, off by default until measured: PT2PASS_DECODE_ATTENTION=1), imma (the
+# H200; attention, attn_ab at 8 layers, ternary e2e7b at batch 8 with SDPA: session 11). Owed on
+# the H200: e2e8b / e2e7b (full models with the decode attention now on by default, bf16 too),
+# profile (the 7B step with it, more --rows to name the extra fused launches), imma (the
 # autotuned kernel on all 7 shapes, with the 3 configs added untimed), fuzz (all 256 cases; 50 in
-# sessions 9 and 10), e2e7b / e2e8b (ternary at batch 8,
-# which now runs the integer tensor-core GEMV), kernels (with gemlite, now also at M = 2-16), the
-# whole 7B quantization (quant7b). The kernels step needs the gemlite wheel carried (.whl is
+# sessions 9 and 10), kernels (with gemlite, now also at M = 2-16), the whole 7B quantization
+# (quant7b). The kernels step needs the gemlite wheel carried (.whl is
 # git-ignored; benchmarks/README.md says how to build it). Each profile_decode setting needs
 # ~150-290 s (model build, rtn codes, compile with autotuning): one or two per call.
 set -euo pipefail
@@ -29,9 +29,9 @@ case "${1:-}" in
   rows)     python3 benchmarks/experiments/sweep_gemv_rows.py ;;                  # ~3 min (session 5: 2.5)
   pipelined) python3 benchmarks/experiments/sweep_gemv_pipelined.py ;;           # ~1.5 min with compiles
   tma_ab)   python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --tma 0 1 0 1 ;;  # ~5 min
-  profile)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --bf16 --tma 1 ;;  # ~4 min
-  attention) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_attention  # opcheck + compile
-            python3 benchmarks/experiments/bench_decode_attention.py ;;        # session 10's kernel, untimed: ~2 min
+  profile)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --bf16 --tma 1 --rows 40 ;;  # ~4 min
+  attention) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_attention check_decode_graph_attention
+            python3 benchmarks/experiments/bench_decode_attention.py ;;        # ~1 min (session 11)
   attn_ab)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b \
               --env PT2PASS_DECODE_ATTENTION=0 PT2PASS_DECODE_ATTENTION=1 ;;  # ~5 min
   imma)     python3 benchmarks/experiments/sweep_gemv_imma.py --tuned-only --ms 2 4 8 16 ;;     # compiles ~4 min

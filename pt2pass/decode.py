@@ -141,9 +141,12 @@ class StaticCacheLM(nn.Module):
 
 
 def decode_attention_default() -> bool:
-    """Whether decode graphs take LowerDecodeAttention: ``PT2PASS_DECODE_ATTENTION=1`` (read when a
-    graph is built)."""
-    return os.environ.get("PT2PASS_DECODE_ATTENTION", "0") == "1"
+    """Whether decode graphs take LowerDecodeAttention: yes unless ``PT2PASS_DECODE_ATTENTION=0``
+    (read when a graph is built)."""
+    value = os.environ.get("PT2PASS_DECODE_ATTENTION", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"PT2PASS_DECODE_ATTENTION={value!r}: use 1 (the decode attention kernel) or 0 (SDPA)")
+    return value == "1"
 
 
 def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, max_cache_len: int,
@@ -155,8 +158,8 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
     scales, permutations) the new graph should reuse instead of holding copies.
     ``group_siblings``: group the Linears that read the same input (GroupSiblingLinears).
     ``decode_attention``: attention through ``pt2pass.attention`` (LowerDecodeAttention: the
-    split-cache decode kernel on the GPU); default off, on with ``PT2PASS_DECODE_ATTENTION=1``
-    (experimental: built in session 10, not yet timed on a GPU).
+    split-cache decode kernel on the GPU; SDPA elsewhere); default on, off with
+    ``PT2PASS_DECODE_ATTENTION=0``.
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")

@@ -134,13 +134,13 @@ def decode_kernel_builds(quick: bool):
     attn_types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "acc_ptr": "*fp32",
                   "ml_ptr": "*fp32", "out_ptr": "*bf16", "scale": "fp64",
                   **{f"s{t}_{d}": "i32/16" for t in "qkv" for d in "bhl"}, "so_b": "i32/16", "so_h": "i32/16"}
-    warps = decode_attention.NUM_WARPS
     for kind, mask_type in ((decode_attention.BOOL_MASK, "*i1"), (decode_attention.ADD_MASK, "*bf16")):
-        builds.append((f"decode_attention._decode_attention_split_kernel MASK={kind.value}",
-                       decode_attention._decode_attention_split_kernel, {**attn_types, "mask_ptr": mask_type},
-                       dict(MASK=kind.value, D=128, BL=decode_attention.BLOCK_L, sm_l=1), warps))
+        for warps in (4, 2):  # the launcher's two choices
+            builds.append((f"decode_attention._decode_attention_split_kernel MASK={kind.value} warps={warps}",
+                           decode_attention._decode_attention_split_kernel, {**attn_types, "mask_ptr": mask_type},
+                           dict(MASK=kind.value, D=128, BL=decode_attention.BLOCK_L, sm_l=1), warps))
     builds.append(("decode_attention._decode_attention_combine_kernel",
-                   decode_attention._decode_attention_combine_kernel, attn_types, dict(D=128, NS=16), warps))
+                   decode_attention._decode_attention_combine_kernel, attn_types, dict(D=128, NS=16), 4))
     builds.append(("_quantize_x_group_kernel", gemv_group._quantize_x_group_kernel, _QUANT_TYPES,
                    dict(NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     return builds

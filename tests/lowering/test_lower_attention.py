@@ -57,15 +57,22 @@ def test_the_lowered_decode_graph_computes_exactly_the_same(qm):
     assert torch.equal(tokens[0], tokens[1])
 
 
-def test_the_environment_switches_it_on_also_for_generate(qm, monkeypatch):
-    assert _count(_graph(qm).graph, ATTENTION_OP) == 0
-    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
-    plain = qm.generate(ids, 8)
-    monkeypatch.setenv("PT2PASS_DECODE_ATTENTION", "1")
+def test_on_by_default_and_the_environment_switches_it_off_also_for_generate(qm, monkeypatch):
+    monkeypatch.delenv("PT2PASS_DECODE_ATTENTION", raising=False)
     assert _count(_graph(qm).graph, ATTENTION_OP) == N_LAYERS
-    assert torch.equal(qm.generate(ids, 8), plain)  # a graph of its own, not the one built before
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+    with_op = qm.generate(ids, 8)
+    monkeypatch.setenv("PT2PASS_DECODE_ATTENTION", "0")
+    assert _count(_graph(qm).graph, ATTENTION_OP) == 0
+    assert torch.equal(qm.generate(ids, 8), with_op)  # a graph of its own, not the one built before
     steps = [d.step for key, d in qm._decoders.items() if key[0] == 1]
     assert sorted(_count(s.graph, ATTENTION_OP) for s in steps) == [0, N_LAYERS]
+
+
+def test_a_bad_setting_is_named(qm, monkeypatch):
+    monkeypatch.setenv("PT2PASS_DECODE_ATTENTION", "yes")
+    with pytest.raises(ValueError, match="PT2PASS_DECODE_ATTENTION='yes'"):
+        _graph(qm)
 
 
 def test_dropout_and_causal_nodes_are_left_alone():
@@ -84,7 +91,7 @@ def test_dropout_and_causal_nodes_are_left_alone():
 
 
 def test_exported_decode_program_with_the_op_round_trips(qm, monkeypatch, tmp_path):
-    monkeypatch.setenv("PT2PASS_DECODE_ATTENTION", "1")
+    monkeypatch.delenv("PT2PASS_DECODE_ATTENTION", raising=False)  # the default
     ep = pt2pass.export(qm, graph="decode", batch_size=2, max_cache_len=40)
     assert _count(ep.graph, ATTENTION_OP) == N_LAYERS and _count(ep.graph, SDPA) == 0
     path = tmp_path / "decode.pt2"

@@ -28,5 +28,6 @@ def test_decode_kernels_build_for_sm90_without_spills_and_with_tma_loads():
     assert all((mma > 0) == ("imma" in name) for name, (_, mma) in cells.items())
     # the decode attention kernels too
     assert all(f"| decode_attention._decode_attention_{name} |" in run.stdout
-               for name in ("split_kernel MASK=1", "split_kernel MASK=2", "combine_kernel"))
+               for name in ("split_kernel MASK=1 warps=4", "split_kernel MASK=2 warps=4",
+                            "split_kernel MASK=1 warps=2", "split_kernel MASK=2 warps=2", "combine_kernel"))
     assert run.stdout.rstrip().endswith("0 wrong builds")

@@ -2,7 +2,8 @@
 
 In the 7B decode step (session 9-10 profiles) attention is ~390 us of ~2330: cuDNN's SDPA, a
 prefill kernel, reads the whole 512-slot cache of every layer at ~0.85 TB/s, also the slots the
-mask hides. Here each program takes one (batch row, query head) and a range of cache blocks:
+mask hides (H200, session 11: 15.4 us a layer against 7.6 here at the 7B shape, 28.2 against
+6.3 at the 8B shape, where SDPA also gets HF's repeat_kv copy). Here each program takes one (batch row, query head) and a range of cache blocks:
 it reads the mask first and reads K/V only at the slots it shows (False or -inf hide a slot), so
 the unwritten end of a static cache costs no K/V traffic, then runs the online softmax in
 float32; a second kernel combines the splits. Query heads that share a KV head (grouped-query
@@ -24,8 +25,14 @@ import triton.language as tl
 
 from .common import launch
 
+# Launch parameters from sweep_decode_attention.py (H200, session 11; docs/results.md): 64 slots
+# per block beat 16 and 32; 4 warps when there are fewer (batch row, head) pairs than SMs (the
+# 7B at batch 1: 7.6 us per layer against 8.3 with 2), 2 warps when there are more (batch 8:
+# 19.7 against 30.9); the splits aim at 4 programs per SM. Loading V with K (before the scores)
+# lost at 64 slots (9.7 us). Offline sm_90 build at head dim 128: 80 registers at 4 warps, 116 at
+# 2, no spills.
 BLOCK_L = 64        # cache slots per iteration
-NUM_WARPS = 4       # offline sm_90 build at head dim 128: 80 registers, no spills (2 warps: 116)
+PROGRAMS_PER_SM = 4
 MAX_HEAD_DIM = 256
 # MASK kinds (constexprs: the kernels compare against them)
 NO_MASK, BOOL_MASK, ADD_MASK = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -136,11 +143,13 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                     scale: float, n_split: Optional[int] = None, sms: int = 132) -> torch.Tensor:
+                     scale: float, n_split: Optional[int] = None, sms: int = 132, block_l: int = BLOCK_L,
+                     num_warps: Optional[int] = None) -> torch.Tensor:
     """softmax(q K^T * scale + mask) V for q (B, H, 1, D), k and v (B, Hkv, L, D) with H a
     multiple of Hkv; ``mask`` None, bool or float, broadcastable to (B, H, 1, L). Returns
     (B, H, 1, D) in q's dtype. ``n_split``: cache splits per (batch, head) (default: enough
-    programs for two per SM of ``sms``)."""
+    programs for PROGRAMS_PER_SM per SM of ``sms``); ``block_l``, ``num_warps``: launch parameters
+    (experiments; the defaults are the sweep's best)."""
     reason = unsupported_reason(q, k, v, mask)
     if reason is not None:
         raise ValueError(f"decode_attention: {reason}")
@@ -152,9 +161,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
         k = k.contiguous()
     if v.stride(3) != 1:
         v = v.contiguous()
-    blocks = triton.cdiv(length, BLOCK_L)
+    blocks = triton.cdiv(length, block_l)
     if n_split is None:
-        n_split = triton.cdiv(2 * sms, b * h)
+        n_split = triton.cdiv(PROGRAMS_PER_SM * sms, b * h)
+    if num_warps is None:
+        num_warps = 4 if b * h < sms else 2
     per_split = triton.cdiv(blocks, max(1, min(n_split, blocks)))
     n_split = triton.cdiv(blocks, per_split)  # no empty split
     kind = (NO_MASK if mask is None else BOOL_MASK if mask.dtype == torch.bool else ADD_MASK).value
@@ -166,7 +177,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
     launch(_decode_attention_split_kernel, (b * h, n_split), q, k, v, m, acc, ml, h, length, h // k.shape[1],
            per_split, n_split, q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2),
            v.stride(0), v.stride(1), v.stride(2), *m_strides, float(scale),
-           MASK=kind, D=d, BL=BLOCK_L, num_warps=NUM_WARPS)
+           MASK=kind, D=d, BL=block_l, num_warps=num_warps)
     launch(_decode_attention_combine_kernel, (b * h,), acc, ml, out, n_split, out.stride(0), out.stride(1), h,
-           D=d, NS=triton.next_power_of_2(n_split), num_warps=NUM_WARPS)
+           D=d, NS=triton.next_power_of_2(n_split), num_warps=4)
     return out
