@@ -65,3 +65,22 @@ def test_bench_e2e_runs_on_a_tiny_shape():
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| PT² quantization, 2 layers, 2x32 calib |" in done.stdout
     assert "(measured)" in done.stdout and "decode" not in done.stdout
+
+
+def test_profile_decode_families_count_inductor_prologues_as_fused_ops():
+    """profile_decode.py sorts kernels into families by name; Inductor names a fused kernel after
+    the ops it feeds, so SDPA's RoPE prologue must not count as attention (session 11's A/B did)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "profile_decode.py"
+    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fused, attention = "Inductor fused ops", "attention"
+    assert module.family("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_arange") == fused
+    assert module.family("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_view_13") == fused
+    assert module.family("cudnn_generated_fort_native_sdpa_sm80_flash_fprop_wmma_f16") == attention
+    assert module.family("_decode_attention_split_kernel") == attention
+    assert module.family("_decode_attention_combine_kernel") == attention
+    assert module.family("ternary_gemv_group_kernel") == "ternary GEMV, grouped (q/k/v, gate/up)"
+    assert module.family("_quantize_x_kernel") == "x quantize (dp2a)"

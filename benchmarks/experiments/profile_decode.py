@@ -27,11 +27,14 @@ import pt2pass  # noqa: E402
 from pt2pass.decode import CachedDecoder, build_decode_graph, make_skeleton  # noqa: E402
 from pt2pass.store import QuantStore  # noqa: E402
 
-# (substring of the kernel name, family); the first match wins
+# (substring of the kernel name, family); the first match wins. Inductor's kernels ("triton_...")
+# come before "attention": their names list the ops they feed, e.g. the RoPE prologue of SDPA is
+# "triton_poi_fused__scaled_dot_product_cudnn_attention_...", and session 11's first A/B counted
+# those as attention in the SDPA run and as fused ops in the other.
 FAMILIES = [("gemv_group", "ternary GEMV, grouped (q/k/v, gate/up)"), ("quantize_x", "x quantize (dp2a)"),
             ("gemv", "ternary GEMV, single"), ("splitk", "split-K reduce"), ("gemm", "cuBLAS / GEMM"),
-            ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
-            ("triton_", "Inductor fused ops"), ("copy", "copies"), ("Memcpy", "copies")]
+            ("triton_", "Inductor fused ops"), ("flash", "attention"), ("fmha", "attention"),
+            ("attention", "attention"), ("copy", "copies"), ("Memcpy", "copies")]
 
 
 def family(name: str) -> str:
