@@ -150,7 +150,8 @@ def check_attention():
 def check_decode_graph_attention():
     """The decode graph of a tiny GQA LLaMA (bf16, rtn codes) on CUDA, CUDA-graphed as generate
     runs it, with the decode attention kernel (the default) and with SDPA: the same logits, step
-    by step over a prompt of 8 and 12 one-token steps (teacher-forced with SDPA's greedy tokens)."""
+    by step over a prompt of 8 and 12 one-token steps (teacher-forced with SDPA's greedy tokens);
+    a profiled step shows that the kernel ran, and no step ran without CUDA graphs."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from pt2pass.decode import CachedDecoder, build_decode_graph
@@ -164,6 +165,7 @@ def check_decode_graph_attention():
     qm = pt2pass.compile(model, None, config=pt2pass.CompileConfig(ternary=ternary), progress=False)
     steps = {flag: build_decode_graph(qm.skeleton, qm.store, 1, 64, decode_attention=flag) for flag in (False, True)}
     assert sum(n.target is ATTENTION_OP for n in steps[True].graph.nodes) == cfg.num_hidden_layers
+    torch._dynamo.utils.counters.clear()
     fns = {flag: CachedDecoder(g).logits_fn(compile_decode=True) for flag, g in steps.items()}
     ids = torch.randint(0, cfg.vocab_size, (1, 8), device=DEV)
     with torch.no_grad():
@@ -172,7 +174,14 @@ def check_decode_graph_attention():
             err = rel(ours, sdpa)
             assert err < 2e-2, f"step {i}: rel err {err:.2e}"
             ids = torch.cat([ids, sdpa.argmax(-1, keepdim=True)], 1)
-    print(f"  decode graph, 13 steps: last rel err {err:.1e}", flush=True)
+        # the kernel ran (not the op's SDPA fallback), inside the CUDA graph
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fns[True](ids, False)
+            torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    assert any("_decode_attention_split_kernel" in n for n in names), sorted(names)
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"], "a step ran without CUDA graphs"
+    print(f"  decode graph, 13 steps: last rel err {err:.1e}; the split kernel ran", flush=True)
 
 
 _FRESH = """

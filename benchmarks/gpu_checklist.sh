@@ -9,7 +9,7 @@
 # export round trip, profile + tma_ab with fresh traces, bf16 at batch 8: session 10, all on the
 # H200; attention, attn_ab at 8 layers, ternary e2e7b at batch 8 with SDPA: session 11). Owed on
 # the H200: e2e8b / e2e7b (full models with the decode attention now on by default, bf16 too),
-# profile (the 7B step with it, more --rows to name the extra fused launches), imma (the
+# profile (the 7B step with it), imma (the
 # autotuned kernel on all 7 shapes, with the 3 configs added untimed), fuzz (all 256 cases; 50 in
 # sessions 9 and 10), kernels (with gemlite, now also at M = 2-16), the whole 7B quantization
 # (quant7b). The kernels step needs the gemlite wheel carried (.whl is

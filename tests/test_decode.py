@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pt2pass
-from pt2pass.decode import CACHE_PREFIX, CachedDecoder, generate_with_program
+from pt2pass.decode import CACHE_PREFIX, CachedDecoder, decode_attention_default, generate_with_program
 from pt2pass.lowering.group_siblings import GROUP_OP, count_ternary_linears
 from pt2pass.lowering.lower import TERNARY_OP
 from pt2pass.quantized_model import QuantizedCausalLM
@@ -81,7 +81,7 @@ def test_one_decode_graph_per_batch_size_for_all_prompt_lengths(qm_natural):
 
 def test_decode_graph_is_lowered_from_the_store_and_shares_its_buffers(qm_ssr):
     qm_ssr.generate(prompt(1, 4), 2)
-    step = qm_ssr._decoders[(1, 256, torch.float32, torch.device("cpu"), True)].step
+    step = qm_ssr._decoders[(1, 256, torch.float32, torch.device("cpu"), decode_attention_default())].step
     assert count_ternary_linears(step.graph) == N_LINEARS
     # q/k/v and gate/up of each layer: one grouped op each; o_proj and down_proj stay single
     groups = [len(n.args[1]) for n in step.graph.nodes if n.target is GROUP_OP]
@@ -236,7 +236,7 @@ def test_exported_decode_program_generates_the_same_tokens_in_a_fresh_process(qm
 
 def test_a_decoder_rejects_what_its_cache_cannot_hold(qm_natural):
     qm_natural.generate(prompt(1, 3), 1)
-    decoder = qm_natural._decoders[(1, 256, torch.float32, torch.device("cpu"), True)]
+    decoder = qm_natural._decoders[(1, 256, torch.float32, torch.device("cpu"), decode_attention_default())]
     with pytest.raises(ValueError, match="exceeds the cache length"):
         decoder.generate(prompt(1, 250), 10)
     with pytest.raises(ValueError, match="built for batch 1, got 2"):

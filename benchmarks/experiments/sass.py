@@ -140,7 +140,8 @@ def decode_kernel_builds(quick: bool):
                            decode_attention._decode_attention_split_kernel, {**attn_types, "mask_ptr": mask_type},
                            dict(MASK=kind.value, D=128, BL=decode_attention.BLOCK_L, sm_l=1), warps))
     builds.append(("decode_attention._decode_attention_combine_kernel",
-                   decode_attention._decode_attention_combine_kernel, attn_types, dict(D=128, NS=16), 4))
+                   decode_attention._decode_attention_combine_kernel, attn_types,
+                   dict(D=128, NS=decode_attention.MAX_SPLITS), 4))
     builds.append(("_quantize_x_group_kernel", gemv_group._quantize_x_group_kernel, _QUANT_TYPES,
                    dict(NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     return builds

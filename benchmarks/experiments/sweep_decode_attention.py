@@ -33,10 +33,10 @@ def main():
         print(f"| {name} | SDPA | | | | {t_sdpa * 1e6:.1f} | 1.00x |", flush=True)
         ref = attention_reference(*layers[0])
         for bl, warps, per_sm in CONFIGS:
-            kw = dict(n_split=max(1, -(-per_sm * sms // (b * h))), block_l=bl, num_warps=warps)
+            kw = dict(programs_per_sm=per_sm, block_l=bl, num_warps=warps)
             q, k, v, mask = layers[0]
-            err = rel_err(decode_attention(q, k, v, mask, d ** -0.5, **kw), ref)
-            t = time_graph([lambda a=a: decode_attention(*a, d ** -0.5, **kw) for a in layers], LAYERS)
+            err = rel_err(decode_attention(q, k, v, mask, d ** -0.5, sms, **kw), ref)
+            t = time_graph([lambda a=a: decode_attention(*a, d ** -0.5, sms, **kw) for a in layers], LAYERS)
             print(f"| {name} | {bl} | {warps} | {per_sm} | {err:.1e} | {t * 1e6:.1f} | "
                   f"{t_sdpa / t:.2f}x |", flush=True)
         del layers

@@ -11,7 +11,8 @@ The op computes the same thing, by SDPA itself everywhere but where a CUDA decod
 one query position over the cache: there it runs the split-cache decode kernel
 (kernels/decode_attention.py), which reads only the cache blocks the mask leaves visible. Only
 nodes without dropout and without ``is_causal`` are rewritten (the decode graphs of HF causal LMs
-pass an explicit mask). Off by default until timed on a GPU (see decode.build_decode_graph).
+pass an explicit mask). On by default in decode graphs since session 11, when it was timed on
+the H200 (``PT2PASS_DECODE_ATTENTION=0`` turns it off; see decode.build_decode_graph).
 """
 from __future__ import annotations
 

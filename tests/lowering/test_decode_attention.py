@@ -123,3 +123,22 @@ def test_the_op_is_sdpa_off_the_gpu_decode_path(gqa):
 def test_opcheck():
     q, k, v, mask = _inputs(1, 4, 2, 24, 16, torch.float32, [24], "bool")
     torch.library.opcheck(ATTENTION, (q, k.nan_to_num(), v.nan_to_num(), mask, None, True))
+
+
+def test_launch_plan_follows_the_sweep_and_never_leaves_a_split_empty():
+    from pt2pass.lowering.kernels.decode_attention import MAX_SPLITS, LaunchPlan, launch_plan
+
+    # the H200 sweep's picks: 7B / 8B at batch 1 (32 pairs), at batch 8 (256 pairs), 512 slots
+    assert launch_plan(32, 512, 132) == LaunchPlan(n_split=8, per_split=1, num_warps=4)
+    assert launch_plan(256, 512, 132) == LaunchPlan(n_split=3, per_split=3, num_warps=2)
+    # 4 warps up to a quarter of a pair per SM
+    assert launch_plan(33, 512, 132).num_warps == 4 and launch_plan(34, 512, 132).num_warps == 2
+    assert launch_plan(32, 10, 132) == LaunchPlan(1, 1, 4)                 # one block
+    assert launch_plan(1, 200, 132, n_split=50) == LaunchPlan(4, 1, 4)     # more splits asked than blocks
+    assert launch_plan(100_000, 512, 132) == LaunchPlan(1, 8, 2)           # more pairs than programs wanted
+    for pairs in (1, 3, 32, 130, 1000):
+        for length in (1, 63, 64, 65, 512, 4097, 131_072):
+            plan = launch_plan(pairs, length, 132)
+            blocks = -(-length // 64)
+            assert 1 <= plan.n_split <= MAX_SPLITS
+            assert (plan.n_split - 1) * plan.per_split < blocks <= plan.n_split * plan.per_split, (pairs, length, plan)

@@ -1,14 +1,15 @@
 """Attention of one new token over a static KV cache (decode), split over the cache (flash-decoding).
 
-In the 7B decode step (session 9-10 profiles) attention is ~390 us of ~2330: cuDNN's SDPA, a
-prefill kernel, reads the whole 512-slot cache of every layer at ~0.85 TB/s, also the slots the
-mask hides (H200, session 11: 15.4 us a layer against 7.6 here at the 7B shape, 28.2 against
-6.3 at the 8B shape, where SDPA also gets HF's repeat_kv copy). Here each program takes one (batch row, query head) and a range of cache blocks:
-it reads the mask first and reads K/V only at the slots it shows (False or -inf hide a slot), so
-the unwritten end of a static cache costs no K/V traffic, then runs the online softmax in
-float32; a second kernel combines the splits. Query heads that share a KV head (grouped-query
-attention) each read its K/V: rep reads of the same slots, L2 hits at best; one program per KV
-head with the rep query rows through tl.dot would read them once (not built: untimed as it is).
+In the 7B decode step (H200 profiles, sessions 9-11) cuDNN's SDPA, a prefill kernel, takes
+~310 us of ~2330 (9.7 us a layer): it reads the whole 512-slot cache of every layer, also the
+slots the mask hides. In the step this kernel and its combine take 7.1 us a layer (1.37x; 2.0x in
+isolation, bench_decode_attention.py), and at the 8B shape 6.6 against 16.6 for cuDNN plus HF's
+repeat_kv copy of the cache (2.5x). Each program takes one (batch row, query head) and a range
+of cache blocks: it reads the mask first and reads K/V only at the slots it shows (False or -inf
+hide a slot), so the unwritten end of a static cache costs no K/V traffic, then runs the online
+softmax in float32; a second kernel combines the splits. Query heads that share a KV head
+(grouped-query attention) each read its K/V: rep reads of the same slots, L2 hits at best; one
+program per KV head with the rep query rows through tl.dot would read them once (not built).
 
     out (B, H, 1, D) = softmax(q K^T * scale + mask) V
 
@@ -17,7 +18,7 @@ broadcastable to (B, H, 1, L). A row with every slot hidden gives 0, as SDPA doe
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -26,13 +27,15 @@ import triton.language as tl
 from .common import launch
 
 # Launch parameters from sweep_decode_attention.py (H200, session 11; docs/results.md): 64 slots
-# per block beat 16 and 32; 4 warps when there are fewer (batch row, head) pairs than SMs (the
-# 7B at batch 1: 7.6 us per layer against 8.3 with 2), 2 warps when there are more (batch 8:
-# 19.7 against 30.9); the splits aim at 4 programs per SM. Loading V with K (before the scores)
-# lost at 64 slots (9.7 us). Offline sm_90 build at head dim 128: 80 registers at 4 warps, 116 at
-# 2, no spills.
+# per block beat 16 and 32; the splits aim at 4 programs per SM. 4 warps won only at the lowest
+# occupancy, batch 1 of 32 heads (7B: 7.6 us per layer against 8.3 with 2; 8B: 6.3 against 6.0),
+# 2 warps won by far at batch 8 (19.7 against 30.9); batches 2-4 were not measured, so 4 warps
+# only up to a quarter of a (batch row, query head) pair per SM. Loading V with K (before the
+# scores) lost at 64 slots (9.7 us). Offline sm_90 build at head dim 128: 80 registers at 4
+# warps, ~150 at 2, no spills.
 BLOCK_L = 64        # cache slots per iteration
 PROGRAMS_PER_SM = 4
+MAX_SPLITS = 64     # the combine kernel holds splits x head dim floats: 64 x 128 in 4 warps, no spills
 MAX_HEAD_DIM = 256
 # MASK kinds (constexprs: the kernels compare against them)
 NO_MASK, BOOL_MASK, ADD_MASK = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
@@ -50,8 +53,9 @@ def _decode_attention_split_kernel(q_ptr, k_ptr, v_ptr, mask_ptr, acc_ptr, ml_pt
     h = bh % H
     hk = (h // GROUP).to(tl.int64)
     d = tl.arange(0, D)
-    # Inductor passes a Python float as fp64 (the JIT as fp32): keep the softmax in float32
-    q = (tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * scale).to(tl.float32)
+    # Inductor passes a Python float as fp64 (the JIT as fp32): round it to float32 first, so that
+    # eager and compiled calls compute the same scores
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + d).to(tl.float32) * tl.cast(scale, tl.float32)
     k_base = k_ptr + b * sk_b + hk * sk_h
     v_base = v_ptr + b * sv_b + hk * sv_h
     m_base = mask_ptr + b * sm_b + h * sm_h
@@ -110,6 +114,28 @@ def _decode_attention_combine_kernel(acc_ptr, ml_ptr, out_ptr, n_split, so_b, so
     tl.store(out_ptr + b * so_b + h * so_h + d, out.to(out_ptr.dtype.element_ty))
 
 
+class LaunchPlan(NamedTuple):
+    n_split: int     # programs per (batch row, query head), each over per_split cache blocks
+    per_split: int
+    num_warps: int   # of the split kernel
+
+
+def launch_plan(batch_heads: int, length: int, sms: int, n_split: Optional[int] = None,
+                block_l: int = BLOCK_L, num_warps: Optional[int] = None,
+                programs_per_sm: int = PROGRAMS_PER_SM) -> LaunchPlan:
+    """How to spread a cache of ``length`` slots for ``batch_heads`` (batch row, query head) pairs
+    over ``sms`` SMs: ``n_split`` programs per pair (default: ``programs_per_sm`` programs per SM,
+    at most MAX_SPLITS; never more than the cache has blocks of ``block_l``, never an empty one)
+    and the split kernel's warps (default: 4 up to a quarter of a pair per SM, else 2)."""
+    blocks = triton.cdiv(length, block_l)
+    if n_split is None:
+        n_split = min(MAX_SPLITS, triton.cdiv(programs_per_sm * sms, batch_heads))
+    per_split = triton.cdiv(blocks, max(1, min(n_split, blocks)))
+    if num_warps is None:
+        num_warps = 4 if 4 * batch_heads <= sms else 2
+    return LaunchPlan(triton.cdiv(blocks, per_split), per_split, num_warps)
+
+
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        mask: Optional[torch.Tensor]) -> Optional[str]:
     """Why :func:`decode_attention` cannot take these inputs (None when it can)."""
@@ -143,13 +169,11 @@ def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-                     scale: float, n_split: Optional[int] = None, sms: int = 132, block_l: int = BLOCK_L,
-                     num_warps: Optional[int] = None) -> torch.Tensor:
+                     scale: float, sms: int = 132, **plan) -> torch.Tensor:
     """softmax(q K^T * scale + mask) V for q (B, H, 1, D), k and v (B, Hkv, L, D) with H a
     multiple of Hkv; ``mask`` None, bool or float, broadcastable to (B, H, 1, L). Returns
-    (B, H, 1, D) in q's dtype. ``n_split``: cache splits per (batch, head) (default: enough
-    programs for PROGRAMS_PER_SM per SM of ``sms``); ``block_l``, ``num_warps``: launch parameters
-    (experiments; the defaults are the sweep's best)."""
+    (B, H, 1, D) in q's dtype. ``sms``: the GPU's SM count; ``plan``: :func:`launch_plan`'s
+    keywords, for experiments (its defaults are the sweep's best or within 5 % of it)."""
     reason = unsupported_reason(q, k, v, mask)
     if reason is not None:
         raise ValueError(f"decode_attention: {reason}")
@@ -161,13 +185,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Op
         k = k.contiguous()
     if v.stride(3) != 1:
         v = v.contiguous()
-    blocks = triton.cdiv(length, block_l)
-    if n_split is None:
-        n_split = triton.cdiv(PROGRAMS_PER_SM * sms, b * h)
-    if num_warps is None:
-        num_warps = 4 if b * h < sms else 2
-    per_split = triton.cdiv(blocks, max(1, min(n_split, blocks)))
-    n_split = triton.cdiv(blocks, per_split)  # no empty split
+    block_l = plan.get("block_l", BLOCK_L)
+    n_split, per_split, num_warps = launch_plan(b * h, length, sms, **plan)
     kind = (NO_MASK if mask is None else BOOL_MASK if mask.dtype == torch.bool else ADD_MASK).value
     m = q if mask is None else mask.expand(b, h, 1, length)  # q: a pointer never read
     m_strides = (0, 0, 0) if mask is None else (m.stride(0), m.stride(1), m.stride(3))
