@@ -25,12 +25,12 @@ LINEARS_PER_BLOCK = 7  # q, k, v, o, gate, up, down
 RTN = TernaryConfig(method="rtn", aga=False, compensation="none", order="natural")
 
 
-def tiny(arch: str, tied: bool, layers: int = 2):
+def tiny(arch: str, tied: bool, layers: int = 2, **overrides):
     config_cls, model_cls, extra = ARCHITECTURES[arch]
     config = getattr(transformers, config_cls)(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        tie_word_embeddings=tied, **extra)
+        tie_word_embeddings=tied, **{**extra, **overrides})
     torch.manual_seed(0)
     return getattr(transformers, model_cls)(config).eval()
 
@@ -99,3 +99,30 @@ def test_gpt2_conv1d_is_refused_naming_what_is_missing():
                                          r"2-D weight but are not nn\.Linear, e\.g\. "
                                          r"transformer\.h\.0\.attn\.c_attn \(Conv1D\)"):
         pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_generate_with_the_decode_attention_op_equals_the_no_cache_loop(arch):
+    """Decode graphs take pt2pass.attention by default (LowerDecodeAttention): one node per layer,
+    none of HF's SDPA left, and greedy tokens equal to re-running the full sequence each step."""
+    from pt2pass.decode import build_decode_graph
+    from pt2pass.lowering.lower_attention import ATTENTION_OP, SDPA
+
+    # Mistral's config has a sliding window by default, which static decode graphs refuse (next
+    # test); Mistral-7B-v0.2 and later have none
+    model = tiny(arch, tied=False, **({"sliding_window": None} if arch == "mistral" else {}))
+    qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
+    step = build_decode_graph(qm.skeleton, qm.store, 1, 32)
+    targets = [n.target for n in step.graph.nodes]
+    assert (targets.count(ATTENTION_OP), targets.count(SDPA)) == (2, 0)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(qm.generate(ids, 6), qm.generate_no_cache(ids, 6))
+
+
+def test_sliding_window_attention_is_refused_by_the_decode_graph_by_name():
+    qm = pt2pass.compile(tiny("mistral", tied=False, sliding_window=16), None, config=CompileConfig(ternary=RTN),
+                         progress=False)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(9))
+    with pytest.raises(NotImplementedError, match="StaticSlidingWindowLayer.*full-attention layers only"):
+        qm.generate(ids, 4)
+    assert qm.generate_no_cache(ids, 4).shape == (1, 9)  # the full-sequence graph still works
