@@ -234,6 +234,21 @@ def test_exported_decode_program_generates_the_same_tokens_in_a_fresh_process(qm
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def test_exported_decode_program_runs_as_an_aotinductor_package(qm_natural, tmp_path):
+    """The decode program (with pt2pass.attention and the ternary ops) compiled ahead of time:
+    the package keeps the cache between calls and generates greedy tokens equal to the program's."""
+    ep = pt2pass.export(qm_natural, graph="decode", batch_size=1, max_cache_len=32)
+    ids = prompt(1, 5, seed=2)
+    want = generate_with_program(ep, ids, 6)
+    runner = torch._inductor.aoti_load_package(
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "decode.pt2")))
+    seq, logits = ids, runner(ids, torch.arange(ids.shape[1]))
+    while seq.shape[1] < want.shape[1]:
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        logits = runner(seq[:, -1:].clone(), torch.tensor([seq.shape[1] - 1]))
+    assert torch.equal(seq, want)
+
+
 def test_a_decoder_rejects_what_its_cache_cannot_hold(qm_natural):
     qm_natural.generate(prompt(1, 3), 1)
     decoder = qm_natural._decoders[(1, 256, torch.float32, torch.device("cpu"), decode_attention_default())]
