@@ -14,10 +14,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from pt2pass.bench import attention_case, attention_reference, rel_err, time_graph  # noqa: E402
+from pt2pass.bench import attention_reference, rel_err, time_graph  # noqa: E402
 from pt2pass.lowering.kernels.decode_attention import decode_attention  # noqa: E402
 
-from bench_decode_attention import LAYERS, SHAPES, sdpa_as_graph  # noqa: E402
+from bench_decode_attention import LAYERS, shapes_with_sdpa_times  # noqa: E402
 
 CONFIGS = list(itertools.product((16, 32, 64), (2, 4), (2, 4)))
 
@@ -27,20 +27,16 @@ def main():
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{torch.cuda.get_device_name()} torch {torch.__version__}, {sms} SMs")
     print("| shape | BL | warps | programs/SM | rel err | us per layer | vs SDPA |\n|---|---|---|---|---|---|---|")
-    for name, b, h, hk, length, seen, d in SHAPES:
-        layers = [attention_case(b, h, hk, length, [seen] * b, d, dev, seed=i) for i in range(LAYERS)]
-        t_sdpa = time_graph([lambda a=a: sdpa_as_graph(*a) for a in layers], LAYERS)
+    for name, shape, layers, t_sdpa in shapes_with_sdpa_times(dev):
+        d = shape[-1]
         print(f"| {name} | SDPA | | | | {t_sdpa * 1e6:.1f} | 1.00x |", flush=True)
         ref = attention_reference(*layers[0])
         for bl, warps, per_sm in CONFIGS:
             kw = dict(programs_per_sm=per_sm, block_l=bl, num_warps=warps)
-            q, k, v, mask = layers[0]
-            err = rel_err(decode_attention(q, k, v, mask, d ** -0.5, sms, **kw), ref)
+            err = rel_err(decode_attention(*layers[0], d ** -0.5, sms, **kw), ref)
             t = time_graph([lambda a=a: decode_attention(*a, d ** -0.5, sms, **kw) for a in layers], LAYERS)
             print(f"| {name} | {bl} | {warps} | {per_sm} | {err:.1e} | {t * 1e6:.1f} | "
                   f"{t_sdpa / t:.2f}x |", flush=True)
-        del layers
-        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
