@@ -79,13 +79,14 @@ def reset_peak() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def decode_rate(decoder: CachedDecoder, batch: int, prompt: int, new_tokens: int, vocab: int) -> float:
-    """Decode tokens/s per sequence: (new_tokens - 1) / (t(generate new_tokens) - t(generate 1))."""
+def decode_rate(decoder: CachedDecoder, batch: int, prompt: int, new_tokens: int, vocab: int) -> tuple:
+    """Decode tokens/s per sequence, (new_tokens - 1) / (t(generate new_tokens) - t(generate 1)),
+    and the seconds of the first generate (compile, autotuning, CUDA-graph capture)."""
     ids = torch.randint(0, vocab, (batch, prompt), device=DEVICE)
-    decoder.generate(ids, min(8, new_tokens))  # compile + CUDA-graph capture of the one-token step
+    warm_s = sync_time(lambda: decoder.generate(ids, min(8, new_tokens)))
     t_one = min(sync_time(lambda: decoder.generate(ids, 1)) for _ in range(3))
     t_all = min(sync_time(lambda: decoder.generate(ids, new_tokens)) for _ in range(2))
-    return (new_tokens - 1) / (t_all - t_one)
+    return (new_tokens - 1) / (t_all - t_one), warm_s
 
 
 def prefill_seconds(forward, tokens: int, vocab: int, compile_prefill: bool) -> float:
@@ -104,12 +105,18 @@ def speed(forward, skeleton, store, args, vocab, group_siblings=True) -> dict:
     decode only). ``group_siblings``: q/k/v and gate/up as one grouped op each (the default)."""
     row = {}
     for batch in args.batch:
+        start = time.perf_counter()
         graph = build_decode_graph(skeleton, store, batch, args.prompt + args.new_tokens,
                                    group_siblings=group_siblings)
+        row[f"graph_build_s_b{batch}"] = time.perf_counter() - start
         decoder = CachedDecoder(graph, compile_decode=DEVICE == "cuda")
         reset_peak()
-        row[f"decode_tok_s_b{batch}"] = decode_rate(decoder, batch, args.prompt, args.new_tokens, vocab)
+        rate, row[f"first_generate_s_b{batch}"] = decode_rate(decoder, batch, args.prompt, args.new_tokens, vocab)
+        row[f"decode_tok_s_b{batch}"] = rate
         row[f"peak_gib_b{batch}"] = peak_gib()
+        print(f"  batch {batch}: decode graph built in {row[f'graph_build_s_b{batch}']:.0f} s, first generate "
+              f"(compile, autotuning, capture) {row[f'first_generate_s_b{batch}']:.0f} s, {rate:.1f} tok/s",
+              flush=True)
         del decoder, graph
         torch._dynamo.reset()
         reset_peak()
@@ -133,6 +140,24 @@ def quant_timing(args) -> dict:
     return {"quant_layers": args.quant_layers, "calib": args.calib, "quant_s": seconds,
             "quant_peak_gib": peak, "quant_s_full": seconds * total_layers / args.quant_layers,
             "extrapolated": args.quant_layers != total_layers}
+
+
+def ternary_speed(qm, args, vocab: int, results: dict) -> None:
+    """:func:`speed` of the ternarized model, with its sizes, into results["ternary"] (and
+    results["ternary_ungrouped"] with ``--ungrouped-too``)."""
+    sizes = ternary_linear_sizes(qm.gm)
+    results["ternary"] = speed(lambda ids: qm(ids).logits, qm.skeleton, qm.store, args, vocab)
+    results["ternary"].update(linear_bytes=sizes.packed_bytes, bits_per_weight_in_graph=sizes.bits_per_weight,
+                              bits_per_weight_2bit=bits_per_weight(qm.store, "2bit"))
+    print("ternary", results["ternary"], flush=True)
+    if args.ungrouped_too:
+        results["ternary_ungrouped"] = speed(None, qm.skeleton, qm.store, args, vocab, group_siblings=False)
+        print("ternary, q/k/v and gate/up ungrouped", results["ternary_ungrouped"], flush=True)
+        for batch in args.batch:
+            k = f"decode_tok_s_b{batch}"
+            grouped, ungrouped = results["ternary"][k], results["ternary_ungrouped"][k]
+            print(f"decode batch {batch}: grouped {grouped:.1f} tok/s, ungrouped {ungrouped:.1f} "
+                  f"({grouped / ungrouped:.2f}x)", flush=True)
 
 
 def print_quant_row(q: dict) -> None:
@@ -159,10 +184,14 @@ def main() -> None:
                         help="only the quantizer timing (e.g. --quant-layers 32: the whole model)")
     parser.add_argument("--skip-bf16", action="store_true",
                         help="ternary only (e.g. when the bf16 figures of this GPU are known)")
+    parser.add_argument("--skip-ternary", action="store_true",
+                        help="bf16 only (a batch-8 run of both does not fit one 10-minute device call)")
     parser.add_argument("--ungrouped-too", action="store_true",
                         help="also time decode with q/k/v and gate/up as separate ops")
     parser.add_argument("--json", help="also write the results as JSON")
     args = parser.parse_args()
+    if args.skip_bf16 and args.skip_ternary:
+        parser.error("--skip-bf16 and --skip-ternary leave nothing to measure")
     torch.set_grad_enabled(False)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test: reference op path)"
     print(name, "torch", torch.__version__, flush=True)
@@ -186,32 +215,24 @@ def main() -> None:
                                               if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
         print("bf16", results["bf16"], flush=True)
 
-    start = time.perf_counter()
-    qm = pt2pass.compile(model, config=pt2pass.CompileConfig(
-        ternary=pt2pass.TernaryConfig(method="rtn")), progress=False)
-    results["rtn_compile_s"] = time.perf_counter() - start
-    del model
-    reset_peak()
-    sizes = ternary_linear_sizes(qm.gm)
-    results["ternary"] = speed(lambda ids: qm(ids).logits, qm.skeleton, qm.store, args, vocab)
-    results["ternary"].update(linear_bytes=sizes.packed_bytes, bits_per_weight_in_graph=sizes.bits_per_weight,
-                              bits_per_weight_2bit=bits_per_weight(qm.store, "2bit"))
-    print("ternary", results["ternary"], flush=True)
-    if args.ungrouped_too:
-        results["ternary_ungrouped"] = speed(None, qm.skeleton, qm.store, args, vocab, group_siblings=False)
-        print("ternary, q/k/v and gate/up ungrouped", results["ternary_ungrouped"], flush=True)
-        for batch in args.batch:
-            k = f"decode_tok_s_b{batch}"
-            grouped, ungrouped = results["ternary"][k], results["ternary_ungrouped"][k]
-            print(f"decode batch {batch}: grouped {grouped:.1f} tok/s, ungrouped {ungrouped:.1f} "
-                  f"({grouped / ungrouped:.2f}x)", flush=True)
-    del qm
+    if not args.skip_ternary:
+        start = time.perf_counter()
+        qm = pt2pass.compile(model, config=pt2pass.CompileConfig(
+            ternary=pt2pass.TernaryConfig(method="rtn")), progress=False)
+        results["rtn_compile_s"] = time.perf_counter() - start
+        print(f"ternary (rtn) compile: {results['rtn_compile_s']:.0f} s", flush=True)
+        del model  # the bf16 Linear weights: the ternary peaks must not count them
+        reset_peak()
+        ternary_speed(qm, args, vocab, results)
+        del qm
+    else:
+        del model
     reset_peak()
     if not args.skip_quant_timing:
         results["quant"] = quant_timing(args)
         print("quant", results["quant"], flush=True)
 
-    if "bf16" in results:
+    if "bf16" in results and "ternary" in results:
         print_table(args, results)
     if "quant" in results:
         print_quant_row(results["quant"])

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh attention | attn_ab | imma | lowering | fuzz | e2e7b | e2e8b | kernels | profile
-#                                    | quant7b | prefill7b | group | rows | pipelined | tma_ab
+#   bash benchmarks/gpu_checklist.sh attention | attn_ab | imma | lowering | fuzz | e2e7b | e2e8b | e2e7b8
+#                                    | e2e7b8bf16 | kernels | profile | quant7b | prefill7b | group | rows
+#                                    | pipelined | tma_ab
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
 # e2e7b/e2e8b at batch 1 with 256 new tokens, prefill7b, kernels at M = 1-2 with gemlite: session 7;
 # pipelined, group: session 8; the imma sweep on 4 of the 7 shapes: session 9; lowering incl. the
 # export round trip, profile + tma_ab with fresh traces, bf16 at batch 8: session 10, all on the
 # H200; attention, attn_ab at 8 layers, ternary e2e7b at batch 8 with SDPA: session 11). Owed on
-# the H200: e2e8b / e2e7b (full models with the decode attention now on by default, bf16 too),
+# the H200: e2e8b / e2e7b / e2e7b8 / e2e7b8bf16 (full models with the decode attention now on by
+# default, bf16 too; bench_e2e.py now prints where the set-up time goes),
 # profile (the 7B step with it), imma (the
 # autotuned kernel on all 7 shapes, with the 3 configs added untimed), fuzz (all 256 cases; 50 in
 # sessions 9 and 10), kernels (with gemlite, now also at M = 2-16), the whole 7B quantization
@@ -20,8 +22,11 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:-}" in
   fuzz)     python3 benchmarks/fuzz_kernels.py --cases 256 --no-autotune ;;      # issue 7: >= 200 cases
-  e2e7b)    python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 8 --quant-layers 2 ;;  # issue 5
-  e2e8b)    python3 benchmarks/bench_e2e.py --shape llama3-8b --batch 1 8 --skip-quant-timing ;;
+  # issue 5; one batch size per call: ternary alone at batch 8 took 8 min 43 s (session 11)
+  e2e7b)    python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 --skip-quant-timing ;;
+  e2e8b)    python3 benchmarks/bench_e2e.py --shape llama3-8b --batch 1 --skip-quant-timing ;;
+  e2e7b8)   python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 8 --skip-quant-timing --skip-bf16 ;;
+  e2e7b8bf16) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 8 --skip-quant-timing --skip-ternary ;;
   quant7b)  python3 benchmarks/bench_e2e.py --shape llama2-7b --quant-only --quant-layers 32 ;;  # ~5 min expected
   prefill7b) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 --new-tokens 32 --skip-quant-timing --compile-prefill ;;
   lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_export_round_trip ;;  # ~1 min (AOTI: add check_aoti, ~4 min; segfaults in the lent torch)
@@ -38,5 +43,5 @@ case "${1:-}" in
   kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels)
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
             PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py --ms 1 2 4 8 16 ;;
-  *) echo "usage: $0 attention|attn_ab|imma|lowering|fuzz|e2e7b|e2e8b|kernels|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
+  *) echo "usage: $0 attention|attn_ab|imma|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
 esac
