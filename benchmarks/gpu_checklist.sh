@@ -11,7 +11,8 @@
 # H200; attention, attn_ab at 8 layers, ternary e2e7b at batch 8 with SDPA: session 11). Owed on
 # the H200: e2e8b / e2e7b / e2e7b8 / e2e7b8bf16 (full models with the decode attention now on by
 # default, bf16 too; bench_e2e.py now prints where the set-up time goes),
-# profile (the 7B step with it), imma (the
+# profile (the 7B step with it; --log-autotune shows Inductor's picks, to explain the 8B dp2a
+# GEMV's 140.9 vs 92.4 us between two traces in session 11's attn_ab), imma (the
 # autotuned kernel on all 7 shapes, with the 3 configs added untimed), fuzz (all 256 cases; 50 in
 # sessions 9 and 10), kernels (with gemlite, now also at M = 2-16), the whole 7B quantization
 # (quant7b). The kernels step needs the gemlite wheel carried (.whl is
@@ -34,7 +35,7 @@ case "${1:-}" in
   rows)     python3 benchmarks/experiments/sweep_gemv_rows.py ;;                  # ~3 min (session 5: 2.5)
   pipelined) python3 benchmarks/experiments/sweep_gemv_pipelined.py ;;           # ~1.5 min with compiles
   tma_ab)   python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --tma 0 1 0 1 ;;  # ~5 min
-  profile)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --bf16 --tma 1 --rows 40 ;;  # ~4 min
+  profile)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --bf16 --tma 1 --rows 40 --log-autotune ;;  # ~4 min
   attention) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_attention check_decode_graph_attention
             python3 benchmarks/experiments/bench_decode_attention.py ;;        # ~1 min (session 11)
   attn_ab)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b \

@@ -67,15 +67,20 @@ def test_bench_e2e_runs_on_a_tiny_shape():
     assert "(measured)" in done.stdout and "decode" not in done.stdout
 
 
-def test_profile_decode_families_count_inductor_prologues_as_fused_ops():
-    """profile_decode.py sorts kernels into families by name; Inductor names a fused kernel after
-    the ops it feeds, so SDPA's RoPE prologue must not count as attention (session 11's A/B did)."""
+def _profile_decode():
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "profile_decode.py"
     spec = importlib.util.spec_from_file_location("profile_decode", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_profile_decode_families_count_inductor_prologues_as_fused_ops():
+    """profile_decode.py sorts kernels into families by name; Inductor names a fused kernel after
+    the ops it feeds, so SDPA's RoPE prologue must not count as attention (session 11's A/B did)."""
+    module = _profile_decode()
     fused, attention = "Inductor fused ops", "attention"
     assert module.family("triton_poi_fused__scaled_dot_product_cudnn_attention__to_copy_add_arange") == fused
     assert module.family("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_view_13") == fused
@@ -84,3 +89,23 @@ def test_profile_decode_families_count_inductor_prologues_as_fused_ops():
     assert module.family("_decode_attention_combine_kernel") == attention
     assert module.family("ternary_gemv_group_kernel") == "ternary GEMV, grouped (q/k/v, gate/up)"
     assert module.family("_quantize_x_kernel") == "x quantize (dp2a)"
+
+
+def test_profile_decode_logs_inductor_autotuning_and_its_warnings_only(capsys):
+    import logging
+
+    module = _profile_decode()
+    logger = logging.getLogger(module.AUTOTUNE_LOGGER)
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        module.log_autotuning()
+        logger.debug(module.AUTOTUNE_MESSAGES[0], "ternary_gemv_dp2a_kernel")
+        logger.debug(module.AUTOTUNE_MESSAGES[1], "BN: 8, NBT: 16", 0.0123, 96, 0, 0)
+        logger.debug("Triton cache miss for %s", "x")
+        logger.warning("config %s failed", 3)
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = before
+    assert capsys.readouterr().out.splitlines() == [
+        "    inductor DEBUG: Benchmark all input configs for ternary_gemv_dp2a_kernel, get:",
+        "    inductor DEBUG: BN: 8, NBT: 16: 0.012300, nreg 96, nspill 0, #shared-mem 0",
+        "    inductor WARNING: config 3 failed"]

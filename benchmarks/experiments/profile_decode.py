@@ -14,6 +14,7 @@ what the GPU spends between kernels.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections import defaultdict
@@ -97,6 +98,24 @@ def measure(label, skeleton, store, args) -> float:
     return wall
 
 
+# Inductor's debug lines when it benchmarks a kernel's configs (torch 2.11-2.13); a kernel it finds
+# in its autotune cache (keyed by the kernel's source and configs) is not benchmarked: no lines
+AUTOTUNE_LOGGER = "torch._inductor.runtime.triton_heuristics"
+AUTOTUNE_MESSAGES = ("Benchmark all input configs for %s, get:", "%s: %f, nreg %d, nspill %d, #shared-mem %s")
+
+
+def log_autotuning() -> None:
+    """Print the timing of every config Inductor benchmarks (which pick each trace makes)."""
+    handler = logging.StreamHandler(sys.stdout)
+    # the two messages, and the warnings and errors this logger would have shown anyway
+    handler.addFilter(lambda record: record.msg in AUTOTUNE_MESSAGES or record.levelno >= logging.WARNING)
+    handler.setFormatter(logging.Formatter("    inductor %(levelname)s: %(message)s"))
+    logger = logging.getLogger(AUTOTUNE_LOGGER)
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    logger.propagate = False  # torch's own handlers would print all of its debug lines too
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
@@ -111,8 +130,12 @@ def main() -> None:
                                                    "quicker A/B, the per-layer kernels are the same)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rows", type=int, default=15)
+    parser.add_argument("--log-autotune", action="store_true",
+                        help="print each config Inductor benchmarks, with its time (none: a cache hit)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    if args.log_autotune:
+        log_autotuning()
     print(torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU smoke test", "torch", torch.__version__,
           flush=True)
     model = build_model(args.shape, args.layers)
