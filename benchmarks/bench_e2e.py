@@ -120,7 +120,7 @@ def speed(forward, skeleton, store, args, vocab, group_siblings=True) -> dict:
         del decoder, graph
         torch._dynamo.reset()
         reset_peak()
-    if forward is not None:
+    if forward is not None and not args.skip_prefill:
         row["prefill_s"] = prefill_seconds(forward, args.prefill, vocab, args.compile_prefill)
         torch._dynamo.reset()
     return row
@@ -174,6 +174,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prefill", type=int, default=2048)
+    parser.add_argument("--skip-prefill", action="store_true",
+                        help="no prefill timing (it does not depend on --batch; saves its GEMM autotuning)")
     parser.add_argument("--compile-prefill", action="store_true",
                         help="torch.compile the prefill forward too (default: eager for both)")
     parser.add_argument("--quant-layers", type=int, default=4)
@@ -192,6 +194,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.skip_bf16 and args.skip_ternary:
         parser.error("--skip-bf16 and --skip-ternary leave nothing to measure")
+    if args.skip_prefill and args.compile_prefill:
+        parser.error("--compile-prefill asks for the prefill timing that --skip-prefill skips")
     torch.set_grad_enabled(False)
     name = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (smoke test: reference op path)"
     print(name, "torch", torch.__version__, flush=True)
@@ -247,8 +251,9 @@ def print_table(args, results: dict) -> None:
         print(f"| decode tok/s, batch {batch} | {b[k]:.1f} | {t[k]:.1f} | {t[k] / b[k]:.2f}x |")
         k = f"peak_gib_b{batch}"
         print(f"| peak GPU memory (GiB), batch {batch} | {b[k]:.1f} | {t[k]:.1f} | {b[k] / t[k]:.2f}x less |")
-    print(f"| prefill {args.prefill} tokens (ms) | {b['prefill_s'] * 1e3:.1f} | {t['prefill_s'] * 1e3:.1f} | "
-          f"{b['prefill_s'] / t['prefill_s']:.2f}x speed |")
+    if "prefill_s" in b:
+        print(f"| prefill {args.prefill} tokens (ms) | {b['prefill_s'] * 1e3:.1f} | {t['prefill_s'] * 1e3:.1f} | "
+              f"{b['prefill_s'] / t['prefill_s']:.2f}x speed |")
     print(f"| Linear weights (MB) | {b['linear_bytes'] / 1e6:.0f} | {t['linear_bytes'] / 1e6:.0f} | "
           f"{t['bits_per_weight_in_graph']:.3f} bits/weight in graph, {t['bits_per_weight_2bit']:.3f} all-in |")
 

@@ -26,8 +26,8 @@ case "${1:-}" in
   # issue 5; one batch size per call: ternary alone at batch 8 took 8 min 43 s (session 11)
   e2e7b)    python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 --skip-quant-timing ;;
   e2e8b)    python3 benchmarks/bench_e2e.py --shape llama3-8b --batch 1 --skip-quant-timing ;;
-  e2e7b8)   python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 8 --skip-quant-timing --skip-bf16 ;;
-  e2e7b8bf16) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 8 --skip-quant-timing --skip-ternary ;;
+  e2e7b8)   python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 8 --skip-quant-timing --skip-prefill --skip-bf16 ;;
+  e2e7b8bf16) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 8 --skip-quant-timing --skip-prefill --skip-ternary ;;
   quant7b)  python3 benchmarks/bench_e2e.py --shape llama2-7b --quant-only --quant-layers 32 ;;  # ~5 min expected
   prefill7b) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 --new-tokens 32 --skip-quant-timing --compile-prefill ;;
   lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_export_round_trip ;;  # ~1 min (AOTI: add check_aoti, ~4 min; segfaults in the lent torch)
