@@ -188,7 +188,7 @@ def test_bench_reports_the_path_that_ran():
     ("export", ["CHECKPOINT", "OUT.pt2", "--decode", "--max-cache-len"]),
     ("report", ["--plots", "--ablation"]),
     ("bench", ["--shapes", "--m", "--dtype", "CPU"]),
-    ("demo", ["--n-calib", "--eval-windows", "--no-aga", "--order"]),
+    ("demo", ["--n-calib", "--eval-windows", "--no-aga", "--order", "--seed"]),
 ])
 def test_help_of_each_command(command, options):
     status, out, _ = run_cli(command, "--help")
@@ -240,19 +240,21 @@ def test_quantize_refuses_a_checkpoint_as_model(tiny):
 
 def test_demo_defaults():
     args = build_parser().parse_args(["demo"])
-    assert args.order == "ssr" and args.n_calib == 32 and args.refine_rounds == 0
+    assert args.order == "ssr" and args.n_calib == 32 and args.refine_rounds == 0 and args.seed == 0
+    assert args.eval_windows == 64
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_smollm2():
     done = subprocess.run(
         [sys.executable, "-m", "pt2pass", "demo", "--n-calib", "2", "--seqlen", "128",
-         "--eval-windows", "2", "--new-tokens", "4", "--no-progress"],
+         "--eval-windows", "2", "--new-tokens", "4", "--seed", "3", "--no-progress"],
         capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     assert "perplexity before: ppl" in out and "perplexity after:  ppl" in out
     assert "2 windows × 128 tokens (254 predicted tokens)" in out
+    assert "calibration: 2 windows x 128 tokens (draw seed 3)" in out
     assert "210 pt2pass.ternary_linear nodes" in out
     assert "210 ternary Linears" in out and "bits/weight all-in" in out
     assert "pt2pass.compile" in out and "total" in out
