@@ -86,7 +86,8 @@ def compare(path_a, path_b) -> None:
     for block, rows in sorted(blocks.items()):
         frac = sum(r[1] for r in rows) / sum(r[2] for r in rows)
         worst = max(rows, key=lambda r: r[3])
-        print(f"| {block} | {frac:.2%} | {worst[3]:.2%} ({worst[0].rsplit('.', 1)[-1]}) |")
+        linear = worst[0].removesuffix(".weight").rsplit(".", 1)[-1]
+        print(f"| {block} | {frac:.2%} | {worst[3]:.2%} ({linear}) |")
 
 
 def main() -> None:
