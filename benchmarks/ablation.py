@@ -167,6 +167,9 @@ def main() -> None:
         rows = [r for path in args.merge_json for r in json.loads(path.read_text())]
         order = ["fp", *CONFIGS]
         rows.sort(key=lambda r: (order.index(r["key"]), r.get("seed") or 0))
+        found = sorted({r["seed"] for r in rows if r.get("seed") is not None})
+        if len(found) > 1 and sorted(args.seeds) != found:  # a per-seed table, whatever --seeds said
+            args.seeds = found
     else:
         rows = run(args)
     mode = "seeds" if len(args.seeds) > 1 else "one"

@@ -1,8 +1,10 @@
 """The examples run as written (the fast ones; quantize_and_generate loads SmolLM2: slow)."""
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -67,14 +69,55 @@ def test_bench_e2e_runs_on_a_tiny_shape():
     assert "(measured)" in done.stdout and "decode" not in done.stdout
 
 
-def _profile_decode():
+def _script(relative: str):
+    """A benchmark script as a module (they are not part of the package)."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "profile_decode.py"
-    spec = importlib.util.spec_from_file_location("profile_decode", path)
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _profile_decode():
+    return _script("experiments/profile_decode.py")
+
+
+def test_ablation_merges_per_seed_runs_into_median_and_spread(tmp_path):
+    """ablation.py --merge-json of runs with several calibration seeds: one row per configuration,
+    a column per seed, median and max / min, written between its own markers (the one-seed table,
+    which pt2pass.plots reads, stays)."""
+    module = _script("ablation.py")
+
+    def row(key, seed, ppl):
+        return dict(key=key, name=module.CONFIGS[key][0] if key != "fp" else "full precision (fp32)",
+                    ppl=ppl, bits=2.3, bits_trit=1.9, tokens=254, windows=2, seed=seed,
+                    quant_s=0.0 if seed is None else 10.0 * (seed + 1))
+
+    runs = [[row("fp", None, 30.0), row("full", 0, 500.0), row("full", 1, 650.0)],
+            [row("full", 2, 520.0), row("act_order", 0, 400.0), row("act_order", 1, 440.0)]]
+    paths = []
+    for i, rows in enumerate(runs):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(rows))
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n\n<!-- ablation:start -->\nold one-seed table\n<!-- ablation:end -->\n")
+    argv = ["ablation.py", "--merge-json", *map(str, paths), "--results", str(results)]
+    with mock.patch.object(sys, "argv", argv):  # --seeds not given: taken from the rows
+        module.main()
+    text = results.read_text()
+    assert "old one-seed table" in text
+    table = text.split("<!-- ablation-seeds:start -->")[1].split("<!-- ablation-seeds:end -->")[0]
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines[0] == ("| configuration | seed 0 | seed 1 | seed 2 | median | max / min | "
+                        "quantize time (s), median |")
+    assert lines[1] == "| full precision (fp32) | 30.0 | 30.0 | 30.0 | 30.0 | 1.00 | 0 |"
+    assert lines[2].startswith("| ITF + AGA, GPTQ compensation, act-order | 400.0 | 440.0 |  | 420.0 | "
+                               "1.10 | 15 |")
+    assert lines[3].startswith("| PT²-LLM: ITF + AGA + GPTQ compensation + SSR | 500.0 | 650.0 | 520.0 | "
+                               "520.0 | 1.30 | 20 |")
+    assert "--seeds 0 1 2`" in table
 
 
 def test_profile_decode_families_count_inductor_prologues_as_fused_ops():

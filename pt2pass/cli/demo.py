@@ -11,7 +11,7 @@ before and after, Linear weight sizes, greedy generations and the time of each s
 
 Calibration: --n-calib windows of --seqlen tokens from {', '.join(DEFAULT_CALIB_PLAYS)}.
 Perplexity: the first --eval-windows windows of the held-out plays
-{', '.join(DEFAULT_EVAL_PLAYS)}. 2-5 minutes on 2 CPU cores with the defaults."""
+{', '.join(DEFAULT_EVAL_PLAYS)}. 3-7 minutes on 2 CPU cores with the defaults."""
 
 EPILOG = """examples:
   pt2pass demo
