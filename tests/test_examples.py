@@ -7,6 +7,7 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -152,3 +153,24 @@ def test_profile_decode_logs_inductor_autotuning_and_its_warnings_only(capsys):
         "    inductor DEBUG: Benchmark all input configs for ternary_gemv_dp2a_kernel, get:",
         "    inductor DEBUG: BN: 8, NBT: 16: 0.012300, nreg 96, nspill 0, #shared-mem 0",
         "    inductor WARNING: config 3 failed"]
+
+
+def test_sensitivity_perturbation_and_codes_in_original_order():
+    """sensitivity.py: H moves by exactly one float32 ulp (relative), symmetrically; codes are
+    compared in the original column order (T is stored in quantization order)."""
+    module = _script("experiments/sensitivity.py")
+    H = torch.rand(6, 6, dtype=torch.float64) + 1
+    H = H + H.T
+    P = module.perturbed(H, seed=0)
+    assert torch.equal(P, P.T)
+    rel = (P - H) / H  # +-2^-23 up to float64 rounding of the difference
+    torch.testing.assert_close(rel.abs(), torch.full_like(H, 2.0 ** -23), rtol=1e-6, atol=0)
+    assert (rel > 0).any() and (rel < 0).any()
+
+    class Result:  # the fields QuantResult and LayerQuant share
+        T = torch.tensor([[10, 11, 12, 13]])
+        perm = torch.tensor([2, 0, 3, 1])  # column perm[i] was quantized i-th
+
+    assert module.codes(Result()).tolist() == [[11, 13, 10, 12]]
+    Result.perm = None
+    assert module.codes(Result()).tolist() == [[10, 11, 12, 13]]
