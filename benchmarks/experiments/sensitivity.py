@@ -28,6 +28,7 @@ from pt2pass.data import DEFAULT_CALIB_PLAYS, calibration_tensor
 from pt2pass.models import load_smollm2, shakespeare_files
 from pt2pass.quant.gptq import ternarize_weight
 from pt2pass.quant.hessian import HessianAccumulator
+from pt2pass.quant.result import unpermute
 
 METHODS = {
     "pt2 ssr": TernaryConfig(),
@@ -63,11 +64,7 @@ def perturbed(H: torch.Tensor, seed: int) -> torch.Tensor:
 
 def codes(res) -> torch.Tensor:
     """The integer codes in the original column order (T is stored in quantization order)."""
-    if res.perm is None:
-        return res.T
-    out = torch.empty_like(res.T)
-    out[:, res.perm] = res.T
-    return out
+    return unpermute(res.T, res.perm)
 
 
 def compare(path_a, path_b) -> None:
