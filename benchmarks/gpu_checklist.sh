@@ -8,16 +8,16 @@
 # e2e7b/e2e8b at batch 1 with 256 new tokens, prefill7b, kernels at M = 1-2 with gemlite: session 7;
 # pipelined, group: session 8; the imma sweep on 4 of the 7 shapes: session 9; lowering incl. the
 # export round trip, profile + tma_ab with fresh traces, bf16 at batch 8: session 10, all on the
-# H200; attention, attn_ab at 8 layers, ternary e2e7b at batch 8 with SDPA: session 11). Owed on
-# the H200: e2e8b / e2e7b / e2e7b8 / e2e7b8bf16 (full models with the decode attention now on by
-# default, bf16 too; bench_e2e.py now prints where the set-up time goes),
-# profile (the 7B step with it; --log-autotune shows Inductor's picks, to explain the 8B dp2a
-# GEMV's 140.9 vs 92.4 us between two traces in session 11's attn_ab), imma (the
-# autotuned kernel on all 7 shapes, with the 3 configs added untimed), fuzz (all 256 cases; 50 in
-# sessions 9 and 10), kernels (with gemlite, now also at M = 2-16), the whole 7B quantization
-# (quant7b). The kernels step needs the gemlite wheel carried (.whl is
-# git-ignored; benchmarks/README.md says how to build it). Each profile_decode setting needs
-# ~150-290 s (model build, rtn codes, compile with autotuning): one or two per call.
+# H200; attention, attn_ab at 8 layers, ternary e2e7b at batch 8 with SDPA: session 11; e2e7b,
+# e2e8b with the decode attention on, attention again, profile of the 7B step, fuzz to 200 of 256
+# cases: session 13). Owed on the H200: e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention),
+# profile on the 8B shape (profile_decode.py --shape llama3-8b ... --log-autotune: session 11's
+# 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the autotuned kernel on all 7
+# shapes; its correctness checks alone outlasted 230 s in session 13), fuzz (all 256 cases, ~1 s
+# each), kernels (with gemlite, now also at M = 2-16), the whole 7B quantization (quant7b). The
+# kernels step needs the gemlite wheel carried (.whl is git-ignored; benchmarks/README.md says how
+# to build it). Each profile_decode setting needs ~150-290 s (model build, rtn codes, compile with
+# autotuning): one or two per call. A fresh machine took ~3 minutes to start in session 13.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
