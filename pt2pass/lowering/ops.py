@@ -33,7 +33,7 @@ def _check_args(x, packed, alpha, mu, bias, perm, block_size) -> None:
                          f"{packed.shape[1] * WEIGHTS_PER_WORD}")
     torch._check(block_size > 0 and block_size % WEIGHTS_PER_WORD == 0,
                  lambda: f"ternary_linear: block_size={block_size} must be a positive multiple of 16")
-    torch._check(alpha.shape == mu.shape and alpha.shape[0] == packed.shape[0]
+    torch._check(alpha.dim() == 2 and alpha.shape == mu.shape and alpha.shape[0] == packed.shape[0]
                  and alpha.shape[1] == n_blocks(k, block_size),
                  lambda: "ternary_linear: alpha and mu must be (out_features, ceil(K / block_size))")
     if bias is not None:

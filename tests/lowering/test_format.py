@@ -84,6 +84,15 @@ def test_trit_packing_round_trip_and_size(k):
     assert torch.equal(unpack_trits(data, k), T)
 
 
+@pytest.mark.parametrize("n,k", [(0, 10), (3, 0), (0, 0)])
+def test_trit_packing_of_empty_matrices(n, k):
+    from pt2pass.lowering.format import pack_trits, unpack_trits
+
+    data = pack_trits(torch.zeros(n, k, dtype=torch.int8))
+    assert data.shape == (n, -(-k // 5))
+    assert unpack_trits(data, k).shape == (n, k)
+
+
 def test_trit_packing_rejects_corruption():
     from pt2pass.lowering.format import pack_trits, unpack_trits
 

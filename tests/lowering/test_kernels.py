@@ -119,3 +119,23 @@ def test_split_heuristics():
     assert dispatch.gemv_split(1, 256, 32, 132) > 1
     assert dispatch.gemm_split(16, 4096, 32, 132) > 1
     assert dispatch.gemm_split(2048, 4096, 32, 132) == 1
+
+
+@pytest.mark.parametrize("m,dtype", [(1, torch.float32), (1, torch.bfloat16), (2, torch.bfloat16),
+                                     (4, torch.bfloat16), (8, torch.float32)])
+def test_dispatcher_reads_strided_bias_and_perm_by_value(m, dtype):
+    # every small-M path (gemv, half2, packed rows, imma, GEMM with its in-kernel gather) indexes
+    # bias and perm with unit stride; a column of a matrix used to be read at the wrong elements
+    packed, alpha, mu, b, p = _layer(32, 256, 13, bias=True, perm=True)
+    b_strided, p_strided = torch.stack([b, -b], 1)[:, 0], torch.stack([p, p.flip(0)], 1)[:, 0]
+    assert not b_strided.is_contiguous() and not p_strided.is_contiguous()
+    x = torch.randn(m, 256).to(dtype)
+    y = dispatch.ternary_linear_triton(x, packed, alpha, mu, b_strided, p_strided)
+    assert torch.equal(y, dispatch.ternary_linear_triton(x, packed, alpha, mu, b, p))
+    members = [_layer(48, 256, 14, bias=True), _layer(16, 256, 15, bias=True)]
+    strided = [torch.stack([mb[3], mb[3]], 1)[:, 0] for mb in members]
+    x1 = torch.randn(1, 256).to(torch.bfloat16)
+    outs = dispatch.ternary_linear_group_triton(x1, *map(list, zip(*members)))
+    outs_strided = dispatch.ternary_linear_group_triton(x1, [mb[0] for mb in members], [mb[1] for mb in members],
+                                                        [mb[2] for mb in members], strided, [None, None])
+    assert all(torch.equal(a, c) for a, c in zip(outs, outs_strided))

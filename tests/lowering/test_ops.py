@@ -81,6 +81,8 @@ def test_op_matches_reference_and_rejects_bad_shapes():
                                ternary_linear_reference(x, packed, alpha, mu, bias, perm))
     with pytest.raises(Exception, match="features"):
         OP(torch.randn(4, 128), packed, alpha, mu)
+    with pytest.raises(Exception, match="alpha and mu must be"):  # not an IndexError from shape[1]
+        OP(x, packed, alpha[:, 0], mu[:, 0])
 
 
 def test_compile_fullgraph_has_one_graph_and_no_break():

@@ -101,6 +101,10 @@ def small_m_kernel(m: int, n: int, k: int, dtype: torch.dtype, packed: torch.Ten
     return "gemv_packed" if m == 2 else None
 
 
+def _dense(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
 def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                           bias: Optional[torch.Tensor] = None, perm: Optional[torch.Tensor] = None,
                           block_size: int = BLOCK) -> torch.Tensor:
@@ -118,7 +122,9 @@ def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Te
     m = x2.shape[0]
     if m == 0 or n == 0:
         return x.new_empty((*lead, n))
-    packed, alpha, mu = packed.contiguous(), alpha.contiguous(), mu.contiguous()
+    # the kernels index every operand with unit strides: a strided bias or perm (t[:, 0]) would be
+    # read at the wrong elements, silently
+    packed, alpha, mu, bias, perm = (_dense(t) for t in (packed, alpha, mu, bias, perm))
     nb = k // BLOCK
     sms = _num_sms(x.device)
     if m >= DEQUANT_MIN_M:
@@ -160,6 +166,5 @@ def ternary_linear_group_triton(x: torch.Tensor, packed: List[torch.Tensor], alp
     x2 = x.reshape(1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    outs = ternary_gemv_group(x2, [p.contiguous() for p in packed], [a.contiguous() for a in alpha],
-                              [m.contiguous() for m in mu], bias, perm)
+    outs = ternary_gemv_group(x2, *([_dense(t) for t in ts] for ts in (packed, alpha, mu, bias, perm)))
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs]
