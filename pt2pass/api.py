@@ -34,8 +34,14 @@ def calibration_batches(model: nn.Module, calib_data, tokenizer, config: Compile
     """Turn any accepted ``calib_data`` into batches of graph inputs on the model's device."""
     device = _device_of(model)
     if is_hf_causal_lm(model):
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and config.seqlen > limit:
+            log.warning("calibrating on %d-token windows, longer than the model's "
+                        "max_position_embeddings (%d): positions it was never trained on",
+                        config.seqlen, limit)
         ids = calibration_tensor(calib_data, tokenizer, seqlen=config.seqlen,
                                  n_samples=config.n_samples, seed=config.seed,
+                                 text_column=config.text_column,
                                  vocab_size=getattr(model.config, "vocab_size", None))
         return causal_lm_batches(ids, config.batch_size, device)
     # Any other module: calib_data is a tensor of inputs (first dim = samples) or a list of them.

@@ -75,6 +75,10 @@ class TernaryConfig:
         _positive_int("block_size", self.block_size)
         _positive_int("itf_max_iters", self.itf_max_iters)
         _positive_int("bits", self.bits)
+        if self.bits > 8:  # the baseline's codes are uint8
+            raise ValueError(f"bits={self.bits!r} must be in 1..8")
+        if not isinstance(self.aga, bool):  # aga="false" would be truthy
+            raise ValueError(f"aga={self.aga!r} must be True or False")
         if not isinstance(self.refine_rounds, int) or self.refine_rounds < 0:
             raise ValueError(f"refine_rounds={self.refine_rounds!r} must be an integer >= 0")
         if self.refine_rounds and self.compensation != "exact":
@@ -110,6 +114,8 @@ class CompileConfig:
     skip: Tuple[str, ...] = ("lm_head",)
     """Weight FQN substrings kept in full precision (the LM head by default)."""
     seed: int = 0
+    text_column: str = "text"
+    """Field holding the text in JSON/JSONL/Parquet files and ``datasets`` objects."""
     offload_activations: bool = False
     """Keep the per-batch calibration activations between graph nodes on the CPU and move each
     batch to the model's device only while a node computes on it: the accelerator then holds one
@@ -126,5 +132,7 @@ class CompileConfig:
         object.__setattr__(self, "skip", _skip_tuple(self.skip))  # frozen: normalise a list
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed={self.seed!r} must be an integer")
+        if not isinstance(self.text_column, str) or not self.text_column:
+            raise ValueError(f"text_column={self.text_column!r} must be a non-empty string")
         if not isinstance(self.offload_activations, bool):
             raise ValueError(f"offload_activations={self.offload_activations!r} must be True or False")

@@ -87,11 +87,37 @@ def _files_of(path: Path) -> List[Path]:
 def _dataset_texts(ds, text_column: str, where: str) -> List[str]:
     if text_column not in ds.column_names:
         raise ValueError(f"{where} has no {text_column!r} column (columns: {ds.column_names}); "
-                         "pass text_column=...")
+                         "name the text column with text_column=... (CompileConfig, "
+                         "calibration_tensor; --text-column on the command line)")
     texts = ds[text_column]
-    if texts and not all(isinstance(t, str) for t in texts):
-        raise TypeError(f"column {text_column!r} of {where} must hold strings")
+    bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise ValueError(f"column {text_column!r} of {where} must hold strings; row {bad} holds "
+                         f"{type(texts[bad]).__name__} {texts[bad]!r:.60}")
     return list(texts)
+
+
+def _read_dataset_file(f: Path, text_column: str) -> List[str]:
+    import datasets
+
+    kind = DATASET_SUFFIXES[f.suffix.lower()]
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(f), split="train")
+    except Exception as e:  # datasets wraps the parser's error; an empty file gives a bare StopIteration
+        cause = e.__cause__ or e
+        raise ValueError(f"could not read {f} as {kind}: {type(cause).__name__}: "
+                         f"{str(cause)[:300] or 'the file is empty or holds no records'}") from e
+    if len(ds) == 0:
+        raise ValueError(f"{f} holds no records")
+    return _dataset_texts(ds, text_column, str(f))
+
+
+def _read_text_file(f: Path) -> str:
+    try:
+        return f.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{f} is not UTF-8 text ({e.reason} at byte {e.start}); re-encode it, "
+                         "e.g. iconv -f latin1 -t utf-8") from None
 
 
 def load_texts(source, text_column: str = "text") -> List[str]:
@@ -102,16 +128,19 @@ def load_texts(source, text_column: str = "text") -> List[str]:
     """
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     texts: List[str] = []
+    seen = set()
     for src in sources:
         for f in _files_of(Path(src)):
+            # a file named twice (or a folder and a file in it) would give duplicated windows
+            if f.resolve() in seen:
+                raise ValueError(f"{f} is given twice (directly or through a folder); each text "
+                                 "may be named once")
+            seen.add(f.resolve())
             suffix = f.suffix.lower()
             if suffix in TEXT_SUFFIXES:
-                texts.append(f.read_text(encoding="utf-8"))
+                texts.append(_read_text_file(f))
             elif suffix in DATASET_SUFFIXES:
-                import datasets
-
-                ds = datasets.load_dataset(DATASET_SUFFIXES[suffix], data_files=str(f), split="train")
-                texts.extend(_dataset_texts(ds, text_column, str(f)))
+                texts.extend(_read_dataset_file(f, text_column))
             else:
                 raise ValueError(f"unsupported file extension {f.suffix!r} of {f}; expected one of "
                                  f"{', '.join(TEXT_SUFFIXES + tuple(DATASET_SUFFIXES))}")
@@ -173,6 +202,9 @@ def _streams(calib_data, tokenizer, text_column: str) -> List[torch.Tensor]:
         if not calib_data:
             raise ValueError("calibration data is an empty list")
         if all(isinstance(x, str) for x in calib_data):
+            if all("\n" not in x and len(x) < 4096 and Path(x).exists() for x in calib_data):
+                raise ValueError(f"the calibration strings are paths ({calib_data[0]!r}, ...), and a "
+                                 "list of strings is read as raw text: pass pathlib.Path objects")
             return [_texts_stream(calib_data, tokenizer)]
         if all(isinstance(x, os.PathLike) for x in calib_data):
             return [_texts_stream(load_texts(calib_data, text_column), tokenizer)]

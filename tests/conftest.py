@@ -26,6 +26,17 @@ def smollm2():
     return load_smollm2()
 
 
+class ByteTokenizer:
+    """Fake HF tokenizer: one token per UTF-8 byte, so expected windows are easy to compute."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, text, **kwargs):
+        self.calls.append(kwargs)
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
 def make_tiny_llama(seed: int = 0, **overrides):
     """A randomly initialised LLaMA small enough for unit tests (in_features multiples of 128)."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -52,6 +52,9 @@ def compile_mlp(model, calib=None, config=FAST, **kwargs):
     (lambda: CompileConfig(offload_activations="yes"), r"offload_activations='yes' must be True or False"),
     (lambda: CompileConfig(ternary="pt2"), r"ternary='pt2' must be a TernaryConfig"),
     (lambda: CompileConfig(skip=("lm_head", "")), r"every entry must be a non-empty string"),
+    (lambda: CompileConfig(text_column=""), r"text_column='' must be a non-empty string"),
+    (lambda: TernaryConfig(aga="false"), r"aga='false' must be True or False"),
+    (lambda: TernaryConfig(method="gptq", bits=16), r"bits=16 must be in 1..8"),
 ])
 def test_invalid_config_values_name_the_field(make, match):
     with pytest.raises(ValueError, match=match):
@@ -105,6 +108,21 @@ def test_more_samples_than_the_data_holds(tiny_llama):
     with pytest.raises(ValueError, match=r"n_samples=9 windows of seqlen=32 requested.*only 4"):
         pt2pass.compile(tiny_llama, torch.randint(0, 256, (2, 64)),
                         config=CompileConfig(seqlen=32, n_samples=9), progress=False)
+
+
+def test_text_column_reaches_the_data_layer(tiny_llama, tmp_path):
+    import json
+
+    from conftest import ByteTokenizer
+
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"content": "to be or not " * 5}) + "\n"
+                                              for _ in range(4)))
+    with pytest.raises(ValueError, match=r"no 'text' column \(columns: \['content'\]\)"):
+        pt2pass.compile(tiny_llama, tmp_path / "c.jsonl", ByteTokenizer(), CompileConfig(seqlen=32))
+    # read through text_column: the n_samples check then counts its tokens (and stops before work)
+    with pytest.raises(ValueError, match=r"n_samples=99 windows .* \(266 tokens\) gives only 8"):
+        pt2pass.compile(tiny_llama, tmp_path / "c.jsonl", ByteTokenizer(),
+                        CompileConfig(seqlen=32, n_samples=99, text_column="content"))
 
 
 # ---- weights and activations -------------------------------------------------------------------

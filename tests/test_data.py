@@ -3,20 +3,10 @@ import json
 
 import pytest
 import torch
+from conftest import ByteTokenizer
 
 from pt2pass.data import (DEFAULT_CALIB_PLAYS, DEFAULT_EVAL_PLAYS, calibration_tensor,
                           load_texts, tokenize_text)
-
-
-class ByteTokenizer:
-    """Fake HF tokenizer: one token per UTF-8 byte, so expected windows are easy to compute."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, text, **kwargs):
-        self.calls.append(kwargs)
-        return {"input_ids": list(text.encode("utf-8"))}
 
 
 def byte_ids(text):
@@ -185,6 +175,32 @@ def test_file_errors(tmp_path):
         calibration_tensor(tmp_path / "r.jsonl", ByteTokenizer(), seqlen=4)
 
 
+def test_unreadable_files_are_named(tmp_path):
+    import pandas as pd
+
+    cases = {"empty.jsonl": "", "blank.jsonl": "\n  \n", "broken.jsonl": '{"text": "a"\n'}
+    for name, content in cases.items():
+        (tmp_path / name).write_text(content)
+        with pytest.raises(ValueError, match=rf"could not read .*{name} as json"):
+            calibration_tensor(tmp_path / name, ByteTokenizer(), seqlen=4)
+    (tmp_path / "nums.jsonl").write_text('{"text": "abc"}\n{"text": 7}\n')
+    with pytest.raises(ValueError, match=r"column 'text' of .*nums.jsonl must hold strings; row 1 holds int 7"):
+        calibration_tensor(tmp_path / "nums.jsonl", ByteTokenizer(), seqlen=4)
+    pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(tmp_path / "none.parquet")
+    with pytest.raises(ValueError, match=r"none.parquet"):
+        calibration_tensor(tmp_path / "none.parquet", ByteTokenizer(), seqlen=4)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt is not UTF-8 text .* at byte 3"):
+        calibration_tensor(tmp_path / "latin1.txt", ByteTokenizer(), seqlen=4)
+
+
+def test_a_list_of_path_strings_is_not_read_as_text(tmp_path):
+    (tmp_path / "a.txt").write_text("hello world " * 10)
+    with pytest.raises(ValueError, match="strings are paths.*pass pathlib.Path"):
+        calibration_tensor([str(tmp_path / "a.txt")], ByteTokenizer(), seqlen=4)
+    assert calibration_tensor([tmp_path / "a.txt"], ByteTokenizer(), seqlen=4).shape == (30, 4)
+
+
 def test_dataset_errors():
     import datasets
 
@@ -204,7 +220,11 @@ def test_tokenize_text_and_load_texts(tmp_path):
     with pytest.raises(ValueError, match="text is empty"):
         tokenize_text(ByteTokenizer(), "")
     (tmp_path / "a.txt").write_text("x")
-    assert load_texts([tmp_path / "a.txt", str(tmp_path / "a.txt")]) == ["x", "x"]
+    assert load_texts([tmp_path / "a.txt"]) == ["x"]
+    # the same file twice, or a folder and a file in it, would give duplicated windows
+    for twice in ([tmp_path / "a.txt", str(tmp_path / "a.txt")], [tmp_path, tmp_path / "a.txt"]):
+        with pytest.raises(ValueError, match="a.txt is given twice"):
+            load_texts(twice)
 
 
 def test_default_plays_exist_and_are_disjoint():

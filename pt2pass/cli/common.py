@@ -99,6 +99,11 @@ def has_config_field(name: str) -> bool:
     return any(f.name == name for f in dataclasses.fields(CompileConfig))
 
 
+def add_text_column_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text-column", default="text", metavar="FIELD",
+                        help="field holding the text in .json/.jsonl/.parquet files (default text)")
+
+
 def add_device_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu",
                         help="where the model runs: cpu (default), cuda or cuda:N")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..data import DEFAULT_EVAL_PLAYS
 from ..eval.perplexity import eval_text_ids, perplexity
-from .common import (CliError, add_command, add_device_arg, add_progress_arg, positive_int,
-                     resolve_device)
+from .common import (CliError, add_command, add_device_arg, add_progress_arg, add_text_column_arg,
+                     positive_int, resolve_device)
 from .sources import EXPECTED_ANY, load_model, require_tokenizer, text_paths
 
 DESCRIPTION = f"""Perplexity of a full-precision model or of a pt2pass checkpoint.
@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
                    help="evaluation text: .txt/.json/.jsonl/.parquet files or folders, or "
                         "shakespeare:NAME,... (default: the embedded held-out plays "
                         f"{', '.join(DEFAULT_EVAL_PLAYS)})")
+    add_text_column_arg(p)
     p.add_argument("--seqlen", type=positive_int, default=512, metavar="TOKENS",
                    help="tokens per window (default 512)")
     p.add_argument("--windows", type=positive_int, default=None, metavar="N",
@@ -47,7 +48,7 @@ def run(args) -> int:
     paths, text_desc = text_paths(args.text, DEFAULT_EVAL_PLAYS)
     loaded = load_model(args.model, device)
     tok = require_tokenizer(loaded, "tokenize the evaluation text")
-    ids = eval_text_ids(tok, paths)
+    ids = eval_text_ids(tok, paths, args.text_column)
     result = perplexity(loaded.model, ids, seqlen=args.seqlen, max_windows=args.windows,
                         batch_size=args.batch_size, progress=not args.no_progress)
     print(f"model: {loaded.description}")

@@ -11,8 +11,8 @@ from ..data import DEFAULT_CALIB_PLAYS, calibration_tensor
 from ..report import CHECKPOINT_REPORT, format_layer_table, write_report_json
 from ..sizes import bits_per_weight
 from .common import (CliError, add_command, add_device_arg, add_method_args, add_progress_arg,
-                     compile_config, format_times, has_config_field, non_negative_int, positive_int,
-                     resolve_device, ternary_config, timed)
+                     add_text_column_arg, compile_config, format_times, has_config_field,
+                     non_negative_int, positive_int, resolve_device, ternary_config, timed)
 from .sources import EXPECTED_MODEL, is_checkpoint, load_model, require_tokenizer, text_paths
 
 DESCRIPTION = f"""Ternarize MODEL with PT²-LLM and save a pt2pass checkpoint in the folder OUT.
@@ -39,6 +39,7 @@ def add_parser(sub) -> None:
                    help="calibration text: .txt/.json/.jsonl/.parquet files or folders, or "
                         "shakespeare:NAME,... (default: the embedded Shakespeare calibration plays "
                         f"{', '.join(DEFAULT_CALIB_PLAYS)})")
+    add_text_column_arg(c)
     c.add_argument("--n-calib", type=positive_int, default=32, metavar="N",
                    help="calibration windows drawn from the text (default 32)")
     c.add_argument("--seqlen", type=positive_int, default=512, metavar="TOKENS",
@@ -79,7 +80,7 @@ def run(args) -> int:
     tok = require_tokenizer(loaded, "tokenize the calibration text")
     with timed(times, "tokenize"):
         ids = calibration_tensor(calib_paths, tok, seqlen=args.seqlen, n_samples=args.n_calib,
-                                 seed=args.seed,
+                                 seed=args.seed, text_column=args.text_column,
                                  vocab_size=getattr(loaded.model.config, "vocab_size", None))
     with timed(times, "quantize"):
         qm = pt2pass.compile(loaded.model, ids, config=config, progress=not args.no_progress)

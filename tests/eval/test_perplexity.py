@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ByteTokenizer
 
 from pt2pass.eval import PerplexityResult, eval_text_ids, perplexity, tokenize_text
 
@@ -118,15 +119,12 @@ def test_wrong_logits_shape():
 
 
 def test_eval_text_ids_reads_and_tokenizes_once(tmp_path):
-    class ByteTokenizer:
-        def __call__(self, text, **kwargs):
-            assert kwargs == dict(add_special_tokens=False, return_attention_mask=False, verbose=False)
-            return {"input_ids": list(text.encode())}
-
+    tok = ByteTokenizer()
     (tmp_path / "a.txt").write_text("ab")
     (tmp_path / "b.txt").write_text("cd")
-    ids = eval_text_ids(ByteTokenizer(), [tmp_path / "a.txt", tmp_path / "b.txt"])
+    ids = eval_text_ids(tok, [tmp_path / "a.txt", tmp_path / "b.txt"])
     assert ids.tolist() == list(b"ab\n\ncd")
+    assert tok.calls == [dict(add_special_tokens=False, return_attention_mask=False, verbose=False)]
     assert tokenize_text(ByteTokenizer(), "xyz").tolist() == list(b"xyz")
 
 
