@@ -165,6 +165,9 @@ def export(qm: QuantizedModel, example_inputs=None, *, graph: str = "full", batc
         return _export_decode(qm, example_inputs, batch_size, max_cache_len)
     if graph != "full":
         raise ValueError(f"graph={graph!r} is not supported; allowed: 'full', 'decode'")
+    if batch_size != 1 or max_cache_len is not None:  # the full graph's batch is dynamic
+        raise ValueError('batch_size and max_cache_len apply to graph="decode"; graph="full" '
+                         "takes example_inputs")
     if example_inputs is None:
         if not qm.causal_lm:
             raise ValueError("example_inputs are required to export a non-LM module")
@@ -185,6 +188,9 @@ def _export_decode(qm: QuantizedModel, example_inputs, batch_size: int,
         raise ValueError('graph="decode" takes batch_size and max_cache_len, not example_inputs')
     if max_cache_len is None:
         raise ValueError('graph="decode" needs max_cache_len (prompt + new tokens to hold)')
+    for name, value in (("batch_size", batch_size), ("max_cache_len", max_cache_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer")
     limit = qm.max_positions
     if limit is not None and max_cache_len > limit:
         raise ValueError(f"max_cache_len={max_cache_len} exceeds the model's "

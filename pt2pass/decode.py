@@ -38,7 +38,7 @@ from .lowering.group_siblings import GroupSiblingLinears
 from .lowering.lower_attention import LowerDecodeAttention
 from .lowering.ops import compile_fresh
 from .pass_manager import PassManager
-from .sampling import NextLogits, Sampling, check_prompt, generation_loop
+from .sampling import EosIds, NextLogits, Sampling, check_prompt, generation_loop
 from .store import QuantStore
 
 log = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class CachedDecoder:
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
                  compile_decode: Optional[bool] = None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None,
-                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 eos_token_id: EosIds = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """As ``QuantizedCausalLM.generate``, limited by this cache's batch size and length."""
         sampling = Sampling(do_sample, temperature, top_k, generator)
         check_prompt(input_ids, max_new_tokens, self.max_cache_len, "the cache length")

@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from .lowering.lower import TERNARY_OP
-from .sampling import Sampling, check_prompt, generation_loop
+from .sampling import EosIds, Sampling, check_prompt, generation_loop
 from .store import QuantStore
 
 
@@ -65,23 +65,24 @@ class QuantizedCausalLM(QuantizedModel):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
-                 eos_token_id: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                 eos_token_id: EosIds = None, generator: Optional[torch.Generator] = None,
                  use_cache: bool = True, compile_decode: Optional[bool] = None) -> torch.Tensor:
         """Prompt ``input_ids`` (B, P) followed by up to ``max_new_tokens`` tokens, (B, P + n).
 
         Greedy by default; ``do_sample`` draws from softmax(logits / temperature), restricted to
         the ``top_k`` most likely tokens, with ``generator`` for reproducibility. With
-        ``eos_token_id`` a finished row is padded with it and generation stops once all rows
-        finished. ``use_cache``: prefill + one decode step per token over a static KV cache (a
+        ``eos_token_id`` (an id or a list of ids) a finished row is padded with the (first) id
+        and generation stops once all rows finished. ``use_cache``: prefill + one decode step per token over a static KV cache (a
         decode graph built on first use per batch size and cache length, the cache length being
         P + max_new_tokens rounded up to a multiple of 256); False re-runs the full sequence per
         token (``generate_no_cache``). ``compile_decode``: CUDA-graph the decode step with
         ``torch.compile(mode="reduce-overhead")``; default True on CUDA, False on CPU.
         """
         sampling = Sampling(do_sample, temperature, top_k, generator)
-        check_prompt(input_ids, max_new_tokens, self.max_positions)
+        check_prompt(input_ids, max_new_tokens, self.max_positions,
+                     vocab_size=getattr(self.model_config, "vocab_size", None))
         if max_new_tokens == 0:
-            return input_ids
+            return input_ids.long()  # int64, as every other length returns
         if use_cache:
             if compile_decode is None:
                 compile_decode = input_ids.device.type == "cuda"

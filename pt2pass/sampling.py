@@ -8,13 +8,14 @@ the next logits; they share :func:`generation_loop`, so the same arguments and t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
 # (ids so far (B, T), first call?) -> logits of the last position (B, V). ``first`` is True for
 # the prompt, False for each new token (then only ids[:, -1] is new).
 NextLogits = Callable[[torch.Tensor, bool], torch.Tensor]
+EosIds = Union[None, int, Sequence[int]]
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,10 @@ class Sampling:
 
     def __post_init__(self):
         t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0:
-            raise ValueError(f"temperature={self.temperature!r} must be a number > 0 "
+        if isinstance(t, bool) or not isinstance(t, (int, float)):
+            raise ValueError(f"temperature={self.temperature!r} must be a number")
+        if self.do_sample and not t > 0:  # greedy decoding never divides by it
+            raise ValueError(f"temperature={self.temperature!r} must be > 0 when sampling "
                              "(for greedy decoding use do_sample=False)")
         k = self.top_k
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
@@ -51,7 +54,8 @@ class Sampling:
 
 
 def check_prompt(input_ids: torch.Tensor, max_new_tokens: int, max_positions: Optional[int] = None,
-                 limit: str = "the model's max_position_embeddings") -> None:
+                 limit: str = "the model's max_position_embeddings",
+                 vocab_size: Optional[int] = None) -> None:
     """Clear errors for inputs no generation path can handle; ``limit`` names ``max_positions``."""
     n = max_new_tokens
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
@@ -59,30 +63,48 @@ def check_prompt(input_ids: torch.Tensor, max_new_tokens: int, max_positions: Op
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a 2-D (batch, prompt length) tensor of token ids, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    if input_ids.dtype not in (torch.int64, torch.int32) or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be non-empty integer token ids, got dtype "
-                         f"{input_ids.dtype} and shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids are empty (shape {tuple(input_ids.shape)})")
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
+        raise ValueError(f"input_ids hold token id {lo if lo < 0 else hi}, outside the vocabulary "
+                         f"(0..{'' if vocab_size is None else vocab_size - 1})")
     total = input_ids.shape[1] + max_new_tokens
     if max_positions is not None and total > max_positions:
         raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens "
                          f"({max_new_tokens}) = {total} exceeds {limit} ({max_positions})")
 
 
-def generation_loop(next_logits: NextLogits, input_ids: torch.Tensor, max_new_tokens: int,
-                    sampling: Sampling, eos_token_id: Optional[int] = None) -> torch.Tensor:
-    """Prompt + up to ``max_new_tokens`` tokens, (B, P + n).
+def eos_ids(eos_token_id: EosIds, device: torch.device) -> Optional[torch.Tensor]:
+    """``eos_token_id`` (None, an id, or several, as in Hugging Face generation configs) as a 1-D
+    tensor; the first one pads finished rows."""
+    if eos_token_id is None:
+        return None
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+        raise ValueError(f"eos_token_id={eos_token_id!r} must be a token id >= 0 or a non-empty "
+                         "list of them")
+    return torch.tensor(ids, dtype=torch.long, device=device)
 
-    With ``eos_token_id``, a row that produced it keeps producing it (it is also the padding) and
-    generation stops early once every row has.
+
+def generation_loop(next_logits: NextLogits, input_ids: torch.Tensor, max_new_tokens: int,
+                    sampling: Sampling, eos_token_id: EosIds = None) -> torch.Tensor:
+    """Prompt + up to ``max_new_tokens`` tokens, (B, P + n), int64.
+
+    With ``eos_token_id`` (one id or several), a row that produced one keeps producing the first
+    (it is also the padding) and generation stops early once every row has.
     """
     ids = input_ids.long()
+    eos = eos_ids(eos_token_id, ids.device)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for step in range(max_new_tokens):
         token = sampling.choose(next_logits(ids, step == 0))
-        if eos_token_id is not None:
-            token = token.masked_fill(finished, eos_token_id)
-            finished |= token == eos_token_id
+        if eos is not None:
+            token = token.masked_fill(finished, eos[0])
+            finished |= torch.isin(token, eos)
         ids = torch.cat([ids, token[:, None]], dim=1)
-        if eos_token_id is not None and bool(finished.all()):
+        if eos is not None and bool(finished.all()):
             break
     return ids

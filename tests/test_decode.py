@@ -164,18 +164,34 @@ def test_eos_stops_a_row_and_pads_it(qm_ssr):
     out = qm_ssr.generate(ids, 8, eos_token_id=eos)
     assert stops[0] is not None and torch.equal(out, want)
     assert torch.equal(out, qm_ssr.generate_no_cache(ids, 8, eos_token_id=eos))
+    # several ids (as in HF generation configs): any of them stops a row, the first one pads
+    absent = next(t for t in range(256) if not (free == t).any())
+    for r, stop in enumerate(stops):
+        if stop is not None:
+            want[r, stop + 1:] = absent
+    assert torch.equal(qm_ssr.generate(ids, 8, eos_token_id=[absent, eos]), want)
 
 
 def test_zero_new_tokens_returns_the_prompt(qm_natural):
     ids = prompt(3, 4)
     assert qm_natural.generate(ids, 0) is ids
+    out = qm_natural.generate(ids.int(), 0)  # int64, as for any other length
+    assert out.dtype == torch.int64 and torch.equal(out, ids)
+
+
+def test_greedy_decoding_ignores_the_temperature(qm_natural):
+    ids = prompt(1, 5)
+    assert torch.equal(qm_natural.generate(ids, 3, temperature=0.0), qm_natural.generate(ids, 3))
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_new_tokens=-1), "max_new_tokens=-1 must be an integer >= 0"),
-    (dict(do_sample=True, temperature=0.0), "temperature=0.0 must be a number > 0"),
-    (dict(temperature=-1.0), "temperature=-1.0 must be a number > 0"),
+    (dict(do_sample=True, temperature=0.0), "temperature=0.0 must be > 0 when sampling"),
+    (dict(do_sample=True, temperature=-1.0), "temperature=-1.0 must be > 0 when sampling"),
+    (dict(temperature="hot"), "temperature='hot' must be a number"),
     (dict(do_sample=True, top_k=0), "top_k=0 must be None or an integer >= 1"),
+    (dict(eos_token_id=[]), r"eos_token_id=\[\] must be a token id >= 0 or a non-empty list"),
+    (dict(eos_token_id=-2), "eos_token_id=-2 must be a token id >= 0"),
     (dict(max_new_tokens=250), r"prompt \(7 tokens\) \+ max_new_tokens \(250\) = 257 exceeds the "
                                r"model's max_position_embeddings \(256\)"),
 ])
@@ -188,8 +204,13 @@ def test_bad_generation_arguments_are_rejected(qm_natural, kwargs, match):
 def test_bad_prompts_are_rejected(qm_natural):
     with pytest.raises(ValueError, match="2-D"):
         qm_natural.generate(torch.arange(5), 3)
-    with pytest.raises(ValueError, match="non-empty integer token ids"):
+    with pytest.raises(ValueError, match="int64 or int32 token ids, got torch.float32"):
         qm_natural.generate(torch.zeros(1, 3), 3)
+    with pytest.raises(ValueError, match=r"input_ids are empty \(shape \(1, 0\)\)"):
+        qm_natural.generate(torch.zeros(1, 0, dtype=torch.long), 3)
+    for bad in (256, -1):  # an index error deep in the embedding otherwise
+        with pytest.raises(ValueError, match=rf"token id {bad}, outside the vocabulary \(0..255\)"):
+            qm_natural.generate(torch.tensor([[1, bad, 2]]), 3)
 
 
 def test_without_skeleton_only_the_uncached_path_works(qm_natural):
@@ -204,6 +225,9 @@ def test_without_skeleton_only_the_uncached_path_works(qm_natural):
     (dict(graph="decode"), "needs max_cache_len"),
     (dict(graph="decode", max_cache_len=300), r"max_cache_len=300 exceeds .* \(256\)"),
     (dict(graph="prefill"), "graph='prefill' is not supported"),
+    (dict(batch_size=4), 'batch_size and max_cache_len apply to graph="decode"'),
+    (dict(max_cache_len=64), 'batch_size and max_cache_len apply to graph="decode"'),
+    (dict(graph="decode", batch_size=True, max_cache_len=64), "batch_size=True must be a positive integer"),
 ])
 def test_bad_export_arguments_are_rejected(qm_natural, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -260,16 +284,18 @@ def test_a_decoder_rejects_what_its_cache_cannot_hold(qm_natural):
         CachedDecoder(qm_natural.gm)
 
 
-def test_compiled_decode_step_never_recompiles(qm_natural, monkeypatch):
+def test_compiled_decode_step_never_recompiles(qm_natural):
     """Bug: the one-token input was ids[:, -1:] made .contiguous(), but a (1, 1) view of the
     growing (1, T) ids already counts as contiguous and keeps stride (T, 1): the compiled step's
     stride guard failed at every token and, with fullgraph=True, generation died at dynamo's
     recompile limit (FailOnRecompileLimitHit on the H100 after 8 tokens)."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    # config.patch, not monkeypatch: monkeypatch's undo left recompile_limit unreadable ("does not
+    # exist") for every later torch.compile of the same pytest worker
     torch._dynamo.reset()
     ids = prompt(1, 5)
-    compiled = CachedDecoder(qm_natural.decoder(1, 20, ids.device).step, compile_decode=True)
-    out = compiled.generate(ids, 12)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compiled = CachedDecoder(qm_natural.decoder(1, 20, ids.device).step, compile_decode=True)
+        out = compiled.generate(ids, 12)
     assert torch.equal(out, qm_natural.generate(ids, 12, compile_decode=False))
     torch._dynamo.reset()
 

@@ -47,7 +47,10 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, m
                    bias: Optional[torch.Tensor] = None,
                    perm: Optional[torch.Tensor] = None,
                    block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
-    """y = x[..., perm] @ (alpha * T + mu).T + bias for a packed ternary weight (see format.py)."""
+    """y = x[..., perm] @ (alpha * T + mu).T + bias for a packed ternary weight (see format.py).
+
+    ``perm`` must be a permutation of 0..K-1: its values are not checked on the GPU (that would
+    cost a device sync per call), where an index out of range reads out of bounds."""
     _check_args(x, packed, alpha, mu, bias, perm, block_size)
     if x.device.type == "cpu":
         return ternary_linear_reference(x, packed, alpha, mu, bias, perm, block_size)
