@@ -75,7 +75,8 @@ def gptq_quantize(W: Tensor, H: Optional[Tensor], bits: int = 2, group_size: int
         raise ValueError("gptq_quantize needs the calibration Hessian H (got None)")
     if not 1 <= bits <= 8:
         raise ValueError(f"bits={bits} must be in 1..8 (codes are stored as uint8)")
-    Wc, Hd, n_dead = prepare_hessian(W.detach(), H.detach(), damp, dtype=torch.float32)
+    Wc, Hd, n_dead = prepare_hessian(W.detach(), H.detach(), damp, dtype=torch.float32,
+                                     dead_diagonal=1.0)  # the reference's stand-in
     perm = torch.argsort(torch.diagonal(Hd), descending=True, stable=True) if act_order else None
     if perm is not None:
         Wc, Hd = Wc[:, perm], Hd[perm.unsqueeze(1), perm]

@@ -38,7 +38,7 @@ import torch
 
 from ..config import TernaryConfig
 from .baselines import gptq_quantize, rtn_ternary
-from .hessian import cholesky_inverse_damped, prepare_hessian
+from .hessian import cholesky_inverse_damped, mask_dead, prepare_hessian
 from .result import QuantResult, finish, n_blocks
 from .refine import refine_block
 from .ssr import next_block, static_order
@@ -123,7 +123,8 @@ def ternarize_weight(W: Tensor, H: Optional[Tensor], config: Optional[TernaryCon
         Wc, Hd, n_dead = W.to(torch.float64).clone(), None, 0
     else:
         Wc, Hd, n_dead = prepare_hessian(W, H.detach(), config.damp)
-    T, alpha, mu, perm, stats = _block_loop(Wc, Hd, config, aga_metric == "schur")
+    live = torch.diagonal(H.detach()).to(Wc.device) != 0 if H is not None and n_dead else None
+    T, alpha, mu, perm, stats = _block_loop(Wc, Hd, config, aga_metric == "schur", live)
     stats.update(method="pt2", n_dead_columns=n_dead)
     res = finish(W.to(torch.float32), H, T, alpha, mu, perm, stats, config.block_size)
     if config.order == "ssr" and H is not None and has_outlier_columns(W):
@@ -163,9 +164,10 @@ def _guard_ssr(W: Tensor, H: Tensor, config: TernaryConfig, aga_metric: str,
 
 
 def _quantize_block(WB: Tensor, C: Optional[Tensor], config: TernaryConfig, acc: dict,
-                    Hinv_BB: Optional[Tensor] = None):
+                    Hinv_BB: Optional[Tensor] = None, live_B: Optional[Tensor] = None):
     """ITF, then (optionally) AGA, then (optionally, given Hinv[B,B]) the T refinement of
-    refine.py on one block; returns (T, alpha32, mu32, Q_B in WB's dtype)."""
+    refine.py on one block; returns (T, alpha32, mu32, Q_B in WB's dtype). ``live_B``: the block's
+    columns whose input is not always 0 (None: all), the only ones AGA's metric weighs."""
     r = itf(WB, config.itf_max_iters)
     T, alpha, mu = r.T, r.alpha.float(), r.mu.float()
     acc["iters"].append(r.iters)
@@ -178,7 +180,7 @@ def _quantize_block(WB: Tensor, C: Optional[Tensor], config: TernaryConfig, acc:
         alpha, mu = a2.float(), m2.float()
         _add_errors(acc, "aga", WB, dequant(T, alpha, mu), C)
     if config.refine_rounds and Hinv_BB is not None:
-        T, alpha, mu, kept = refine_block(WB, T, alpha, mu, Hinv_BB, config.refine_rounds)
+        T, alpha, mu, kept = refine_block(WB, T, alpha, mu, Hinv_BB, config.refine_rounds, live_B)
         acc["refine_rounds"] = acc.get("refine_rounds", 0) + kept
         _add_errors(acc, "refined", WB, dequant(T, alpha, mu), C)
     return T, alpha, mu, dequant(T, alpha, mu).to(WB.dtype)
@@ -191,7 +193,8 @@ def _add_errors(acc: dict, tag: str, WB: Tensor, QB: Tensor, C: Optional[Tensor]
         acc[f"E_x_{tag}"] = acc.get(f"E_x_{tag}", 0.0) + float(((E @ C.double()) * E).sum())
 
 
-def _block_loop(W: Tensor, Hd: Optional[Tensor], config: TernaryConfig, schur: bool = False):
+def _block_loop(W: Tensor, Hd: Optional[Tensor], config: TernaryConfig, schur: bool = False,
+                live: Optional[Tensor] = None):
     """The sequential loop on the compacted not-yet-quantized columns (``rem`` maps them to W)."""
     n, m = W.shape
     bs, comp, dev = config.block_size, config.compensation, W.device
@@ -213,8 +216,11 @@ def _block_loop(W: Tensor, Hd: Optional[Tensor], config: TernaryConfig, schur: b
         C = Hd[cols.unsqueeze(1), cols] if Hd is not None else None
         if schur:
             C = torch.cholesky_inverse(torch.linalg.cholesky(Hinv[B.unsqueeze(1), B]))
+        live_B = live[cols] if live is not None else None
+        if C is not None:
+            C = mask_dead(C, live_B)
         Hinv_BB = Hinv[B.unsqueeze(1), B] if comp == "exact" else None
-        T, alpha, mu, QB = _quantize_block(Wr[:, B], C, config, acc, Hinv_BB)
+        T, alpha, mu, QB = _quantize_block(Wr[:, B], C, config, acc, Hinv_BB, live_B)
         E = Wr[:, B] - QB
         Wr, Hinv, U = _compensate(comp, Wr, Hinv, U, B, R, E)
         Ts.append(T), alphas.append(alpha), mus.append(mu), order.append(cols)

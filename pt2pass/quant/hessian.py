@@ -57,11 +57,16 @@ class HessianAccumulator:
         return self.H.clone()
 
 
-def prepare_hessian(W: Tensor, H: Tensor, damp: float, dtype: torch.dtype = torch.float64):
+def prepare_hessian(W: Tensor, H: Tensor, damp: float, dtype: torch.dtype = torch.float64,
+                    dead_diagonal: Optional[float] = None):
     """GPTQ's preparation of (W, H), on W's device in ``dtype``; returns (W, H, n_dead).
 
-    Dead columns (diag H == 0: the input is always 0) get H[j, j] = 1 and W[:, j] = 0, so H is
-    invertible and they cost nothing; then H += damp * mean(diag H) * I (Tikhonov damping).
+    Dead columns (diag H == 0: the input is always 0) get W[:, j] = 0 and, so that H is
+    invertible, H[j, j] = the mean of the live diagonal; then H += damp * mean(diag H) * I
+    (Tikhonov damping). GPTQ's reference sets H[j, j] = 1, which is not invariant to the scale of
+    H: on small activations (mean diag H ~ 1e-3) the 1s dominated the damping; the GPTQ baseline
+    passes ``dead_diagonal=1.0`` to match it. A metric that must give dead columns no weight
+    (AGA's C) masks them with :func:`mask_dead`.
     """
     m = W.shape[1]
     if H.shape != (m, m):
@@ -73,10 +78,22 @@ def prepare_hessian(W: Tensor, H: Tensor, damp: float, dtype: torch.dtype = torc
     diag = torch.diagonal(H)
     dead = diag == 0
     n_dead = int(dead.sum())
-    diag[dead] = 1.0
+    if dead_diagonal is not None:
+        diag[dead] = dead_diagonal
+    elif n_dead:
+        diag[dead] = diag[~dead].mean() if n_dead < m else 1.0
     W[:, dead] = 0.0
     diag += damp * diag.mean()
     return W, H, n_dead
+
+
+def mask_dead(C: Tensor, live: Optional[Tensor]) -> Tensor:
+    """C with the rows and columns of dead inputs (``live`` False) zeroed: their x is always 0, so
+    ||(W - Q) X||^2 gives their columns no weight (prepare_hessian's stand-in diagonal would)."""
+    if live is None:
+        return C
+    w = live.to(C.dtype)
+    return C * w[:, None] * w[None, :]
 
 
 def cholesky_inverse_damped(H: Tensor, max_tries: int = 7) -> Tensor:

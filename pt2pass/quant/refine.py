@@ -16,11 +16,12 @@ concern about overfitting T to the calibration set is the same trade-off GPTQ ma
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from .hessian import mask_dead
 from .ternary import aga, canonicalize, dequant
 
 
@@ -47,13 +48,14 @@ def sweep(WB: Tensor, alpha: Tensor, mu: Tensor, U: Tensor) -> Tensor:
 
 
 def refine_block(WB: Tensor, T: Tensor, alpha: Tensor, mu: Tensor, Hinv_BB: Tensor,
-                 rounds: int) -> Tuple[Tensor, Tensor, Tensor, int]:
+                 rounds: int, live: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, int]:
     """Alternate :func:`sweep` (T) and AGA against C = Hinv_BB⁻¹ (α, μ) for ``rounds`` rounds.
 
     Returns (T, alpha, mu, rounds_kept). Rounds that do not lower tr(E C Eᵀ) are discarded.
+    ``live``: the columns whose input is not always 0 (None: all); C gives the others no weight.
     """
     U = torch.linalg.cholesky(Hinv_BB.double(), upper=True)
-    C = torch.cholesky_inverse(U, upper=True)
+    C = mask_dead(torch.cholesky_inverse(U, upper=True), live)
     best = block_cost(WB, dequant(T, alpha, mu), C)
     kept = 0
     for _ in range(rounds):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pt2pass.quant import HessianAccumulator, cholesky_inverse_damped, prepare_hessian
+from pt2pass.quant.hessian import mask_dead
 
 from .utils import correlated_inputs, hessian_of
 
@@ -57,8 +58,9 @@ def test_prepare_hessian_dead_columns_and_damping():
     Wp, Hd, n_dead = prepare_hessian(W, H, damp=0.01)
     assert n_dead == 1 and (Wp[:, 3] == 0).all() and Wp.dtype == torch.float64
     diag = torch.diagonal(H).clone()
-    diag[3] = 1.0
+    diag[3] = diag[torch.arange(8) != 3].mean()  # scale-free stand-in (GPTQ's reference: 1)
     torch.testing.assert_close(torch.diagonal(Hd), diag + 0.01 * diag.mean())
+    torch.testing.assert_close(mask_dead(Hd, torch.diagonal(H) != 0)[3], torch.zeros(8, dtype=Hd.dtype))
     assert (W[:, 3] != 0).all()  # the caller's W is not modified
     with pytest.raises(ValueError, match="expected \\(8, 8\\)"):
         prepare_hessian(W, H[:4, :4], 0.01)

@@ -73,6 +73,23 @@ def test_hessian_scale_does_not_change_the_result(layer, scale):
     assert rel(scaled, Hs) == pytest.approx(rel(base, H), rel=1e-3)
 
 
+@pytest.mark.parametrize("refine", [0, 2])
+def test_dead_inputs_keep_the_result_scale_free_and_weigh_nothing_in_aga(layer, refine):
+    """8 inputs always 0. Their stand-in diagonal used to be an absolute 1, which at small
+    activations dominated the damping and AGA's metric (E_x 12.36 -> 15.75 at H x 1e-4, worse
+    than without AGA); it is now scale-free and AGA gives those columns no weight."""
+    W, X = layer
+    X = X.clone()
+    X[:, [3, 40, 77, 130, 200, 201, 250, 251]] = 0.0
+    results = [_quantize(W, X * s, refine_rounds=refine)[0] for s in (1.0, 1e-2)]
+    H = hessian_of(X).float()
+    errors = [output_error(W, r.Q, H) for r in results]
+    assert errors[1] == pytest.approx(errors[0], rel=1e-4)
+    assert all(torch.equal(r.T, results[0].T) for r in results)
+    no_aga = output_error(W, _quantize(W, X * 1e-2, aga=False)[0].Q, H)
+    assert errors[1] < no_aga
+
+
 # ---- outliers -------------------------------------------------------------------------------
 
 def test_outlier_activation_columns(layer):
