@@ -278,6 +278,17 @@ def test_save_refuses_to_replace_a_folder_that_is_not_a_checkpoint(tiny, tmp_pat
     assert (tmp_path / "data" / "notes.txt").read_text() == "keep me"
 
 
+def test_replacing_a_checkpoint_keeps_the_other_files_of_its_folder(saved, tiny):
+    (saved / "README.md").write_text("my notes")
+    (saved / "tokenizer").mkdir()
+    (saved / "tokenizer" / "vocab.json").write_text("{}")
+    pt2pass.save(tiny, saved)
+    assert (saved / "README.md").read_text() == "my notes"
+    assert (saved / "tokenizer" / "vocab.json").read_text() == "{}"
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]  # no temporary left
+    assert torch.equal(logits(pt2pass.load(saved)), logits(tiny))
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 def test_missing_files_are_named(saved, tmp_path):

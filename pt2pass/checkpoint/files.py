@@ -48,7 +48,9 @@ def apply_umask(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_folder(path: Path) -> Iterator[Path]:
     """Yield an empty staging folder; when the block ends without error, make it ``path``
-    (replacing an earlier checkpoint there). On error the staging folder is deleted."""
+    (replacing an earlier checkpoint there; the files of that folder the new checkpoint does not
+    write, e.g. a tokenizer or a README, are copied over first). On error the staging folder is
+    deleted."""
     path = Path(path)
     if path.exists() and not _replaceable(path):
         raise CheckpointError(f"{path} exists and is not a pt2pass checkpoint; refusing to replace it")
@@ -61,6 +63,8 @@ def atomic_folder(path: Path) -> Iterator[Path]:
         for child in tmp.iterdir():
             apply_umask(child)
             fsync_file(child)
+        if path.exists():
+            _carry_over(path, tmp)
         _fsync_dir(tmp)
         if path.exists():
             old = _sibling(path, "old")
@@ -78,6 +82,22 @@ def atomic_folder(path: Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Copy the entries of ``old`` that ``new`` lacks into ``new`` (copies, not moves: until the
+    swap the old folder must stay a complete checkpoint)."""
+    for child in old.iterdir():
+        target = new / child.name
+        if target.exists() or target.is_symlink():
+            continue
+        if child.is_dir() and not child.is_symlink():
+            shutil.copytree(child, target, symlinks=True)
+        else:
+            shutil.copy2(child, target, follow_symlinks=False)
+            if not target.is_symlink():
+                fsync_file(target)
+        log.info("kept %s from the checkpoint folder being replaced", child.name)
 
 
 def fsync_file(path: Path) -> None:
