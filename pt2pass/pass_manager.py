@@ -67,6 +67,7 @@ class PassManager:
     history: List[PassRecord] = field(default_factory=list)
 
     def __post_init__(self):
+        self.passes = list(self.passes)  # a generator would be used up by the check below
         for p in self.passes:
             if not isinstance(p, Pass):
                 raise TypeError(f"PassManager takes Pass instances, got {p!r} ({type(p).__name__})")

@@ -76,3 +76,10 @@ def test_check_can_be_disabled():
 def test_non_pass_rejected():
     with pytest.raises(TypeError, match="PassManager takes Pass instances"):
         PassManager([lambda gm: gm])
+
+
+def test_a_generator_of_passes_runs_them_all():
+    log = []
+    pm = PassManager(Record(log, name) for name in "abc")  # the type check used to exhaust it
+    pm(_gm())
+    assert log == ["a", "b", "c"] and len(pm.history) == 3

@@ -42,6 +42,11 @@ class LowerTernaryLinear(Pass):
         self.store = store
         self.lowered = 0
 
+    def requires(self, gm: fx.GraphModule) -> None:
+        from ..passes.linear_sites import require_captured
+
+        require_captured(gm, self.name)
+
     def _store(self, gm: fx.GraphModule) -> QuantStore:
         return self.store if self.store is not None else store_of(gm)
 

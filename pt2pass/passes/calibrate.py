@@ -18,7 +18,7 @@ from ..pass_manager import Pass, PassResult
 from ..runner import BatchedGraphRunner, PerBatch
 from ..store import store_of
 from .layer_quantizer import HessianCache
-from .linear_sites import quantizable_linears
+from .linear_sites import quantizable_linears, require_captured
 
 HESSIANS = "hessians"
 
@@ -29,6 +29,9 @@ class CaptureCalibration(Pass):
         if not batches:
             raise ValueError("CaptureCalibration needs at least one calibration batch")
         self.batches, self.skip, self.progress = batches, tuple(skip), progress
+
+    def requires(self, gm: fx.GraphModule) -> None:
+        require_captured(gm, self.name)
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         sites = quantizable_linears(gm, self.skip)

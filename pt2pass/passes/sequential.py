@@ -24,7 +24,8 @@ from ..pass_manager import Pass, PassResult
 from ..runner import BatchedGraphRunner, PerBatch
 from ..store import store_of
 from .layer_quantizer import HessianCache, quantize_linear
-from .linear_sites import classify_linears, get_weight, quantizable_linears, set_weight
+from .linear_sites import (classify_linears, get_weight, quantizable_linears, require_captured,
+                           require_unpermuted, set_weight)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class SequentialTernarize(Pass):
         self.fqns: List[str] = []
 
     def requires(self, gm: fx.GraphModule) -> None:
+        require_captured(gm, self.name)
+        require_unpermuted(gm, self.name)
         if not classify_linears(gm, self.config.skip)[0]:  # silent: call() logs the exclusions
             raise ValueError("the graph has no quantizable Linear nodes (are they all skipped?)")
 

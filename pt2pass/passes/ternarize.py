@@ -19,7 +19,8 @@ from ..pass_manager import Pass, PassResult
 from ..store import store_of
 from .calibrate import HESSIANS
 from .layer_quantizer import quantize_linear
-from .linear_sites import get_weight, quantizable_linears, set_weight
+from .linear_sites import (get_weight, quantizable_linears, require_captured, require_unpermuted,
+                           set_weight)
 
 
 class TernarizeWeights(Pass):
@@ -30,6 +31,8 @@ class TernarizeWeights(Pass):
         self.progress = progress
 
     def requires(self, gm: fx.GraphModule) -> None:
+        require_captured(gm, self.name)
+        require_unpermuted(gm, self.name)
         if self.config.ternary.needs_calibration and HESSIANS not in store_of(gm).config:
             raise ValueError(f"method {self.config.ternary.method!r} with these settings needs "
                              "calibration: run CaptureCalibration first")

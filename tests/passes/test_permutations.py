@@ -73,3 +73,30 @@ def test_lowering_after_fold_is_exact_and_fuses_private_gathers(gm):
     permuted_in_op = [n for n in gm.graph.nodes if n.target is TERNARY_OP and n.args[5] is not None]
     assert len(permuted_in_op) == 2 * 6  # all but down_proj, whose permutation was folded away
     torch.testing.assert_close(_logits(gm), before, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("quantizer", ["sequential", "rtn"])
+def test_quantizing_after_the_permutation_passes_is_refused(gm, quantizer):
+    # the new quantization would describe already permuted weights, which lowering permutes again
+    from pt2pass import CompileConfig, PassError, SequentialTernarize, TernarizeWeights, TernaryConfig
+    from pt2pass.runner import causal_lm_batches
+
+    PassManager([InsertPermutations(), FoldPermutations()])(gm)
+    again = (SequentialTernarize(causal_lm_batches(IDS, 2), CompileConfig(seqlen=24), progress=False)
+             if quantizer == "sequential" else
+             TernarizeWeights(CompileConfig(ternary=TernaryConfig(method="rtn")), progress=False))
+    with pytest.raises(PassError, match="SSR permutations were already inserted or folded"):
+        PassManager([again])(gm)
+
+
+def test_passes_refuse_a_graph_pt2pass_did_not_capture():
+    # a symbolic_trace graph shares the user's modules: lowering used to delete their parameters
+    from pt2pass import CompileConfig, PassError, TernarizeWeights, TernaryConfig
+
+    mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    traced = torch.fx.symbolic_trace(mlp)
+    for p in (TernarizeWeights(CompileConfig(ternary=TernaryConfig(method="rtn")), progress=False),
+              LowerTernaryLinear()):
+        with pytest.raises(PassError, match="no Linear nodes tagged by pt2pass.capture"):
+            PassManager([p])(traced)
+    assert [name for name, _ in mlp.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
