@@ -1,4 +1,5 @@
 """pt2pass.save / pt2pass.load: exact round trips, determinism, atomicity and validation."""
+import copy
 import hashlib
 import json
 import os
@@ -287,6 +288,27 @@ def test_replacing_a_checkpoint_keeps_the_other_files_of_its_folder(saved, tiny)
     assert (saved / "tokenizer" / "vocab.json").read_text() == "{}"
     assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]  # no temporary left
     assert torch.equal(logits(pt2pass.load(saved)), logits(tiny))
+
+
+def test_load_warns_when_the_given_config_computes_something_else(tiny, saved, caplog):
+    config = copy.deepcopy(tiny.model_config)
+    config.rms_norm_eps = 1e-2
+    with caplog.at_level("WARNING", logger="pt2pass.checkpoint"):
+        pt2pass.load(saved, config)
+    assert "differs from the checkpoint's config in rms_norm_eps (0.01, saved 1e-06)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pt2pass.checkpoint"):
+        pt2pass.load(saved, make_tiny_llama().config)
+        pt2pass.load(saved, make_tiny_llama())
+    assert "differs" not in caplog.text
+
+
+def test_a_tied_name_that_is_also_stored_is_refused(saved):
+    manifest = manifest_of(saved)
+    manifest["tensors"]["tied"] = {"model.norm.weight": "model.layers.0.input_layernorm.weight"}
+    write_manifest(saved, manifest)
+    with pytest.raises(CheckpointError, match="model.norm.weight is both stored and tied"):
+        pt2pass.load(saved)
 
 
 # --- validation ----------------------------------------------------------------------------------

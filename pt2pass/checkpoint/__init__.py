@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import safetensors.torch
 import torch
@@ -84,6 +84,10 @@ def load(path, model=None, *, device=None, example_inputs=None) -> QuantizedMode
     lost = sorted(set(tied.values()) - set(tensors))
     if lost:
         raise CheckpointError(f"missing tensor {lost[0]} (other names are tied to it)")
+    clash = sorted(set(tied) & set(tensors))
+    if clash:
+        raise CheckpointError(f"{MANIFEST_FILE}: {clash[0]} is both stored and tied to "
+                              f"{tied[clash[0]]}")
     skeleton = _skeleton(model, manifest)
     quantized = {fqn: (layer.shape, parse_dtype(manifest["layers"][fqn].get("weight_dtype"), fqn))
                  for fqn, layer in store.layers.items()}
@@ -133,9 +137,10 @@ def _read_store(manifest: dict, tensors: Dict[str, torch.Tensor]) -> QuantStore:
 def _skeleton(model, manifest: dict) -> nn.Module:
     """The module to capture: a meta-device copy of ``model``, or an HF model built on the meta
     device from a config (the saved one when ``model`` is None)."""
+    saved = manifest["model"]
+    _warn_config_differences(getattr(model, "config", model), saved.get("config"))
     if isinstance(model, nn.Module):
         return meta_copy(model)
-    saved = manifest["model"]
     if model is None:
         if not saved.get("causal_lm") or not isinstance(saved.get("config"), dict):
             raise CheckpointError("the checkpoint was saved from a module that is not a Hugging Face "
@@ -151,6 +156,28 @@ def _skeleton(model, manifest: dict) -> nn.Module:
     attn = model._attn_implementation or saved.get("attn_implementation")
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(model, **({"attn_implementation": attn} if attn else {}))
+
+
+# Config entries that do not change what the layers compute.
+_BENIGN_CONFIG_KEYS = {"transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
+                       "attn_implementation", "_attn_implementation", "architectures",
+                       "output_attentions", "output_hidden_states", "return_dict"}
+
+
+def _warn_config_differences(given, saved: Optional[dict]) -> None:
+    """Log the scalar config entries in which the model given to ``load`` differs from the saved
+    one (e.g. rms_norm_eps, hidden_act): the checkpoint's tensors then load into a model that
+    computes something else, which shapes alone do not reveal."""
+    if saved is None or given is None or not hasattr(given, "to_dict"):
+        return
+    current = given.to_dict()
+    scalar = (str, int, float, bool, type(None))
+    differ = sorted(k for k, v in saved.items() if k not in _BENIGN_CONFIG_KEYS and isinstance(v, scalar)
+                    and k in current and current[k] != v)
+    if differ:
+        log.warning("the model given to load differs from the checkpoint's config in %s; the "
+                    "outputs will differ from the saved model's", ", ".join(
+                        f"{k} ({current[k]!r}, saved {saved[k]!r})" for k in differ))
 
 
 def _config_from_dict(config: dict):
