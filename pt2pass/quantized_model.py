@@ -5,6 +5,7 @@ an output with ``.logits``). It carries the quantization store (per-layer result
 """
 from __future__ import annotations
 
+import itertools
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -32,6 +33,18 @@ class QuantizedModel(nn.Module):
 
     def forward(self, *args):
         return self.gm(*args)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() / .bfloat16() would convert the graph's tensors but not the store,
+        # the skeleton or the dtypes baked into the traced graph: forward then fails deep inside,
+        # generate keeps the old dtype and save records the old one. Refuse, naming the way out.
+        dtype = next((t.dtype for t in itertools.chain(self.gm.parameters(), self.gm.buffers())
+                      if t.is_floating_point()), None)
+        if dtype is not None and fn(torch.zeros((), dtype=dtype)).dtype != dtype:
+            raise TypeError(f"a pt2pass model keeps the dtype it was compiled in ({dtype}); to "
+                            "run in another dtype, compile or load it from a model in that dtype, "
+                            "e.g. pt2pass.load(path, model.to(torch.bfloat16))")
+        return super()._apply(fn, recurse)
 
     def report(self) -> List[Dict[str, Any]]:
         """Per-layer quantization report (E_w, E_x after ITF and AGA, block order, time)."""

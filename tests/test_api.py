@@ -126,3 +126,13 @@ def test_rtn_needs_no_calibration(tiny_llama):
                                                                  compensation="none", order="natural"))
     qm = pt2pass.compile(tiny_llama, None, config=config, progress=False)
     assert qm.ternary_node_count() == 14
+
+
+def test_changing_the_dtype_of_a_compiled_model_is_refused(compiled):
+    # it converted the graph's tensors only: forward failed deep inside, generate kept float32
+    _, qm = compiled
+    for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.double()):
+        with pytest.raises(TypeError, match=r"keeps the dtype it was compiled in \(torch.float32\)"):
+            convert(qm)
+    assert qm.to("cpu") is qm and qm.float() is qm  # no dtype change: allowed
+    assert next(qm.parameters()).dtype == torch.float32
