@@ -25,6 +25,7 @@ import torch.fx as fx
 from ..capture import LINEAR_OP, WEIGHT_FQN
 from ..lowering.lower import GATHER, OUTPUT_PERM
 from ..pass_manager import Pass, PassResult
+from ..store import store_of
 from .linear_sites import get_weight, set_weight
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class FoldPermutations(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.folded, self.remaining = 0, []
         for gather in [n for n in gm.graph.nodes if n.meta.get(GATHER)]:
-            producers, reason = _foldable_producers(gather)
+            producers, reason = _foldable_producers(gather, store_of(gm))
             if producers is None:
                 self.remaining.append((gather.meta[GATHER], reason))
                 continue
@@ -58,8 +59,13 @@ class FoldPermutations(Pass):
         return PassResult(gm, modified=self.folded > 0)
 
 
-def _foldable_producers(gather: fx.Node) -> Tuple[Optional[List[fx.Node]], str]:
-    """The Linear nodes whose rows can absorb ``gather``'s permutation, or None and why not."""
+def _foldable_producers(gather: fx.Node, store) -> Tuple[Optional[List[fx.Node]], str]:
+    """The Linear nodes whose rows can absorb ``gather``'s permutation, or None and why not.
+
+    Only ternary Linears do: their rows are put back in order when saved (a full-precision
+    producer, kept by ``skip`` or unpackable, was saved permuted and permuted again on load), and
+    a quantized weight is read by no other node (a shared one would be permuted for its other
+    reader too)."""
     chain: Set[fx.Node] = set()
     producers: List[fx.Node] = []
     stack = [gather.args[0]]
@@ -69,6 +75,9 @@ def _foldable_producers(gather: fx.Node) -> Tuple[Optional[List[fx.Node]], str]:
             continue
         chain.add(node)
         if node.target is LINEAR_OP and WEIGHT_FQN in node.meta:
+            fqn = node.meta[WEIGHT_FQN]
+            if fqn not in store or not store[fqn].is_ternary:
+                return None, f"{fqn} is not ternary (kept in full precision or shared)"
             producers.append(node)
         elif node.op == "call_function" and node.target in ELEMENTWISE:
             for arg in node.args:
