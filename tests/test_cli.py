@@ -250,6 +250,20 @@ def test_eval_reads_json_through_text_column_and_refuses_a_text_named_twice(tiny
     assert status == 2 and "hamlet_gut.txt is given twice" in err, err
 
 
+def test_unusable_output_paths_are_one_line_errors(tiny):
+    afile = tiny["root"] / "a_file"
+    afile.write_text("x")
+    for argv, message in [
+            (["report", tiny["ckpt"], "--plots", afile], "error:"),  # FileExistsError: an OSError
+            (["export", tiny["ckpt"], afile / "m.pt2"], "error:"),
+            (["quantize", tiny["model"], tiny["root"] / "q", "--plots", afile], "is not a folder"),
+            (["quantize", tiny["model"], tiny["root"] / "q", "--report-json", tiny["root"]], "is a folder")]:
+        status, _, err = run_cli(*argv, "--no-progress") if argv[0] == "quantize" else run_cli(*argv)
+        assert status == 2 and err.startswith(f"pt2pass {argv[0]}: error:") and message in err, err
+        assert "Traceback" not in err
+    assert not (tiny["root"] / "q").exists()  # refused before any work
+
+
 def test_quantize_refuses_a_checkpoint_as_model(tiny):
     status, _, err = run_cli("quantize", tiny["ckpt"], tiny["root"] / "again")
     assert status == 2 and "is a pt2pass checkpoint" in err

@@ -20,7 +20,9 @@ from .common import CliError
 log = logging.getLogger(__name__)
 
 COMMANDS = (quantize, evaluate, generate, export, report, bench, demo)
-USER_ERRORS = (CliError, ValueError, FileNotFoundError)
+# OSError: paths the user named that cannot be written or read (a file where a folder is
+# needed, a folder where a file is, no permission); -v still shows the traceback
+USER_ERRORS = (CliError, ValueError, OSError)
 EXIT_USER_ERROR = 2
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import platform
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -69,6 +69,7 @@ def run(args) -> int:
     import pt2pass
 
     _check_out(args.out)
+    _check_outputs(args.plots, args.report_json)
     ternary = ternary_config(args)
     config = compile_config(args, ternary)
     device = resolve_device(args.device)
@@ -130,6 +131,14 @@ def _check_out(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()) and not is_checkpoint(out):
         raise CliError(f"OUT {str(out)!r} is a non-empty folder that is not a pt2pass "
                        "checkpoint; refusing to replace it")
+
+
+def _check_outputs(plots: Optional[Path], report_json: Optional[Path]) -> None:
+    """Refuse unusable --plots / --report-json paths before the minutes of quantization."""
+    if plots is not None and plots.exists() and not plots.is_dir():
+        raise CliError(f"--plots {str(plots)!r} exists and is not a folder")
+    if report_json is not None and report_json.is_dir():
+        raise CliError(f"--report-json {str(report_json)!r} is a folder; name a file")
 
 
 def _size(summary: dict, ternary) -> str:
