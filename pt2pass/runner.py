@@ -41,16 +41,46 @@ def flatten_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> List[Any]:
 
 
 def ancestors(targets: Iterable[fx.Node]) -> Set[fx.Node]:
-    """``targets`` and every node they depend on."""
+    """``targets`` and every node they depend on, including in-place writes (``aten.copy_`` into
+    a slice of a ``new_empty`` buffer, as DeepSeek-V2's attention does) into a tensor they read:
+    data flow alone misses those, and the buffer would be read uninitialised."""
+    targets = list(targets)
+    if not targets:
+        return set()
+    writes = [(n, _storage_base(m)) for n in targets[0].graph.nodes
+              if (m := _mutated_arg(n)) is not None]
     seen: Set[fx.Node] = set()
-    stack = list(targets)
+    stack = targets
     while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.extend(node.all_input_nodes)
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            stack.extend(node.all_input_nodes)
+        stack = [w for w, base in writes if base in seen and w not in seen]
     return seen
+
+
+def _mutated_arg(node: fx.Node) -> Optional[fx.Node]:
+    """The argument an in-place op writes into, or None."""
+    target = node.target
+    if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+        return None
+    for i, arg in enumerate(target._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+            return value if isinstance(value, fx.Node) else None
+    return None
+
+
+def _storage_base(node: fx.Node) -> fx.Node:
+    """Follow view ops (slice, select, view, ...) back to the tensor whose storage they share."""
+    while (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+           and node.target._schema.returns and node.target._schema.returns[0].alias_info is not None
+           and node.args and isinstance(node.args[0], fx.Node)):
+        node = node.args[0]
+    return node
 
 
 def stage_segments(nodes: Sequence[fx.Node]) -> List[Tuple[str, List[fx.Node]]]:

@@ -33,3 +33,33 @@ def test_runner_skips_nodes_not_needed_and_frees_values(tiny_llama):
                 runner.run_node(node)
     # only the target's own value is still held
     assert list(runner.env) == [first]
+
+
+def test_calibration_runs_in_place_writes_into_a_buffer_a_linear_reads():
+    # y = new_empty(); y[..., :16] = a(x); y[..., 16:] = b(x); c(y) (DeepSeek-V2's attention
+    # builds q this way): the copy_ nodes are no data ancestors of c, were skipped, and c was
+    # calibrated on uninitialised memory (H of inf or ~1e38)
+    from pt2pass import CaptureCalibration, PassManager, capture, store_of
+
+    class Writes(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = (torch.nn.Linear(32, 16), torch.nn.Linear(32, 16),
+                                      torch.nn.Linear(32, 32))
+
+        def forward(self, x):
+            y = x.new_empty(*x.shape[:-1], 32)
+            y[..., :16] = self.a(x)
+            y[..., 16:] = self.b(x)
+            return self.c(y)
+
+    torch.manual_seed(0)
+    m, xs = Writes().eval(), torch.randn(8, 4, 32)
+    gm = capture(m, (xs[:2],))
+    assert sum(n.target is torch.ops.aten.copy_.default for n in gm.graph.nodes) == 2
+    batches = [((xs[i:i + 2],), {}) for i in range(0, 8, 2)]
+    gm = PassManager([CaptureCalibration(batches, skip=(), progress=False)])(gm)
+    with torch.no_grad():
+        y = torch.cat([m.a(xs), m.b(xs)], -1).reshape(-1, 32)
+    torch.testing.assert_close(store_of(gm).config["hessians"]["c.weight"], 2 / y.shape[0] * y.T @ y,
+                               rtol=1e-5, atol=1e-5)
