@@ -128,6 +128,11 @@ def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
     """At least one Linear of the captured graph must be quantizable; otherwise say why each one
     is left out and which weight-holding modules pt2pass does not support."""
     sites, excluded = classify_linears(gm, config.skip)
+    fqns = list(sites) + list(excluded)
+    default = CompileConfig().skip  # "lm_head" is the default for any model: no warning
+    for unused in [s for s in config.skip if s not in default and not any(s in f for f in fqns)]:
+        log.warning("skip entry %r matches no Linear weight (e.g. %s): nothing is kept in full "
+                    "precision by it", unused, fqns[0] if fqns else "none")
     if sites:
         return
     found = "; ".join(f"{fqn} {reason}" for fqn, reason in excluded.items()) or "none"
