@@ -206,4 +206,26 @@ def read_report(path) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "layer" in r for r in rows):
         raise ValueError(f"{path} holds no per-layer report (expected a {key!r} list of rows "
                          "with a 'layer' key)")
+    for i, row in enumerate(rows):
+        problem = _row_problem(row)
+        if problem:
+            raise ValueError(f"{path}: row {i} is not a pt2pass report row: {problem}")
+    if not isinstance(doc.get("config", {}), dict):
+        raise ValueError(f"{path}: 'config' must be an object, got {type(doc['config']).__name__}")
     return rows, {k: v for k, v in doc.items() if k != key}
+
+
+def _row_problem(row: Dict[str, Any]) -> str:
+    """Why a row read from a file cannot be tabulated or plotted ('' if it can)."""
+    number = (int, float)
+    if not isinstance(row["layer"], str):
+        return f"'layer' must be a string, got {row['layer']!r}"
+    shape = row.get("shape")
+    if shape is not None and not (isinstance(shape, list) and len(shape) == 2
+                                  and all(isinstance(d, int) and d > 0 for d in shape)):
+        return f"'shape' must be [out_features, in_features], got {shape!r}"
+    for k, v in row.items():
+        if k.startswith("E_") and not (v is None or isinstance(v, number) or (
+                isinstance(v, list) and all(isinstance(x, number) for x in v))):
+            return f"{k!r} must be a number (or a list of numbers), got {v!r}"
+    return ""

@@ -105,3 +105,17 @@ def test_itf_history_of_the_layer_sums_the_blocks():
     assert len(want) == r.stats["itf_iters_max"] + 1
     assert r.stats["E_w_itf_history"][-1] == pytest.approx(r.stats["E_w_itf"], rel=1e-5)
     assert r.stats["E_w_itf_history"][0] > 1.02 * r.stats["E_w_itf_history"][-1]
+
+
+@pytest.mark.parametrize("row, problem", [
+    ({"layer": 0}, "'layer' must be a string"),
+    ({"layer": "a.weight", "shape": 5}, r"'shape' must be \[out_features, in_features\]"),
+    ({"layer": "a.weight", "shape": [4, 0]}, "'shape' must be"),
+    ({"layer": "a.weight", "E_w_itf_history": [1.0, None]}, "'E_w_itf_history' must be a number"),
+])
+def test_rows_from_another_tool_are_refused_by_row_and_key(tmp_path, row, problem):
+    # they used to print a table and crash later (TypeError, IndexError, ZeroDivisionError)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([{"layer": "ok.weight"}, row]))
+    with pytest.raises(ValueError, match=rf"row 1 is not a pt2pass report row: {problem}"):
+        read_report(path)
