@@ -81,7 +81,10 @@ def bits_per_weight(store, packing: str = "2bit") -> float:
     """All-in storage bits per weight of the quantized Linears in ``store``: codes, the two 16-bit
     scales per row per block, and permutation indices (GPTQ baselines: codes, an fp16 scale and a
     ``bits``-bit zero point per group). ``packing``: "2bit" (the lowered graph) or "trit5" (a
-    checkpoint of ``pt2pass.save``; its codes are rounded up to whole bytes per row here too)."""
+    checkpoint of ``pt2pass.save``; its codes are rounded up to whole bytes per row here too).
+    GPTQ layers count at their nominal packed size in both: the checkpoint stores their codes
+    one per byte (uint8) with fp32 scales, and the graph runs them dense. Scales a checkpoint
+    keeps in fp32 (where fp16 would overflow) count as fp16 here."""
     if packing not in CODE_BITS:
         raise ValueError(f"packing={packing!r}; allowed: {sorted(CODE_BITS)}")
     total_bits = total_weights = 0.0
@@ -91,10 +94,10 @@ def bits_per_weight(store, packing: str = "2bit") -> float:
         if layer.is_ternary:
             codes = n * k * 2 if packing == "2bit" else n * 8 * -(-k // 5)
             bits = codes + 2 * SCALE_BITS * n * groups
-            bits += _perm_bits(packing, k) if layer.perm is not None else 0
         else:
             b = int(layer.stats.get("bits", 2))
             bits = n * k * b + (SCALE_BITS + b) * n * groups
+        bits += _perm_bits(packing, k) if layer.perm is not None else 0  # SSR / act-order
         total_bits += bits
         total_weights += n * k
     return total_bits / max(total_weights, 1)
