@@ -24,6 +24,8 @@ class LinearSizes:
 
     def describe(self) -> str:
         mb = 1e6
+        if self.n_layers == 0:  # e.g. the GPTQ baseline, which runs dense (not lowered)
+            return "no ternary Linears in the graph (the quantized weights run dense)"
         return (f"{self.n_layers} ternary Linears, {self.n_weights / 1e6:.1f}M weights: "
                 f"{self.dense_bytes_16bit / mb:.1f} MB at 16 bit -> {self.packed_bytes / mb:.1f} MB "
                 f"packed ({self.bits_per_weight:.2f} bits/weight all-in, "

@@ -21,3 +21,10 @@ def test_gptq_counts_codes_scale_zero_and_its_act_order_permutation():
     act = _store(TernaryConfig(method="gptq", bits=3, order="act_order"))
     assert bits_per_weight(act) == nominal + 32 * k / (n * k)  # int32 indices in the graph
     assert bits_per_weight(act, "trit5") == nominal + 8 * k / (n * k)  # 8-bit indices saved
+
+
+def test_a_graph_without_ternary_linears_is_described_as_such():
+    from pt2pass.sizes import LinearSizes
+
+    assert LinearSizes(0, 0, 0, 0).describe() == ("no ternary Linears in the graph (the quantized "
+                                                  "weights run dense)")
