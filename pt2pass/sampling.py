@@ -12,6 +12,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .data import check_token_ids
+
 # (ids so far (B, T), first call?) -> logits of the last position (B, V). ``first`` is True for
 # the prompt, False for each new token (then only ids[:, -1] is new).
 NextLogits = Callable[[torch.Tensor, bool], torch.Tensor]
@@ -63,14 +65,7 @@ def check_prompt(input_ids: torch.Tensor, max_new_tokens: int, max_positions: Op
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be a 2-D (batch, prompt length) tensor of token ids, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    if input_ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
-    if input_ids.numel() == 0:
-        raise ValueError(f"input_ids are empty (shape {tuple(input_ids.shape)})")
-    lo, hi = int(input_ids.min()), int(input_ids.max())
-    if lo < 0 or (vocab_size is not None and hi >= vocab_size):
-        raise ValueError(f"input_ids hold token id {lo if lo < 0 else hi}, outside the vocabulary "
-                         f"(0..{'' if vocab_size is None else vocab_size - 1})")
+    check_token_ids(input_ids, vocab_size, what="input_ids")  # integers, non-empty, in the vocab
     total = input_ids.shape[1] + max_new_tokens
     if max_positions is not None and total > max_positions:
         raise ValueError(f"prompt ({input_ids.shape[1]} tokens) + max_new_tokens "

@@ -204,12 +204,14 @@ def test_bad_generation_arguments_are_rejected(qm_natural, kwargs, match):
 def test_bad_prompts_are_rejected(qm_natural):
     with pytest.raises(ValueError, match="2-D"):
         qm_natural.generate(torch.arange(5), 3)
-    with pytest.raises(ValueError, match="int64 or int32 token ids, got torch.float32"):
+    with pytest.raises(ValueError, match=r"token ids must be integers, got torch\.float32"):
         qm_natural.generate(torch.zeros(1, 3), 3)
-    with pytest.raises(ValueError, match=r"input_ids are empty \(shape \(1, 0\)\)"):
+    with pytest.raises(ValueError, match="input_ids are empty"):
         qm_natural.generate(torch.zeros(1, 0, dtype=torch.long), 3)
-    for bad in (256, -1):  # an index error deep in the embedding otherwise
-        with pytest.raises(ValueError, match=rf"token id {bad}, outside the vocabulary \(0..255\)"):
+    # an index error deep in the embedding otherwise
+    for bad, message in ((256, "input_ids contain id 256 >= vocab_size=256"),
+                         (-1, r"input_ids contain a negative id \(-1\)")):
+        with pytest.raises(ValueError, match=message):
             qm_natural.generate(torch.tensor([[1, bad, 2]]), 3)
 
 
