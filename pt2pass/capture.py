@@ -169,6 +169,16 @@ def linear_nodes(gm: fx.GraphModule) -> Dict[str, fx.Node]:
             if n.target is LINEAR_OP and WEIGHT_FQN in n.meta}
 
 
+def require_captured(gm: fx.GraphModule, who: str) -> None:
+    """Refuse a graph whose Linears :func:`tag_linears` did not tag: a quantizer would find
+    nothing to do, and lowering would drop parameters that a torch.fx.symbolic_trace graph shares
+    with the user's model."""
+    if not linear_nodes(gm):
+        raise ValueError(f"{who}: the graph has no Linear nodes tagged by pt2pass.capture; capture "
+                         "the model with pt2pass.capture(model) (torch.fx.symbolic_trace and "
+                         "plain torch.export graphs are not tagged)")
+
+
 def find_blocks(model: nn.Module) -> List[str]:
     """FQNs of the repeated blocks: the children of the ModuleList/Sequential with most Linear-holding
     children (``model.layers.0`` … for HF decoders). Empty if the model has no such container."""

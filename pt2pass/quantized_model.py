@@ -85,8 +85,9 @@ class QuantizedCausalLM(QuantizedModel):
         Greedy by default; ``do_sample`` draws from softmax(logits / temperature), restricted to
         the ``top_k`` most likely tokens, with ``generator`` for reproducibility. With
         ``eos_token_id`` (an id or a list of ids) a finished row is padded with the (first) id
-        and generation stops once all rows finished. ``use_cache``: prefill + one decode step per token over a static KV cache (a
-        decode graph built on first use per batch size and cache length, the cache length being
+        and generation stops once all rows finished. ``use_cache``: prefill + one decode step per
+        token over a static KV cache (a decode graph built on first use per batch size and cache
+        length, the cache length being
         P + max_new_tokens rounded up to a multiple of 256); False re-runs the full sequence per
         token (``generate_no_cache``). ``compile_decode``: CUDA-graph the decode step with
         ``torch.compile(mode="reduce-overhead")``; default True on CUDA, False on CPU.

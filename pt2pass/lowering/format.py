@@ -181,7 +181,8 @@ def pack_trits(T: torch.Tensor) -> torch.Tensor:
     if codes.numel() and (codes.min() < 0 or codes.max() > 2):
         raise ValueError("pack_trits expects values in {-1, 0, 1}")
     pad = -k % TRITS_PER_BYTE
-    codes = torch.nn.functional.pad(codes, (0, pad), value=1).view(n, (k + pad) // TRITS_PER_BYTE, TRITS_PER_BYTE)
+    codes = torch.nn.functional.pad(codes, (0, pad), value=1)
+    codes = codes.view(n, (k + pad) // TRITS_PER_BYTE, TRITS_PER_BYTE)  # not -1: n may be 0
     powers = 3 ** torch.arange(TRITS_PER_BYTE, dtype=torch.int16, device=T.device)
     return (codes * powers).sum(-1).to(torch.uint8)
 
@@ -196,4 +197,5 @@ def unpack_trits(data: torch.Tensor, in_features: int) -> torch.Tensor:
     v = data.to(torch.int16).unsqueeze(-1)
     powers = 3 ** torch.arange(TRITS_PER_BYTE, dtype=torch.int16, device=data.device)
     codes = (v // powers) % 3
-    return (codes.reshape(data.shape[0], data.shape[1] * TRITS_PER_BYTE)[:, :in_features] - 1).to(torch.int8)
+    codes = codes.reshape(data.shape[0], data.shape[1] * TRITS_PER_BYTE)  # not -1: N may be 0
+    return (codes[:, :in_features] - 1).to(torch.int8)

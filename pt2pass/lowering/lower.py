@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from ..capture import LINEAR_OP, WEIGHT_FQN
+from ..capture import LINEAR_OP, WEIGHT_FQN, require_captured
 from ..pass_manager import Pass, PassResult
 from ..store import LayerQuant, QuantStore, store_of
 from .format import pack_ternary
@@ -43,8 +43,6 @@ class LowerTernaryLinear(Pass):
         self.lowered = 0
 
     def requires(self, gm: fx.GraphModule) -> None:
-        from ..passes.linear_sites import require_captured
-
         require_captured(gm, self.name)
 
     def _store(self, gm: fx.GraphModule) -> QuantStore:

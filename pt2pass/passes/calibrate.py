@@ -14,11 +14,12 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from ..capture import require_captured
 from ..pass_manager import Pass, PassResult
 from ..runner import BatchedGraphRunner, PerBatch
 from ..store import store_of
 from .layer_quantizer import HessianCache
-from .linear_sites import quantizable_linears, require_captured
+from .linear_sites import quantizable_linears
 
 HESSIANS = "hessians"
 

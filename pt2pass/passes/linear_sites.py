@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture import LINEAR_OP, WEIGHT_FQN
+from ..lowering.lower import GATHER, INPUT_PERMUTED, OUTPUT_PERM
 
 log = logging.getLogger(__name__)
 
@@ -16,21 +17,9 @@ log = logging.getLogger(__name__)
 PACKING_UNIT = 16  # weights per int32 word of the packed format (lowering/format.py)
 
 
-def require_captured(gm: fx.GraphModule, who: str) -> None:
-    """Refuse a graph whose Linears pt2pass.capture did not tag: a quantizer would find nothing
-    to do, and lowering would drop parameters that a torch.fx.symbolic_trace graph shares with
-    the user's model."""
-    if not any(n.target is LINEAR_OP and WEIGHT_FQN in n.meta for n in gm.graph.nodes):
-        raise ValueError(f"{who}: the graph has no Linear nodes tagged by pt2pass.capture; capture "
-                         "the model with pt2pass.capture(model) (torch.fx.symbolic_trace and "
-                         "plain torch.export graphs are not tagged)")
-
-
 def require_unpermuted(gm: fx.GraphModule, who: str) -> None:
     """Refuse to quantize a graph into which SSR permutations were already inserted or folded:
     the new quantization would describe permuted weights that lowering permutes again."""
-    from ..lowering.lower import GATHER, INPUT_PERMUTED, OUTPUT_PERM
-
     marked = next((n for n in gm.graph.nodes
                    if any(key in n.meta for key in (GATHER, INPUT_PERMUTED, OUTPUT_PERM))), None)
     if marked is not None:

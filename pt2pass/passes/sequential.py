@@ -19,13 +19,14 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from ..capture import require_captured
 from ..config import CompileConfig
 from ..pass_manager import Pass, PassResult
 from ..runner import BatchedGraphRunner, PerBatch
 from ..store import store_of
 from .layer_quantizer import HessianCache, quantize_linear
-from .linear_sites import (classify_linears, get_weight, quantizable_linears, require_captured,
-                           require_unpermuted, set_weight)
+from .linear_sites import (classify_linears, get_weight, quantizable_linears, require_unpermuted,
+                           set_weight)
 
 log = logging.getLogger(__name__)
 

@@ -14,13 +14,13 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from ..capture import require_captured
 from ..config import CompileConfig
 from ..pass_manager import Pass, PassResult
 from ..store import store_of
 from .calibrate import HESSIANS
 from .layer_quantizer import quantize_linear
-from .linear_sites import (get_weight, quantizable_linears, require_captured, require_unpermuted,
-                           set_weight)
+from .linear_sites import get_weight, quantizable_linears, require_unpermuted, set_weight
 
 
 class TernarizeWeights(Pass):
