@@ -6,7 +6,7 @@ instructions" figures were measured.
     from benchmarks.experiments.sass import sass_report
     sass_report(kernel, {"x_ptr": "*i32", "N": "i32", ...}, {"BN": 8, ...}, num_warps=2)
 
-    python3 benchmarks/experiments/sass.py [--quick]   # the batch-1 decode kernels, every config
+    python3 benchmarks/experiments/sass.py [--quick]   # the decode kernels and the GEMM, every config
 
 Arguments not named in ``types`` or ``constexprs`` default to "i32"; pointers must be given;
 "i32/16" marks an integer that launches pass divisible by 16.
@@ -59,7 +59,7 @@ def lane_per_element(ttgir: str, num_warps: int) -> bool:
 
 
 def sass_report(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
-                opcodes=("LDG", "LDGSTS", "UTMALDG", "LDS", "IDP", "IMMA", "LDL", "STL")) -> dict:
+                opcodes=("LDG", "LDGSTS", "UTMALDG", "LDS", "STS", "IDP", "IMMA", "HGMMA", "LDL", "STL")) -> dict:
     """{"regs", "instructions", opcode: count, "sass": text, "lane_per_element": bool} of the
     sm_90 build."""
     compiled = build(kernel, types, constexprs, num_warps, num_stages)
@@ -147,24 +147,51 @@ def decode_kernel_builds(quick: bool):
     return builds
 
 
+_GEMM_TYPES = {"x_ptr": "*bf16", "w_ptr": "*i32", "a_ptr": "*bf16", "mu_ptr": "*bf16", "bias_ptr": "*bf16",
+               "perm_ptr": "*i64", "out_ptr": "*bf16", "KW": "i32/16", "stride_xm": "i32/16"}
+
+
+def gemm_kernel_builds(quick: bool):
+    """(name, kernel, types, constexprs, num_warps, num_stages) of the fused GEMM with every autotune
+    config (``quick``: the first swapped one of each list)."""
+    from pt2pass.lowering.kernels import gemm
+
+    configs = gemm._SMALL_M + gemm._LARGE_M
+    if quick:
+        configs = [next(c for c in lst if c.kwargs["SWAP"]) for lst in (gemm._SMALL_M, gemm._LARGE_M)]
+    return [(f"ternary_gemm_kernel " + " ".join(f"{k}={v}" for k, v in c.kwargs.items() if k != "GROUP_M")
+             + f" warps={c.num_warps} stages={c.num_stages}", gemm.ternary_gemm_kernel, _GEMM_TYPES,
+             dict(c.kwargs, HAS_BIAS=True, HAS_PERM=False, SPLIT_OUT=False, DOT_F32=False), c.num_warps,
+             c.num_stages) for c in configs]
+
+
 def main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="offline sm_90 builds of the batch-1 decode kernels")
-    parser.add_argument("--quick", action="store_true", help="one plain and one TMA config only")
+    parser = argparse.ArgumentParser(description="offline sm_90 builds of the decode kernels and the GEMM")
+    parser.add_argument("--quick", action="store_true", help="one plain and one TMA config only (GEMM: one swapped config per list)")
     args = parser.parse_args(argv)
     bad = 0
-    print("| kernel | registers | SASS instructions | TMA loads | integer MMAs | local-memory (spill) loads / stores |")
-    print("|---|---|---|---|---|---|")
-    for name, kernel, types, constexprs, warps in decode_kernel_builds(args.quick):
-        r = sass_report(kernel, types, constexprs, num_warps=warps)
+    print("| kernel | registers | SASS instructions | TMA loads | integer MMAs | local-memory (spill) loads / stores "
+          "| wgmma | shared-memory stores |")
+    print("|---|---|---|---|---|---|---|---|")
+    builds = [(*b, 1) for b in decode_kernel_builds(args.quick)] + gemm_kernel_builds(args.quick)
+    for name, kernel, types, constexprs, warps, stages in builds:
+        r = sass_report(kernel, types, constexprs, num_warps=warps, num_stages=stages)
         # a TMA config must issue bulk tensor copies; no config may spill to local memory; the
-        # integer-MMA GEMV must issue IMMA on one-element-per-lane tensors
+        # integer-MMA GEMV must issue IMMA on one-element-per-lane tensors; the GEMM must use wgmma
+        # where its tile allows (x rows >= 64, or swapped: weight rows >= 64) and, swapped, must not
+        # store the weight tile to shared memory (the point of swapping; a few STS stay in the epilogue)
         mma = name.startswith("ternary_gemv_imma")
         wrong = (r["LDL"] + r["STL"] > 0 or (constexprs.get("USE_TMA") is True) != (r["UTMALDG"] > 0)
                  or mma != (r["IMMA"] > 0) or (mma and not r["lane_per_element"]))
+        if name.startswith("ternary_gemm"):
+            swap = constexprs["SWAP"]
+            wgmma = (constexprs["BN"] if swap else constexprs["BM"]) >= 64
+            wrong |= wgmma != (r["HGMMA"] > 0) or (swap and r["STS"] > 4)
         bad += wrong
-        print(f"| {name} | {r['regs']} | {r['instructions']} | {r['UTMALDG']} | {r['IMMA']} | {r['LDL']} / {r['STL']} |"
+        print(f"| {name} | {r['regs']} | {r['instructions']} | {r['UTMALDG']} | {r['IMMA']} | {r['LDL']} / {r['STL']} "
+              f"| {r['HGMMA']} | {r['STS']} |"
               + (" WRONG" if wrong else ""), flush=True)
     print(f"{bad} wrong builds")
     return 1 if bad else 0

@@ -59,6 +59,15 @@ def test_gemm_matches_reference(m, n, k, dtype, bias, perm, split):
     _check(ternary_gemm, m, n, k, dtype, bias, perm, split, seed=m * 5 + n + k)
 
 
+@pytest.mark.parametrize("m,n,k,dtype,bias,perm,split", [CASES[2], CASES[4], (17, 48, 256, torch.bfloat16, True, True, 1),
+                                                         (40, 32, 384, torch.float16, False, True, 3)])
+def test_gemm_swapped_operands_match_reference(m, n, k, dtype, bias, perm, split):
+    """SWAP: the MMA computes y^T = W x^T (the weight tile as the register operand); BM and BN
+    unequal so a transposed store or mask would show."""
+    swap = {"BM": 32, "BN": 16, "GROUP_M": 2, "SWAP": True}
+    _check(lambda *a, **kw: ternary_gemm(*a, **kw, config=swap), m, n, k, dtype, bias, perm, split, seed=m + n + k)
+
+
 def test_gemv_accepts_bf16_scales_and_strided_rows():
     packed, alpha, mu, _, _ = _layer(32, 256, 3, scale_dtype=torch.bfloat16)
     x = torch.randn(2, 512)[:, :256]  # row stride 512, unit stride along K

@@ -4,7 +4,7 @@ The interpreter runs the kernels as Python and accepts code that the compiler re
 a tl.constexpr re-assigned in a static loop), and it cannot say whether a config spills or
 whether the TMA configs really issue bulk tensor copies. benchmarks/experiments/sass.py builds
 each kernel with Triton's bundled ptxas (no GPU needed) and fails on a spill, on a TMA config
-without TMA loads, or on an integer-MMA GEMV without IMMA instructions or whose inline-asm MMAs
+without TMA loads, on a GEMM config without wgmma where its tile allows it, or on an integer-MMA GEMV without IMMA instructions or whose inline-asm MMAs
 do not get one tensor element per lane (their fragment layout); it must run without
 TRITON_INTERPRET, hence the subprocess."""
 import os
@@ -30,4 +30,9 @@ def test_decode_kernels_build_for_sm90_without_spills_and_with_tma_loads():
     assert all(f"| decode_attention._decode_attention_{name} |" in run.stdout
                for name in ("split_kernel MASK=1 warps=4", "split_kernel MASK=2 warps=4",
                             "split_kernel MASK=1 warps=2", "split_kernel MASK=2 warps=2", "combine_kernel"))
+    # the fused GEMM with swapped operands (one small-M and one large-M config): wgmma, and the
+    # unpacked weight tile stays in registers (no shared-memory stores of it)
+    gemm = [row.split("|") for row in run.stdout.splitlines() if row.startswith("| ternary_gemm_kernel")]
+    assert len(gemm) == 2 and all("SWAP=True" in row[1] for row in gemm)
+    assert all(int(row[7]) > 0 and int(row[8]) <= 4 for row in gemm)
     assert run.stdout.rstrip().endswith("0 wrong builds")

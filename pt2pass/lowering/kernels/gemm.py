@@ -12,6 +12,8 @@ Small M: the K range is split across programs (grid axis 1) into a float32 works
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -49,15 +51,20 @@ def _weight_tile(words, A, B, one_bits):
     return tl.reshape(w, (w.shape[0], 128))
 
 
-def _configs(shapes):
-    return [triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8}, num_warps=w, num_stages=st)
+def _configs(shapes, swap=False):
+    return [triton.Config({"BM": bm, "BN": bn, "GROUP_M": 8, "SWAP": swap}, num_warps=w, num_stages=st)
             for bm, bn, w, st in shapes]
 
 
-# (BM, BN, warps, stages). Small M runs with split-K, so tiles stay narrow; BM >= 64 gets wgmma.
-_SMALL_M = _configs([(16, 64, 4, 3), (16, 64, 4, 5), (16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
-                     (64, 128, 4, 3)])
-_LARGE_M = _configs([(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3), (128, 128, 4, 3)])
+# (BM, BN, warps, stages). Small M runs with split-K, so tiles stay narrow; unswapped, BM >= 64 gets
+# wgmma; swapped, BN >= 64 does (m64nBMk16), from 16 rows of x. None spills (offline sm_90 build).
+_SMALL_M = (_configs([(16, 64, 4, 3), (16, 64, 4, 5), (16, 128, 4, 4), (32, 64, 4, 4), (64, 64, 4, 4),
+                      (64, 128, 4, 3)])
+            + _configs([(16, 64, 4, 3), (16, 64, 4, 5), (16, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3),
+                        (64, 128, 8, 3)], swap=True))
+# (128, 256, 8), (256, 128, 8) and (128, 128, 4 warps) unswapped spill: left out
+_LARGE_M = (_configs([(128, 128, 8, 3)])
+            + _configs([(64, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)], swap=True))
 SMALL_M_MAX = 64
 
 
@@ -65,7 +72,8 @@ SMALL_M_MAX = 64
 def ternary_gemm_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr,
                         M, N, KW, NB, stride_xm, blocks_per_split, one_bits, m_bucket,
                         HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT_OUT: tl.constexpr,
-                        DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr):
+                        DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
+                        SWAP: tl.constexpr = False):
     # grouped tile order so that consecutive programs share x tiles in L2
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -86,7 +94,7 @@ def ternary_gemm_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
     w_rows = w_ptr + rn.to(tl.int64)[:, None] * KW
     b_lo = pid_k * blocks_per_split
     b_hi = tl.minimum(b_lo + blocks_per_split, NB)
-    acc = tl.zeros((BM, BN), tl.float32)
+    acc = tl.zeros((BN, BM) if SWAP else (BM, BN), tl.float32)
     for b in range(b_lo, b_hi):
         words = tl.load(w_rows + b * 8 + ij[None, :], mask=n_ok[:, None], other=0)
         al = tl.load(a_ptr + rn * NB + b, mask=n_ok, other=0.0).to(tl.float32)
@@ -97,9 +105,15 @@ def ternary_gemm_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
             kk = tl.load(perm_ptr + kk)
         xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
         if DOT_F32:
-            acc = tl.dot(xt.to(tl.float32), tl.trans(w), acc, input_precision="ieee")
+            xt, w = xt.to(tl.float32), w
         else:
-            acc = tl.dot(xt, tl.trans(w.to(xt.dtype)), acc)
+            w = w.to(xt.dtype)
+        if SWAP:  # acc is y^T: the weight tile is the register operand (A) of the MMA, x^T the B
+            acc = tl.dot(w, tl.trans(xt), acc, input_precision="ieee" if DOT_F32 else None)
+        else:
+            acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee" if DOT_F32 else None)
+    if SWAP:
+        acc = tl.trans(acc)
     if SPLIT_OUT:
         optr = out_ptr + (pid_k * M + rm.to(tl.int64))[:, None] * N + rn[None, :]
         tl.store(optr, acc, mask=m_ok[:, None] & n_ok[None, :])
@@ -127,14 +141,17 @@ def gemm_split(m: int, n: int, nb: int, sms: int) -> int:
 
 
 def ternary_gemm(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-                 bias, perm, out: torch.Tensor, split: int = 1) -> torch.Tensor:
-    """y = x[:, perm] @ W^T + bias into ``out`` (M, N); x (M, K) with unit stride along K."""
+                 bias, perm, out: torch.Tensor, split: int = 1, config: Optional[dict] = None) -> torch.Tensor:
+    """y = x[:, perm] @ W^T + bias into ``out`` (M, N); x (M, K) with unit stride along K.
+
+    ``config`` (BM, BN, GROUP_M, optional SWAP, num_warps, num_stages) bypasses the autotuner:
+    the experiments time every config, the tests run both MMA operand orders."""
     m, n = x.shape[0], packed.shape[0]
     args, split, target = launch_args("ternary_gemm", x, packed, alpha, mu, bias, perm, out, split)
     meta = dict(HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_OUT=split > 1,
                 DOT_F32=dot_in_fp32(x))
-    if not AUTOTUNE:
-        cfg = _FIXED_SMALL if m <= SMALL_M_MAX else _FIXED_LARGE
+    if config is not None or not AUTOTUNE:
+        cfg = config or (_FIXED_SMALL if m <= SMALL_M_MAX else _FIXED_LARGE)
         grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(n, cfg["BN"]), split)
         launch(ternary_gemm_kernel, grid, *args, **meta, **cfg)
     else:
