@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .assemble import lowering_passes, wrap
-from .capture import capture, is_hf_causal_lm, unsupported_weight_modules
+from .capture import capture, is_hf_causal_lm, unsupported_weight_modules, weights_outside_linears
 from .config import CompileConfig
 from .data import calibration_tensor
 from .decode import build_decode_graph, export_decode_graph, make_skeleton
@@ -134,10 +134,25 @@ def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
         log.warning("skip entry %r matches no Linear weight (e.g. %s): nothing is kept in full "
                     "precision by it", unused, fqns[0] if fqns else "none")
     if sites:
+        _warn_weights_outside_linears(model)
         return
     found = "; ".join(f"{fqn} {reason}" for fqn, reason in excluded.items()) or "none"
     raise ValueError(f"{type(model).__name__}: no Linear layer can be ternarized (Linear weights "
                      f"in the graph: {found}){_unsupported_hint(model)}")
+
+
+def _warn_weights_outside_linears(model: nn.Module) -> None:
+    """A model quantized only in part (e.g. MoE experts held as 3-D tensors) must say so: its size
+    and speed-up are far from what the Linears alone suggest."""
+    others = weights_outside_linears(model)
+    if not others:
+        return
+    total = sum(p.numel() for p in model.parameters())
+    kept = sum(n for _, n in others)
+    largest = sorted(others, key=lambda item: -item[1])[:3]
+    log.warning("%d weight tensor(s) outside nn.Linear stay in full precision: %.1f%% of the parameters "
+                "(e.g. %s); pt2pass ternarizes nn.Linear (aten.linear) only", len(others),
+                100.0 * kept / max(total, 1), ", ".join(f"{fqn} {n:,}" for fqn, n in largest))
 
 
 def _unsupported_hint(model: nn.Module) -> str:

@@ -147,6 +147,20 @@ def unsupported_weight_modules(model: nn.Module) -> List[str]:
     return found
 
 
+def weights_outside_linears(model: nn.Module) -> List[Tuple[str, int]]:
+    """(fqn, numel) of the parameters with >= 2 dimensions held by modules other than nn.Linear
+    and embeddings: e.g. the 3-D expert tensors of transformers' MoE blocks or GPT-2's Conv1D.
+    pt2pass leaves them in full precision."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Embedding, nn.EmbeddingBag)):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() >= 2:
+                found.append((f"{name}.{pname}" if name else pname, p.numel()))
+    return found
+
+
 def tag_linears(gm: fx.GraphModule, model: nn.Module) -> Dict[str, fx.Node]:
     """Set ``meta[WEIGHT_FQN]`` on each aten.linear whose weight is a parameter of ``model``."""
     params = dict(model.named_parameters(remove_duplicate=False))

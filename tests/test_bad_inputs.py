@@ -258,6 +258,31 @@ def test_matrix_weights_outside_nn_linear_are_named():
         compile_mlp(model)
 
 
+class ExpertsLike(nn.Module):
+    """Like transformers' MoE experts: the experts' weights as one 3-D tensor, used through bmm."""
+
+    def __init__(self, n_experts, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_experts, d, d) * 0.02)
+
+    def forward(self, x):
+        return torch.einsum("bd,edf->bf", x, self.weight)
+
+
+def test_weights_left_in_full_precision_outside_linears_are_warned(caplog):
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), ExpertsLike(4, 32)).eval()
+    with caplog.at_level("WARNING", logger="pt2pass.api"):
+        qm = compile_mlp(model, config=CompileConfig(skip=(), ternary=TernaryConfig(method="rtn")))
+    assert qm.ternary_node_count() == 1
+    share = 100 * 4 * 32 * 32 / (4 * 32 * 32 + 32 * 32 + 32)
+    assert (f"1 weight tensor(s) outside nn.Linear stay in full precision: {share:.1f}% of the parameters "
+            "(e.g. 2.weight 4,096)") in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pt2pass.api"):
+        compile_mlp(mlp(), config=CompileConfig(skip=(), ternary=TernaryConfig(method="rtn")))
+    assert "outside nn.Linear" not in caplog.text
+
+
 # ---- capture -----------------------------------------------------------------------------------
 
 class Gate(nn.Module):
