@@ -152,6 +152,10 @@ def test_export_full_and_decode_programs(tiny):
     assert "decode step" in out and "generates the checkpoint's greedy tokens" in out
     assert (f"{TINY_LAYERS} ternary Linears: 4 pt2pass.ternary_linear nodes, "
             "4 pt2pass.ternary_linear_group nodes") in out  # o/down single; q/k/v, gate/up grouped
+    # a cache too small to verify is refused before anything is written
+    small = tiny["root"] / "small.pt2"
+    status, out, err = run_cli("export", tiny["ckpt"], small, "--decode", "--max-cache-len", 8)
+    assert status == 2 and "--max-cache-len 8 leaves no room to verify" in err and not small.exists()
 
 
 def test_report_from_checkpoint_and_json(tiny):

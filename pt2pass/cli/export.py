@@ -60,6 +60,10 @@ def run(args) -> int:
         raise CliError("--decode needs --max-cache-len (prompt + new tokens the cache holds)")
     if not args.decode and args.max_cache_len is not None:
         raise CliError("--max-cache-len only applies with --decode")
+    if args.decode and not args.no_verify and args.max_cache_len <= VERIFY_TOKENS:
+        # refused before exporting: nothing is written that could not be verified
+        raise CliError(f"--max-cache-len {args.max_cache_len} leaves no room to verify after a "
+                       f"{VERIFY_TOKENS}-token prompt; use --no-verify or a larger cache")
     device = resolve_device(args.device)
     loaded = load_checkpoint(args.checkpoint, device)
     start = time.perf_counter()
@@ -91,10 +95,7 @@ def run(args) -> int:
 def _verify_decode(qm, path: Path, device, batch_size: int, max_cache_len: int) -> int:
     from ..decode import generate_with_program
 
-    n_new = min(4, max_cache_len - VERIFY_TOKENS)
-    if n_new <= 0:
-        raise CliError(f"--max-cache-len {max_cache_len} leaves no room to verify after a "
-                       f"{VERIFY_TOKENS}-token prompt; use --no-verify")
+    n_new = min(4, max_cache_len - VERIFY_TOKENS)  # >= 1: checked before the export
     ids = torch.arange(1, VERIFY_TOKENS + 1, device=device).repeat(batch_size, 1)
     want = qm.generate(ids, n_new)
     got = generate_with_program(torch.export.load(str(path)), ids, n_new)
