@@ -193,6 +193,7 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
                          "(a quantized weight used by an op other than its Linear?)")
     if share_with is not None:
         share_equal_buffers(gm, share_with)
+    check_one_token_step(gm, type(skeleton).__name__, batch_size, device)
     log.info("decode graph: batch %d, cache length %d, %s on %s", batch_size, max_cache_len,
              dtype, device)
     return gm
@@ -205,6 +206,23 @@ def model_placement(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
         if p.device.type != "meta" and p.is_floating_point():
             return p.dtype, real_device(model)
     raise ValueError(f"{type(model).__name__} has no real floating-point parameter")
+
+
+def check_one_token_step(gm: fx.GraphModule, model_name: str, batch_size: int, device) -> None:
+    """Run the step once on one token (at position 0, which every prompt overwrites): some
+    models' position code (e.g. OPT's) is captured with a data-dependent length that must be
+    >= 2, and would fail at the first decode step with torch's bare runtime assertion."""
+    ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    try:
+        with torch.no_grad():
+            gm(ids, torch.zeros(1, dtype=torch.long, device=device))
+    except RuntimeError as exc:
+        if "Runtime assertion failed" not in str(exc):
+            raise
+        raise NotImplementedError(
+            f"{model_name}'s static-cache decode step was captured for two or more tokens only "
+            f"(torch.export: {exc}); generate with use_cache=False (the full sequence per token) "
+            "instead") from exc
 
 
 def share_equal_buffers(gm: fx.GraphModule, source: nn.Module) -> int:

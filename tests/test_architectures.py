@@ -126,3 +126,18 @@ def test_sliding_window_attention_is_refused_by_the_decode_graph_by_name():
     with pytest.raises(NotImplementedError, match="StaticSlidingWindowLayer.*full-attention layers only"):
         qm.generate(ids, 4)
     assert qm.generate_no_cache(ids, 4).shape == (1, 9)  # the full-sequence graph still works
+
+
+def test_a_decode_step_captured_for_two_or_more_tokens_is_refused_by_name():
+    """OPT's learned positions are captured with a data-dependent length >= 2: the one-token
+    decode step would fail at its first call with torch's bare runtime assertion."""
+    torch.manual_seed(0)
+    config = transformers.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
+                                    num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
+    qm = pt2pass.compile(transformers.OPTForCausalLM(config).eval(), None, config=CompileConfig(ternary=RTN),
+                         progress=False)
+    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(9))
+    with pytest.raises(NotImplementedError, match=r"OPTForCausalLM's static-cache decode step was captured "
+                                                  r"for two or more tokens only .*use_cache=False"):
+        qm.generate(ids, 4)
+    assert qm.generate(ids, 4, use_cache=False).shape == (1, 9)
