@@ -133,12 +133,30 @@ def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
     for unused in [s for s in config.skip if s not in default and not any(s in f for f in fqns)]:
         log.warning("skip entry %r matches no Linear weight (e.g. %s): nothing is kept in full "
                     "precision by it", unused, fqns[0] if fqns else "none")
+    bypassing = _linears_not_in_graph(model, fqns)
     if sites:
         _warn_weights_outside_linears(model)
+        if bypassing:
+            log.warning("%s: they stay in full precision", bypassing)
         return
     found = "; ".join(f"{fqn} {reason}" for fqn, reason in excluded.items()) or "none"
     raise ValueError(f"{type(model).__name__}: no Linear layer can be ternarized (Linear weights "
-                     f"in the graph: {found}){_unsupported_hint(model)}")
+                     f"in the graph: {found}){'. ' + bypassing if bypassing else ''}"
+                     f"{_unsupported_hint(model)}")
+
+
+def _linears_not_in_graph(model: nn.Module, graph_fqns: Sequence[str]) -> str:
+    """A sentence naming the nn.Linear modules whose weight no aten.linear of the graph reads
+    (e.g. Falcon's FalconLinear, whose forward does its own matmul); "" when there are none."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    read = {id(params[f]) for f in graph_fqns if f in params}
+    missing = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and id(m.weight) not in read]
+    if not missing:
+        return ""
+    shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+    return (f"{len(missing)} nn.Linear module(s) never run as aten.linear, e.g. {shown}: their forward "
+            "does its own matmul, which pt2pass does not ternarize")
 
 
 def _warn_weights_outside_linears(model: nn.Module) -> None:

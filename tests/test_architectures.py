@@ -141,3 +141,16 @@ def test_a_decode_step_captured_for_two_or_more_tokens_is_refused_by_name():
                                                   r"for two or more tokens only .*use_cache=False"):
         qm.generate(ids, 4)
     assert qm.generate(ids, 4, use_cache=False).shape == (1, 9)
+
+
+def test_falcon_linear_that_bypasses_aten_linear_is_named():
+    """Falcon's FalconLinear subclasses nn.Linear but computes input @ weight.T itself."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                       new_decoder_architecture=False)
+    with pytest.raises(ValueError, match=r"FalconForCausalLM: no Linear layer can be ternarized \(Linear weights in "
+                                         r"the graph: lm_head\.weight skipped .*\)\. 4 nn\.Linear module\(s\) never "
+                                         r"run as aten\.linear, e\.g\. transformer\.h\.0\.self_attention\."
+                                         r"query_key_value \(FalconLinear\)"):
+        pt2pass.compile(transformers.FalconForCausalLM(config).eval(), None, config=CompileConfig(ternary=RTN),
+                        progress=False)

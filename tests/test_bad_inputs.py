@@ -283,6 +283,22 @@ def test_weights_left_in_full_precision_outside_linears_are_warned(caplog):
     assert "outside nn.Linear" not in caplog.text
 
 
+class OwnMatmulLinear(nn.Linear):
+    """An nn.Linear whose forward skips F.linear (like Falcon's FalconLinear)."""
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_a_linear_that_never_runs_as_aten_linear_is_warned(caplog):
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), OwnMatmulLinear(32, 32)).eval()
+    with caplog.at_level("WARNING", logger="pt2pass.api"):
+        qm = compile_mlp(model, config=CompileConfig(skip=(), ternary=TernaryConfig(method="rtn")))
+    assert qm.ternary_node_count() == 1
+    assert ("1 nn.Linear module(s) never run as aten.linear, e.g. 2 (OwnMatmulLinear): their forward does its "
+            "own matmul, which pt2pass does not ternarize: they stay in full precision") in caplog.text
+
+
 # ---- capture -----------------------------------------------------------------------------------
 
 class Gate(nn.Module):
