@@ -12,7 +12,7 @@ Paths (M = number of rows of x once flattened):
 - M >= DEQUANT_MIN_M (prefill): the weight is dequantized once per call to x's dtype by a Triton
   kernel (N*K*2 bytes written) and multiplied by cuBLAS: at these sizes the product is compute
   bound and cuBLAS's matrix-unit efficiency beats the fused kernel (see docs/results.md).
-- otherwise: :func:`ternary_gemm` (tensor cores). Up to GATHER_MAX_M rows the permutation is
+- otherwise: :func:`ternary_gemm` (tensor cores, the MMA operands swapped or not, autotuned). Up to GATHER_MAX_M rows the permutation is
   gathered in the kernel (x is tiny and cached); above, x is permuted once with index_select
   (an in-kernel gather of a large x would read every x sector up to 16 times). Small M splits K.
 Everything launches through torch.library.wrap_triton, so torch.compile and export trace it.
@@ -51,8 +51,11 @@ DP2A_MIN_WEIGHTS = 32 << 20
 # large ones (4096x4096: gemv_packed 9.8 vs 10.5 us at M = 2, the GEMM 12.5 vs 14.2 us at M = 16).
 IMMA_ANY_SIZE_M = (3, 8)
 GATHER_MAX_M = 16
-# From 256 rows dequantize + cuBLAS beats the fused GEMM (H100, session 4: 0.50x vs 0.33-0.47x bf16).
-DEQUANT_MIN_M = 256
+# From 384 rows dequantize + cuBLAS: below, the fused GEMM with swapped operands beats it (H100,
+# session 14, M = 256: 28.1 vs 33.2 us on 4096x4096, 367 vs 416 on 28672x8192, faster on all 7
+# shapes); at M = 2048 it runs at half of cuBLAS's tensor rate (0.43-0.52x bf16 against 0.80-0.91x).
+# The crossover, from the per-row times, lies at ~250-350 rows; 384 is unmeasured.
+DEQUANT_MIN_M = 384
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

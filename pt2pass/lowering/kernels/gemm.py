@@ -6,7 +6,12 @@ as a float32 bit pattern: no int->float conversion), folds the block's scales in
 (W = alpha * (q - 1) + mu = 4 alpha * v + (mu - 5 alpha): one FFMA per weight), rounds it to x's
 dtype and interleaves the slots back into column order in registers (tl.join / permute / reshape:
 slot i of word j is column 8 i + j, see format.py). The x tile is an ordinary (BM, 128) tile that
-Triton pipelines into shared memory; tl.dot accumulates in float32 (wgmma on Hopper when BM >= 64).
+Triton pipelines into shared memory; tl.dot accumulates in float32. Two operand orders, both in the
+autotune lists: unswapped, y = x W^T, the weight tile is the MMA's B operand, which wgmma reads
+from shared memory (a store of the unpacked tile per K step; no wgmma below BM = 64); swapped
+(``SWAP``), y^T = W x^T, the weight tile is the A operand, which wgmma takes from registers, and
+x^T is B (wgmma m64nBM from 16 rows of x). Swapped is 1.1-1.4x faster at 32-256 rows of x on the
+H100 (docs/results.md, session 14) and is what lets M = 256 run fused instead of dequantized.
 Rounding the folded weight to bf16 costs ~2^-9 relative per weight, like a bf16 weight would.
 Small M: the K range is split across programs (grid axis 1) into a float32 workspace.
 """
@@ -64,7 +69,8 @@ _SMALL_M = (_configs([(16, 64, 4, 3), (16, 64, 4, 5), (16, 128, 4, 4), (32, 64, 
                         (64, 128, 8, 3)], swap=True))
 # (128, 256, 8), (256, 128, 8) and (128, 128, 4 warps) unswapped spill: left out
 _LARGE_M = (_configs([(128, 128, 8, 3)])
-            + _configs([(64, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)], swap=True))
+            + _configs([(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 4)],
+                       swap=True))
 SMALL_M_MAX = 64
 
 
@@ -73,7 +79,7 @@ def ternary_gemm_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
                         M, N, KW, NB, stride_xm, blocks_per_split, one_bits, m_bucket,
                         HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT_OUT: tl.constexpr,
                         DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, GROUP_M: tl.constexpr,
-                        SWAP: tl.constexpr = False):
+                        SWAP: tl.constexpr):
     # grouped tile order so that consecutive programs share x tiles in L2
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -128,8 +134,12 @@ _KEY = ["m_bucket", "N", "KW", "blocks_per_split"]
 _gemm_small = autotune(_SMALL_M, _KEY)(ternary_gemm_kernel)
 _gemm_large = autotune(_LARGE_M, _KEY)(ternary_gemm_kernel)
 # Without autotuning (interpreter / PT2PASS_AUTOTUNE=0): fixed configs.
-_FIXED_SMALL = {"BM": 16, "BN": 16, "GROUP_M": 4} if INTERPRET else {"BM": 16, "BN": 64, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
-_FIXED_LARGE = {"BM": 16, "BN": 16, "GROUP_M": 4} if INTERPRET else {"BM": 128, "BN": 128, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
+# SWAP is always passed (no default in the signature): Inductor's launcher for a user Triton
+# kernel (torch 2.11) passes the arguments positionally and fails on a defaulted constexpr left out.
+_FIXED_SMALL = ({"BM": 16, "BN": 16, "GROUP_M": 4, "SWAP": False} if INTERPRET
+                else {"BM": 16, "BN": 64, "GROUP_M": 8, "SWAP": False, "num_warps": 4, "num_stages": 3})
+_FIXED_LARGE = ({"BM": 16, "BN": 16, "GROUP_M": 4, "SWAP": False} if INTERPRET
+                else {"BM": 128, "BN": 128, "GROUP_M": 8, "SWAP": False, "num_warps": 8, "num_stages": 3})
 
 
 def gemm_split(m: int, n: int, nb: int, sms: int) -> int:
