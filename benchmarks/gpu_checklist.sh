@@ -2,22 +2,24 @@
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
 #   bash benchmarks/gpu_checklist.sh attention | attn_ab | imma | lowering | fuzz | e2e7b | e2e8b | e2e7b8
-#                                    | e2e7b8bf16 | kernels | profile | quant7b | prefill7b | group | rows
-#                                    | pipelined | tma_ab
+#                                    | e2e7b8bf16 | kernels | swap | profile | quant7b | prefill7b | group
+#                                    | rows | pipelined | tma_ab
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
 # e2e7b/e2e8b at batch 1 with 256 new tokens, prefill7b, kernels at M = 1-2 with gemlite: session 7;
 # pipelined, group: session 8; the imma sweep on 4 of the 7 shapes: session 9; lowering incl. the
 # export round trip, profile + tma_ab with fresh traces, bf16 at batch 8: session 10, all on the
 # H200; attention, attn_ab at 8 layers, ternary e2e7b at batch 8 with SDPA: session 11; e2e7b,
 # e2e8b with the decode attention on, attention again, profile of the 7B step, fuzz to 200 of 256
-# cases: session 13). Owed on the H200: e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention),
-# profile on the 8B shape (profile_decode.py --shape llama3-8b ... --log-autotune: session 11's
-# 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the autotuned kernel on all 7
-# shapes; its correctness checks alone outlasted 230 s in session 13), fuzz (all 256 cases, ~1 s
-# each), kernels (with gemlite, now also at M = 2-16), the whole 7B quantization (quant7b). The
-# kernels step needs the gemlite wheel carried (.whl is git-ignored; benchmarks/README.md says how
-# to build it). Each profile_decode setting needs ~150-290 s (model build, rtn codes, compile with
-# autotuning): one or two per call. A fresh machine took ~3 minutes to start in session 13.
+# cases: session 13; on the H100: kernels (all 42 rows with gemlite), the swapped-GEMM sweep (swap),
+# fuzz 256/256: session 14). Owed, first: lowering (session 14's compile check failed on the
+# SWAP constexpr's default, fixed after the run, not re-run), then kernels again (M = 256 now runs
+# the swapped GEMM: expected ~0.58x bf16, not timed), e2e7b8 / e2e7b8bf16 (batch 8 with the decode
+# attention), profile on the 8B shape (profile_decode.py --shape llama3-8b ... --log-autotune:
+# session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the autotuned kernel
+# on all 7 shapes; its correctness checks alone outlasted 230 s in session 13), quant7b on the
+# H200. The kernels step needs the gemlite wheel carried (.whl is git-ignored; benchmarks/README.md
+# says how to build it). Each profile_decode setting needs ~150-290 s (model build, rtn codes,
+# compile with autotuning): one or two per call. A fresh machine took ~3-5 minutes to start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -41,8 +43,9 @@ case "${1:-}" in
   attn_ab)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b \
               --env PT2PASS_DECODE_ATTENTION=0 PT2PASS_DECODE_ATTENTION=1 ;;  # ~5 min
   imma)     python3 benchmarks/experiments/sweep_gemv_imma.py --tuned-only --ms 2 4 8 16 ;;     # compiles ~4 min
-  kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels)
+  kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels); ~6.5 min
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
-            PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py --ms 1 2 4 8 16 ;;
-  *) echo "usage: $0 attention|attn_ab|imma|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
+            PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py ;;
+  swap)     python3 benchmarks/experiments/sweep_gemm_swap.py --budget 370 ;;    # ~8.5 min
+  *) echo "usage: $0 attention|attn_ab|imma|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
 esac
