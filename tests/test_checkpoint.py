@@ -368,6 +368,20 @@ def test_unparsable_tensor_file_is_rejected(saved):
         pt2pass.load(saved)
 
 
+def test_edited_block_size_that_keeps_the_scale_shapes_is_rejected(saved):
+    manifest = manifest_of(saved)
+    entry = manifest["layers"]["model.layers.1.mlp.down_proj.weight"]
+    block = entry["block_size"]
+    assert manifest["quantization"]["ternary"]["block_size"] == block
+    k = entry["in_features"]
+    entry["block_size"] = block + 1  # as many scale blocks per row: the shapes still match
+    assert -(-k // (block + 1)) == -(-k // block)
+    write_manifest(saved, manifest)
+    with pytest.raises(CheckpointError, match=f"down_proj.weight has block_size {block + 1} but the "
+                                              f"quantization config says {block}: the file was edited"):
+        pt2pass.load(saved)
+
+
 def test_edited_layer_shape_in_json_is_rejected(saved):
     manifest = manifest_of(saved)
     manifest["layers"]["model.layers.1.mlp.down_proj.weight"]["out_features"] = 64

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..assemble import assemble
 from ..quantized_model import QuantizedModel
-from ..store import QuantStore
+from ..store import TERNARY_METHODS, QuantStore
 from .errors import CheckpointError
 from .files import (atomic_folder, check_folder, existing_file, file_digest, read_tensors,
                     write_bytes)
@@ -131,7 +131,19 @@ def _read_store(manifest: dict, tensors: Dict[str, torch.Tensor]) -> QuantStore:
             raise CheckpointError(f"missing tensor {absent[0]} of quantized layer {fqn}")
         parts = {n: tensors.pop(n) for n in names}
         store[fqn] = decode_layer(fqn, entry, parts, stats.get(fqn, {}))
+        _check_block_size(store[fqn], store.config)
     return store
+
+
+def _check_block_size(layer, config: dict) -> None:
+    """A ternary layer's scale blocks are the configured ones: a block size edited in the JSON
+    that leaves the scale shapes unchanged (e.g. 128 -> 120 at K = 576: 5 blocks either way)
+    would apply every alpha / mu to the wrong columns."""
+    ternary = config.get("ternary")
+    expected = ternary.get("block_size") if isinstance(ternary, dict) else None
+    if layer.method in TERNARY_METHODS and expected is not None and layer.block_size != expected:
+        raise CheckpointError(f"{MANIFEST_FILE}: layer {layer.fqn} has block_size {layer.block_size} but the "
+                              f"quantization config says {expected}: the file was edited")
 
 
 def _skeleton(model, manifest: dict) -> nn.Module:
