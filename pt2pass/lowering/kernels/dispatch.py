@@ -12,9 +12,10 @@ Paths (M = number of rows of x once flattened):
 - M >= DEQUANT_MIN_M (prefill): the weight is dequantized once per call to x's dtype by a Triton
   kernel (N*K*2 bytes written) and multiplied by cuBLAS: at these sizes the product is compute
   bound and cuBLAS's matrix-unit efficiency beats the fused kernel (see docs/results.md).
-- otherwise: :func:`ternary_gemm` (tensor cores, the MMA operands swapped or not, autotuned). Up to GATHER_MAX_M rows the permutation is
-  gathered in the kernel (x is tiny and cached); above, x is permuted once with index_select
-  (an in-kernel gather of a large x would read every x sector up to 16 times). Small M splits K.
+- otherwise: :func:`ternary_gemm` (tensor cores, the MMA operands swapped or not, autotuned).
+  Up to GATHER_MAX_M rows the permutation is gathered in the kernel (x is tiny and cached);
+  above, x is permuted once with index_select (an in-kernel gather of a large x would read every
+  x sector up to 16 times). Small M splits K.
 Everything launches through torch.library.wrap_triton, so torch.compile and export trace it.
 
 Shapes the kernels do not cover (block_size != 128, K not a multiple of 128, e.g. SmolLM2's 576,

@@ -10,8 +10,9 @@ Triton pipelines into shared memory; tl.dot accumulates in float32. Two operand 
 autotune lists: unswapped, y = x W^T, the weight tile is the MMA's B operand, which wgmma reads
 from shared memory (a store of the unpacked tile per K step; no wgmma below BM = 64); swapped
 (``SWAP``), y^T = W x^T, the weight tile is the A operand, which wgmma takes from registers, and
-x^T is B (wgmma m64nBM from 16 rows of x). Swapped is 1.1-1.4x faster at 32-256 rows of x on the
-H100 (docs/results.md, session 14) and is what lets M = 256 run fused instead of dequantized.
+x^T is B (wgmma m64nBM from 16 rows of x). Swapped was faster in 24 of 28 (shape, M) pairs at
+32-256 rows of x on the H100, by up to 1.5x (docs/results.md, session 14), and is what lets
+M = 256 run fused instead of dequantized.
 Rounding the folded weight to bf16 costs ~2^-9 relative per weight, like a bf16 weight would.
 Small M: the K range is split across programs (grid axis 1) into a float32 workspace.
 """
@@ -111,7 +112,7 @@ def ternary_gemm_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, out_ptr
             kk = tl.load(perm_ptr + kk)
         xt = tl.load(x_rows + kk[None, :], mask=m_ok[:, None], other=0.0)
         if DOT_F32:
-            xt, w = xt.to(tl.float32), w
+            xt = xt.to(tl.float32)
         else:
             w = w.to(xt.dtype)
         if SWAP:  # acc is y^T: the weight tile is the register operand (A) of the MMA, x^T the B
@@ -154,7 +155,7 @@ def ternary_gemm(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu:
                  bias, perm, out: torch.Tensor, split: int = 1, config: Optional[dict] = None) -> torch.Tensor:
     """y = x[:, perm] @ W^T + bias into ``out`` (M, N); x (M, K) with unit stride along K.
 
-    ``config`` (BM, BN, GROUP_M, optional SWAP, num_warps, num_stages) bypasses the autotuner:
+    ``config`` (BM, BN, GROUP_M, SWAP, num_warps, num_stages) bypasses the autotuner:
     the experiments time every config, the tests run both MMA operand orders."""
     m, n = x.shape[0], packed.shape[0]
     args, split, target = launch_args("ternary_gemm", x, packed, alpha, mu, bias, perm, out, split)
