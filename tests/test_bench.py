@@ -29,8 +29,9 @@ def test_op_path_names_the_kernel_the_dispatcher_runs():
     _, packed, alpha, _ = random_ternary_layer(64, 256, "cpu")
     x = torch.zeros(1, 256, dtype=torch.bfloat16)
     assert op_path(torch.device("cpu"), 1, x, packed, alpha).startswith("CPU reference")
-    assert [op_path(cuda, m, x, packed, alpha) for m in (1, 2, 4, 12, 300)] == [
-        "Triton gemv_half2", "Triton gemv_packed", "Triton gemv_imma", "Triton GEMM", "Triton dequantize + cuBLAS"]
+    assert [op_path(cuda, m, x, packed, alpha) for m in (1, 2, 4, 12, 300, 383, 384)] == [
+        "Triton gemv_half2", "Triton gemv_packed", "Triton gemv_imma", "Triton GEMM", "Triton GEMM", "Triton GEMM",
+        "Triton dequantize + cuBLAS"]
     assert op_path(cuda, 1, x.float(), packed, alpha) == "Triton gemv"
     _, odd_k, odd_alpha, _ = random_ternary_layer(64, 576, "cpu")
     assert "576 is not a multiple of 128" in op_path(cuda, 1, torch.zeros(1, 576), odd_k, odd_alpha)
