@@ -135,7 +135,7 @@ def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
                     "precision by it", unused, fqns[0] if fqns else "none")
     bypassing = _linears_not_in_graph(model, fqns)
     if sites:
-        _warn_weights_outside_linears(model)
+        _warn_weights_outside_linears(model, fqns)
         if bypassing:
             log.warning("%s: they stay in full precision", bypassing)
         return
@@ -145,11 +145,16 @@ def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
                      f"{_unsupported_hint(model)}")
 
 
+def _read_by_graph(model: nn.Module, graph_fqns: Sequence[str]) -> set:
+    """ids of the parameters the graph's aten.linear nodes read (a tied weight under either name)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {id(params[f]) for f in graph_fqns if f in params}
+
+
 def _linears_not_in_graph(model: nn.Module, graph_fqns: Sequence[str]) -> str:
     """A sentence naming the nn.Linear modules whose weight no aten.linear of the graph reads
     (e.g. Falcon's FalconLinear, whose forward does its own matmul); "" when there are none."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    read = {id(params[f]) for f in graph_fqns if f in params}
+    read = _read_by_graph(model, graph_fqns)
     missing = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and id(m.weight) not in read]
     if not missing:
@@ -159,10 +164,13 @@ def _linears_not_in_graph(model: nn.Module, graph_fqns: Sequence[str]) -> str:
             "does its own matmul, which pt2pass does not ternarize")
 
 
-def _warn_weights_outside_linears(model: nn.Module) -> None:
+def _warn_weights_outside_linears(model: nn.Module, graph_fqns: Sequence[str]) -> None:
     """A model quantized only in part (e.g. MoE experts held as 3-D tensors) must say so: its size
-    and speed-up are far from what the Linears alone suggest."""
-    others = weights_outside_linears(model)
+    and speed-up are far from what the Linears alone suggest. Weights that the graph reads through
+    aten.linear (F.linear on a module's own parameter) count as Linears."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    read = _read_by_graph(model, graph_fqns)
+    others = [(fqn, n) for fqn, n in weights_outside_linears(model) if id(params.get(fqn)) not in read]
     if not others:
         return
     total = sum(p.numel() for p in model.parameters())

@@ -209,13 +209,16 @@ def model_placement(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
 
 
 def check_one_token_step(gm: fx.GraphModule, model_name: str, batch_size: int, device) -> None:
-    """Run the step once on one token (at position 0, which every prompt overwrites): some
-    models' position code (e.g. OPT's) is captured with a data-dependent length that must be
-    >= 2, and would fail at the first decode step with torch's bare runtime assertion."""
+    """Run the step once on one token, then empty the cache again: some models' position code
+    (e.g. OPT's) is captured with a data-dependent length that must be >= 2, and would fail at the
+    first decode step with torch's bare runtime assertion."""
     ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
     try:
         with torch.no_grad():
             gm(ids, torch.zeros(1, dtype=torch.long, device=device))
+            for name, t in gm.named_buffers():
+                if name.startswith(CACHE_PREFIX):
+                    t.zero_()
     except RuntimeError as exc:
         if "Runtime assertion failed" not in str(exc):
             raise

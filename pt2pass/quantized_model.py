@@ -42,8 +42,9 @@ class QuantizedModel(nn.Module):
                       if t.is_floating_point()), None)
         if dtype is not None and fn(torch.zeros((), dtype=dtype)).dtype != dtype:
             raise TypeError(f"a pt2pass model keeps the dtype it was compiled in ({dtype}); to "
-                            "run in another dtype, compile or load it from a model in that dtype, "
-                            "e.g. pt2pass.load(path, model.to(torch.bfloat16))")
+                            "run in another dtype, compile it from a model in that dtype, e.g. "
+                            "pt2pass.compile(model.to(torch.bfloat16), calib_data) (a checkpoint "
+                            "loads in the dtype it was saved in)")
         return super()._apply(fn, recurse)
 
     def report(self) -> List[Dict[str, Any]]:
@@ -138,8 +139,11 @@ class QuantizedCausalLM(QuantizedModel):
         attention = decode_attention_default()  # a graph per setting: flipping it takes effect
         key = (batch_size, length, dtype, model_device, attention)
         if key not in self._decoders:
-            graph = build_decode_graph(self.skeleton, self.store, batch_size, length,
-                                       share_with=self.gm, decode_attention=attention)
+            # outside inference mode even when called inside it: the KV cache is written in place
+            # at every step, which an inference tensor forbids once the caller leaves that mode
+            with torch.inference_mode(False):
+                graph = build_decode_graph(self.skeleton, self.store, batch_size, length,
+                                           share_with=self.gm, decode_attention=attention)
             self._decoders[key] = CachedDecoder(graph)
         return self._decoders[key]
 

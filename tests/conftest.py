@@ -104,3 +104,18 @@ def gemv_vs_reference(gemv, x, n: int, seed: int, bias=False, perm=False, split=
 
 def rel_err(out, ref) -> float:
     return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def dequantized_copy(model, qm, block_size: int):
+    """A copy of ``model`` whose quantized weights are replaced by alpha * T + mu (input order
+    restored): what the lowered graph must compute, Linear by Linear."""
+    import copy
+
+    from pt2pass.quant import dequantize_blocks, unpermute
+
+    ref = copy.deepcopy(model)
+    params = dict(ref.named_parameters(remove_duplicate=False))
+    for fqn in qm.store:
+        layer = qm.store[fqn]
+        params[fqn].data.copy_(unpermute(dequantize_blocks(layer.T, layer.alpha, layer.mu, block_size), layer.perm))
+    return ref

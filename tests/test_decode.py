@@ -129,6 +129,25 @@ def test_compiled_model_does_not_keep_the_full_precision_linears_alive():
     assert torch.equal(qm.generate(ids, 6), before)
 
 
+def test_a_new_decode_graph_starts_from_an_empty_cache(qm_natural):
+    # build_decode_graph runs one probe step (check_one_token_step) and must leave nothing behind
+    from pt2pass.decode import CACHE_PREFIX, build_decode_graph
+
+    gm = build_decode_graph(qm_natural.skeleton, qm_natural.store, 1, 32)
+    cache = [t for n, t in gm.named_buffers() if n.startswith(CACHE_PREFIX)]
+    assert len(cache) == 3 * 2 and all(not t.any() for t in cache)  # keys, values, length per layer
+
+
+def test_a_decoder_first_built_in_inference_mode_works_outside_it(qm_natural):
+    # its KV cache was made of inference tensors, which the next step outside the mode may not write
+    qm_natural.clear_decoders()
+    ids = prompt(1, 6)
+    with torch.inference_mode():
+        inside = qm_natural.generate(ids, 4)
+    assert torch.equal(qm_natural.generate(ids, 4), inside)
+    assert torch.equal(inside, qm_natural.generate_no_cache(ids, 4))
+
+
 def test_top_k_1_sampling_is_greedy(qm_ssr):
     ids = prompt(2, 6)
     out = qm_ssr.generate(ids, 8, do_sample=True, top_k=1, temperature=0.7)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..assemble import assemble
 from ..quantized_model import QuantizedModel
-from ..store import TERNARY_METHODS, QuantStore
+from ..store import QuantStore
 from .errors import CheckpointError
 from .files import (atomic_folder, check_folder, existing_file, file_digest, read_tensors,
                     write_bytes)
@@ -91,6 +91,7 @@ def load(path, model=None, *, device=None, example_inputs=None) -> QuantizedMode
     skeleton = _skeleton(model, manifest)
     quantized = {fqn: (layer.shape, parse_dtype(manifest["layers"][fqn].get("weight_dtype"), fqn))
                  for fqn, layer in store.layers.items()}
+    _warn_dtype_difference(model, {dtype for _, dtype in quantized.values()})
     device = skeleton_device(model, device)
     install_tensors(skeleton, tensors, tied, quantized, device)
     for layer in store.layers.values():  # lowering indexes them with graph tensors
@@ -131,19 +132,7 @@ def _read_store(manifest: dict, tensors: Dict[str, torch.Tensor]) -> QuantStore:
             raise CheckpointError(f"missing tensor {absent[0]} of quantized layer {fqn}")
         parts = {n: tensors.pop(n) for n in names}
         store[fqn] = decode_layer(fqn, entry, parts, stats.get(fqn, {}))
-        _check_block_size(store[fqn], store.config)
     return store
-
-
-def _check_block_size(layer, config: dict) -> None:
-    """A ternary layer's scale blocks are the configured ones: a block size edited in the JSON
-    that leaves the scale shapes unchanged (e.g. 128 -> 120 at K = 576: 5 blocks either way)
-    would apply every alpha / mu to the wrong columns."""
-    ternary = config.get("ternary")
-    expected = ternary.get("block_size") if isinstance(ternary, dict) else None
-    if layer.method in TERNARY_METHODS and expected is not None and layer.block_size != expected:
-        raise CheckpointError(f"{MANIFEST_FILE}: layer {layer.fqn} has block_size {layer.block_size} but the "
-                              f"quantization config says {expected}: the file was edited")
 
 
 def _skeleton(model, manifest: dict) -> nn.Module:
@@ -190,6 +179,18 @@ def _warn_config_differences(given, saved: Optional[dict]) -> None:
         log.warning("the model given to load differs from the checkpoint's config in %s; the "
                     "outputs will differ from the saved model's", ", ".join(
                         f"{k} ({current[k]!r}, saved {saved[k]!r})" for k in differ))
+
+
+def _warn_dtype_difference(model, saved: set) -> None:
+    """The checkpoint loads in the dtype it was saved in, whatever the given module's dtype: say so
+    when they differ (a bf16 module does not make a bf16 model from an fp32 checkpoint)."""
+    if not isinstance(model, nn.Module):
+        return
+    given = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    if given is not None and saved and given not in saved:
+        log.warning("the module given to load is %s but the checkpoint was saved in %s and loads in it; "
+                    "for another dtype, compile from a model in that dtype", given,
+                    ", ".join(sorted(str(d) for d in saved)))
 
 
 def _config_from_dict(config: dict):

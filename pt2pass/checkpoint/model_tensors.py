@@ -18,13 +18,12 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture import LINEAR_OP, WEIGHT_FQN
-from ..lowering.lower import GATHER, OUTPUT_PERM, TERNARY_OP
+from ..lowering.lower import GATHER, LOWERED_BUFFERS, OUTPUT_PERM, TERNARY_OP, lowered_buffer
 from ..store import QuantStore
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
-LOWERED_BUFFERS = ("packed", "alpha", "mu", "input_perm")  # registered by Insert/Lower per Linear
 Shape = Tuple[int, ...]
 
 
@@ -60,8 +59,7 @@ def _lowering_products(gm: fx.GraphModule, store: QuantStore):
     """Names that lowering derived from the store, folded biases' row orders, weight dtypes."""
     owned = set(store.layers)
     for fqn in store.layers:
-        prefix = fqn.rpartition(".")[0]
-        owned.update(f"{prefix}.{b}" if prefix else b for b in LOWERED_BUFFERS)
+        owned.update(lowered_buffer(fqn, kind) for kind in LOWERED_BUFFERS)
     row_perms: Dict[str, torch.Tensor] = {}
     weight_dtypes: Dict[str, torch.dtype] = {}
     for node in gm.graph.nodes:

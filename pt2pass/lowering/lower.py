@@ -32,6 +32,25 @@ from . import ops  # noqa: F401  (registers torch.ops.pt2pass.ternary_linear)
 log = logging.getLogger(__name__)
 
 TERNARY_OP = torch.ops.pt2pass.ternary_linear.default
+LOWERED_BUFFERS = ("packed", "alpha", "mu", "input_perm")  # registered by Insert/Lower per weight
+
+
+def lowered_buffer(fqn: str, kind: str) -> str:
+    """Dotted name of the ``kind`` buffer (one of LOWERED_BUFFERS) of the quantized weight ``fqn``:
+    beside the weight, named ``kind`` for an nn.Linear's ``weight`` and ``<attr>_<kind>`` for any
+    other parameter, so that two weights of one module (e.g. MultiheadAttention's q/k/v_proj_weight,
+    used through F.linear) get buffers of their own."""
+    prefix, _, attr = fqn.rpartition(".")
+    name = kind if attr == "weight" else f"{attr}_{kind}"
+    return f"{prefix}.{name}" if prefix else name
+
+
+def register_lowered_buffer(gm: fx.GraphModule, fqn: str, kind: str, value: torch.Tensor) -> str:
+    """Register ``value`` as the ``kind`` buffer of ``fqn`` (see lowered_buffer); returns its name."""
+    target = lowered_buffer(fqn, kind)
+    prefix, _, name = target.rpartition(".")
+    (gm.get_submodule(prefix) if prefix else gm).register_buffer(name, value)
+    return target
 INPUT_PERMUTED = "pt2pass_input_permuted"
 OUTPUT_PERM = "pt2pass_output_perm"
 GATHER = "pt2pass_gather"  # marks index_select nodes inserted by InsertPermutations
@@ -82,8 +101,6 @@ class LowerTernaryLinear(Pass):
         rows = node.meta.get(OUTPUT_PERM)
         if rows is not None:  # packing is per row: permuting rows permutes packed rows
             packed, alpha, mu = packed[rows], alpha[rows], mu[rows]
-        prefix = layer.fqn.rpartition(".")[0]
-        owner = gm.get_submodule(prefix) if prefix else gm
         names = {"packed": packed, "alpha": alpha, "mu": mu}
         needs_perm = layer.perm is not None and not node.meta.get(INPUT_PERMUTED, False)
         if layer.perm is not None and x.meta.get(GATHER) and len(x.users) == 1:
@@ -91,10 +108,9 @@ class LowerTernaryLinear(Pass):
         if needs_perm:
             names["input_perm"] = layer.perm.to(torch.int32)  # stored as int32 (see sizes.py)
         device = buffer_device(gm, w)
-        for name, value in names.items():
-            owner.register_buffer(name, value.to(device).contiguous())
+        targets = {k: register_lowered_buffer(gm, layer.fqn, k, v.to(device).contiguous()) for k, v in names.items()}
         with gm.graph.inserting_before(node):
-            attrs = {k: gm.graph.get_attr(f"{prefix}.{k}" if prefix else k) for k in names}
+            attrs = {k: gm.graph.get_attr(target) for k, target in targets.items()}
             new = gm.graph.call_function(
                 TERNARY_OP, (x, attrs["packed"], attrs["alpha"], attrs["mu"], bias,
                              attrs.get("input_perm"), layer.block_size))

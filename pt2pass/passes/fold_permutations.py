@@ -43,11 +43,11 @@ class FoldPermutations(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.folded, self.remaining = 0, []
         for gather in [n for n in gm.graph.nodes if n.meta.get(GATHER)]:
-            producers, reason = _foldable_producers(gather, store_of(gm))
+            perm = _fetch(gm, gather.args[2].target)
+            producers, reason = _foldable_producers(gather, store_of(gm), perm.numel())
             if producers is None:
                 self.remaining.append((gather.meta[GATHER], reason))
                 continue
-            perm = _fetch(gm, gather.args[2].target)
             for linear in producers:
                 _permute_rows(gm, linear, perm)
             gather.replace_all_uses_with(gather.args[0])
@@ -59,13 +59,15 @@ class FoldPermutations(Pass):
         return PassResult(gm, modified=self.folded > 0)
 
 
-def _foldable_producers(gather: fx.Node, store) -> Tuple[Optional[List[fx.Node]], str]:
-    """The Linear nodes whose rows can absorb ``gather``'s permutation, or None and why not.
+def _foldable_producers(gather: fx.Node, store, width: int) -> Tuple[Optional[List[fx.Node]], str]:
+    """The Linear nodes whose rows can absorb ``gather``'s permutation (of ``width`` features), or
+    None and why not.
 
     Only ternary Linears do: their rows are put back in order when saved (a full-precision
     producer, kept by ``skip`` or unpackable, was saved permuted and permuted again on load), and
     a quantized weight is read by no other node (a shared one would be permuted for its other
-    reader too)."""
+    reader too). Every value on the way must have all ``width`` features: one broadcast along
+    them (a gate of one output multiplying a wide one) has no rows to permute."""
     chain: Set[fx.Node] = set()
     producers: List[fx.Node] = []
     stack = [gather.args[0]]
@@ -78,8 +80,13 @@ def _foldable_producers(gather: fx.Node, store) -> Tuple[Optional[List[fx.Node]]
             fqn = node.meta[WEIGHT_FQN]
             if fqn not in store or not store[fqn].is_ternary:
                 return None, f"{fqn} is not ternary (kept in full precision or shared)"
+            if store[fqn].shape[0] != width:
+                return None, f"{fqn} has {store[fqn].shape[0]} outputs, broadcast over {width} features"
             producers.append(node)
         elif node.op == "call_function" and node.target in ELEMENTWISE:
+            val = node.meta.get("val")
+            if val is not None and (val.dim() == 0 or val.shape[-1] != width):
+                return None, f"{node.name} has {tuple(val.shape)}, broadcast over {width} features"
             for arg in node.args:
                 if isinstance(arg, fx.Node):
                     stack.append(arg)

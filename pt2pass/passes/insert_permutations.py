@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import LINEAR_OP, STAGE, WEIGHT_FQN
-from ..lowering.lower import GATHER, INPUT_PERMUTED, buffer_device
+from ..lowering.lower import GATHER, INPUT_PERMUTED, buffer_device, register_lowered_buffer
 from ..pass_manager import Pass, PassResult
 from ..store import store_of
 from .linear_sites import get_weight, set_weight
@@ -60,12 +60,10 @@ class InsertPermutations(Pass):
 
 def _insert_gather(gm: fx.GraphModule, x: fx.Node, perm: torch.Tensor, fqn: str,
                    first_user: fx.Node) -> fx.Node:
-    prefix = fqn.rpartition(".")[0]
-    owner = gm.get_submodule(prefix) if prefix else gm
     weight = get_weight(gm, fqn)
-    owner.register_buffer("input_perm", perm.to(buffer_device(gm, weight), torch.int32))
+    target = register_lowered_buffer(gm, fqn, "input_perm", perm.to(buffer_device(gm, weight), torch.int32))
     with gm.graph.inserting_before(first_user):
-        perm_node = gm.graph.get_attr(f"{prefix}.input_perm" if prefix else "input_perm")
+        perm_node = gm.graph.get_attr(target)
         gather = gm.graph.call_function(INDEX_SELECT, (x, -1, perm_node))
     gather.meta[GATHER] = fqn
     gather.meta[STAGE] = first_user.meta.get(STAGE)

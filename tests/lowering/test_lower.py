@@ -67,3 +67,62 @@ def test_shape_mismatch_between_store_and_graph_is_rejected(ternarized, tiny_lla
     bad.T = bad.T[:, :64]
     with pytest.raises(Exception, match="does not match the quantized layer"):
         PassManager([LowerTernaryLinear(store)])(other)
+
+
+class _TwoWeightsOneModule(torch.nn.Module):
+    """Two matrices of one module used through F.linear: their lowered buffers must not collide."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = torch.nn.Parameter(torch.randn(32, 32) / 6)
+        self.w2 = torch.nn.Parameter(torch.randn(32, 32) / 6)
+        self.head = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        return self.head(torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, self.w1)), self.w2))
+
+
+@pytest.mark.parametrize("order", ["natural", "ssr"])
+def test_weights_sharing_a_module_get_buffers_of_their_own(order, caplog):
+    import pt2pass
+    from conftest import dequantized_copy
+    from pt2pass import CompileConfig
+
+    torch.manual_seed(0)
+    model = _TwoWeightsOneModule().eval()
+    with caplog.at_level("WARNING", logger="pt2pass.api"):
+        qm = pt2pass.compile(model, torch.randn(64, 32), progress=False, example_inputs=(torch.randn(2, 32),),
+                             config=CompileConfig(skip=(), ternary=TernaryConfig(block_size=16, order=order)))
+    assert "outside nn.Linear" not in caplog.text  # they are quantized: no "stay in full precision"
+    buffers = {name for name, _ in qm.gm.named_buffers()}
+    assert {"w1_packed", "w2_packed", "head.packed"} <= buffers
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        y, ref = qm(x), dequantized_copy(model, qm, 16)(x)
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_multihead_attention_with_other_key_value_widths_runs():
+    # q/k/v_proj_weight of different widths on one module: crashed on the first call before
+    import pt2pass
+    from pt2pass import CompileConfig
+
+    class Attn(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(32, 2, kdim=48, vdim=48, batch_first=True)
+
+        def forward(self, q, kv):
+            return self.mha(q, kv, kv, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model = Attn().eval()
+    q, kv = torch.randn(2, 5, 32), torch.randn(2, 7, 48)
+    qm = pt2pass.compile(model, None, progress=False, example_inputs=(q, kv),
+                         config=CompileConfig(skip=(), ternary=TernaryConfig(method="rtn", block_size=16)))
+    assert {"mha.q_proj_weight", "mha.k_proj_weight", "mha.v_proj_weight"} <= set(qm.store.layers)
+    from conftest import dequantized_copy
+
+    with torch.no_grad():
+        y, ref = qm(q, kv), dequantized_copy(model, qm, 16)(q, kv)
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()

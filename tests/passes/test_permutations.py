@@ -5,6 +5,7 @@ from conftest import clone_graph, make_tiny_llama, ternarized_graph
 
 from pt2pass import (FoldPermutations, InsertPermutations, LowerTernaryLinear, PassManager,
                      store_of)
+from pt2pass.capture import WEIGHT_FQN
 from pt2pass.lowering.lower import TERNARY_OP
 from pt2pass.passes.insert_permutations import INDEX_SELECT
 
@@ -100,3 +101,35 @@ def test_passes_refuse_a_graph_pt2pass_did_not_capture():
         with pytest.raises(PassError, match="no Linear nodes tagged by pt2pass.capture"):
             PassManager([p])(traced)
     assert [name for name, _ in mlp.named_parameters()] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+class _BroadcastGate(torch.nn.Module):
+    """down(silu(up(x)) * sigmoid(g(x))) with g of one output: broadcast over up's 64 features."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(32, 64, bias=False)
+        self.g = torch.nn.Linear(32, 1, bias=False)
+        self.down = torch.nn.Linear(64, 32, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.up(x)) * torch.sigmoid(self.g(x)))
+
+
+def test_a_gather_behind_a_broadcast_operand_is_not_folded():
+    # folding would permute the rows of g, which has 1 row for 64 permuted features
+    import pt2pass
+    from conftest import dequantized_copy
+    from pt2pass import CompileConfig, TernaryConfig
+
+    torch.manual_seed(0)
+    model = _BroadcastGate().eval()
+    qm = pt2pass.compile(model, torch.randn(64, 32), config=CompileConfig(skip=(), ternary=TernaryConfig(block_size=16)),
+                         progress=False, example_inputs=(torch.randn(2, 32),))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        y, ref = qm(x), dequantized_copy(model, qm, 16)(x)
+    assert (y - ref).abs().max() <= 1e-5 * ref.abs().max()
+    # down's permutation stayed a gather, fused into its op
+    down = [n for n in qm.gm.graph.nodes if n.target is TERNARY_OP and n.meta.get(WEIGHT_FQN) == "down.weight"]
+    assert qm.store["down.weight"].perm is not None and down[0].args[5] is not None
