@@ -258,6 +258,7 @@ class CachedDecoder:
         self.step = step
         self.batch_size, _, self.max_cache_len, _ = keys[0].shape
         self.device = keys[0].device
+        self.vocab_size = _embedding_rows(step)
         self.compile_decode = compile_decode
         self._compiled: Optional[Callable] = None
 
@@ -308,10 +309,24 @@ class CachedDecoder:
                  eos_token_id: EosIds = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """As ``QuantizedCausalLM.generate``, limited by this cache's batch size and length."""
         sampling = Sampling(do_sample, temperature, top_k, generator)
-        check_prompt(input_ids, max_new_tokens, self.max_cache_len, "the cache length")
+        check_prompt(input_ids, max_new_tokens, self.max_cache_len, "the cache length",
+                     vocab_size=self.vocab_size)
         with torch.no_grad():
             return generation_loop(self.logits_fn(compile_decode), input_ids, max_new_tokens,
                                    sampling, eos_token_id)
+
+
+def _embedding_rows(step: nn.Module) -> Optional[int]:
+    """Rows of the token embedding that a captured step reads first (its vocabulary size), or
+    None when the step is not an fx graph with an aten.embedding."""
+    graph = getattr(step, "graph", None)
+    for node in graph.nodes if isinstance(graph, fx.Graph) else ():
+        if node.target is torch.ops.aten.embedding.default and node.args[0].op == "get_attr":
+            table = step
+            for part in node.args[0].target.split("."):
+                table = getattr(table, part)
+            return int(table.shape[0])
+    return None
 
 
 def generate_with_program(program: torch.export.ExportedProgram, input_ids: torch.Tensor,

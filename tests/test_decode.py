@@ -262,6 +262,10 @@ def test_exported_decode_program_generates_the_same_tokens_in_a_fresh_process(qm
     long_ids, short_ids = prompt(2, 9, seed=3), prompt(2, 2, seed=4)
     want = [qm_ssr.generate(long_ids, 12), qm_ssr.generate(short_ids, 20)]
     assert torch.equal(generate_with_program(ep, long_ids, 12), want[0])
+    # the program's vocabulary comes from its embedding: a bad id is named, not a bare IndexError
+    vocab = qm_ssr.model_config.vocab_size
+    with pytest.raises(ValueError, match=f"input_ids contain id {vocab} >= vocab_size={vocab}"):
+        generate_with_program(ep, torch.full((2, 3), vocab), 2)
     path = tmp_path / "decode.pt2"
     torch.export.save(ep, str(path))
     torch.save([long_ids, short_ids], tmp_path / "ids.pt")
