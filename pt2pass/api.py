@@ -133,9 +133,10 @@ def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
     for unused in [s for s in config.skip if s not in default and not any(s in f for f in fqns)]:
         log.warning("skip entry %r matches no Linear weight (e.g. %s): nothing is kept in full "
                     "precision by it", unused, fqns[0] if fqns else "none")
-    bypassing = _linears_not_in_graph(model, fqns)
+    read = _read_by_graph(model, fqns)
+    bypassing = _linears_not_in_graph(model, read)
     if sites:
-        _warn_weights_outside_linears(model, fqns)
+        _warn_weights_outside_linears(model, read)
         if bypassing:
             log.warning("%s: they stay in full precision", bypassing)
         return
@@ -151,10 +152,10 @@ def _read_by_graph(model: nn.Module, graph_fqns: Sequence[str]) -> set:
     return {id(params[f]) for f in graph_fqns if f in params}
 
 
-def _linears_not_in_graph(model: nn.Module, graph_fqns: Sequence[str]) -> str:
+def _linears_not_in_graph(model: nn.Module, read: set) -> str:
     """A sentence naming the nn.Linear modules whose weight no aten.linear of the graph reads
-    (e.g. Falcon's FalconLinear, whose forward does its own matmul); "" when there are none."""
-    read = _read_by_graph(model, graph_fqns)
+    (``read``: ids, see _read_by_graph; e.g. Falcon's FalconLinear, whose forward does its own
+    matmul); "" when there are none."""
     missing = [f"{name} ({type(m).__name__})" for name, m in model.named_modules()
                if isinstance(m, nn.Linear) and id(m.weight) not in read]
     if not missing:
@@ -164,12 +165,11 @@ def _linears_not_in_graph(model: nn.Module, graph_fqns: Sequence[str]) -> str:
             "does its own matmul, which pt2pass does not ternarize")
 
 
-def _warn_weights_outside_linears(model: nn.Module, graph_fqns: Sequence[str]) -> None:
+def _warn_weights_outside_linears(model: nn.Module, read: set) -> None:
     """A model quantized only in part (e.g. MoE experts held as 3-D tensors) must say so: its size
     and speed-up are far from what the Linears alone suggest. Weights that the graph reads through
-    aten.linear (F.linear on a module's own parameter) count as Linears."""
+    aten.linear (``read``; F.linear on a module's own parameter) count as Linears."""
     params = dict(model.named_parameters(remove_duplicate=False))
-    read = _read_by_graph(model, graph_fqns)
     others = [(fqn, n) for fqn, n in weights_outside_linears(model) if id(params.get(fqn)) not in read]
     if not others:
         return

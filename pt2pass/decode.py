@@ -35,6 +35,7 @@ from torch import nn
 from .assemble import lower_from_store, real_device, traceable_weights
 from .capture import CaptureError, capture_error_message, tag_linears
 from .lowering.group_siblings import GroupSiblingLinears
+from .lowering.lower import fetch_attr
 from .lowering.lower_attention import LowerDecodeAttention
 from .lowering.ops import compile_fresh
 from .pass_manager import PassManager
@@ -322,10 +323,7 @@ def _embedding_rows(step: nn.Module) -> Optional[int]:
     graph = getattr(step, "graph", None)
     for node in graph.nodes if isinstance(graph, fx.Graph) else ():
         if node.target is torch.ops.aten.embedding.default and node.args[0].op == "get_attr":
-            table = step
-            for part in node.args[0].target.split("."):
-                table = getattr(table, part)
-            return int(table.shape[0])
+            return int(fetch_attr(step, node.args[0].target).shape[0])
     return None
 
 

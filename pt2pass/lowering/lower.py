@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from ..capture import LINEAR_OP, WEIGHT_FQN, require_captured
 from ..pass_manager import Pass, PassResult
@@ -32,6 +33,9 @@ from . import ops  # noqa: F401  (registers torch.ops.pt2pass.ternary_linear)
 log = logging.getLogger(__name__)
 
 TERNARY_OP = torch.ops.pt2pass.ternary_linear.default
+INPUT_PERMUTED = "pt2pass_input_permuted"
+OUTPUT_PERM = "pt2pass_output_perm"
+GATHER = "pt2pass_gather"  # marks index_select nodes inserted by InsertPermutations
 LOWERED_BUFFERS = ("packed", "alpha", "mu", "input_perm")  # registered by Insert/Lower per weight
 
 
@@ -51,9 +55,6 @@ def register_lowered_buffer(gm: fx.GraphModule, fqn: str, kind: str, value: torc
     prefix, _, name = target.rpartition(".")
     (gm.get_submodule(prefix) if prefix else gm).register_buffer(name, value)
     return target
-INPUT_PERMUTED = "pt2pass_input_permuted"
-OUTPUT_PERM = "pt2pass_output_perm"
-GATHER = "pt2pass_gather"  # marks index_select nodes inserted by InsertPermutations
 
 
 class LowerTernaryLinear(Pass):
@@ -91,7 +92,7 @@ class LowerTernaryLinear(Pass):
     def _lower(self, gm: fx.GraphModule, node: fx.Node, layer: LayerQuant) -> None:
         x, weight = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        w = _fetch(gm, weight.target)
+        w = fetch_attr(gm, weight.target)
         if tuple(w.shape) != layer.shape:
             raise ValueError(f"{layer.fqn}: graph weight {tuple(w.shape)} does not match the "
                              f"quantized layer {layer.shape}")
@@ -108,7 +109,8 @@ class LowerTernaryLinear(Pass):
         if needs_perm:
             names["input_perm"] = layer.perm.to(torch.int32)  # stored as int32 (see sizes.py)
         device = buffer_device(gm, w)
-        targets = {k: register_lowered_buffer(gm, layer.fqn, k, v.to(device).contiguous()) for k, v in names.items()}
+        targets = {k: register_lowered_buffer(gm, layer.fqn, k, v.to(device).contiguous())
+                   for k, v in names.items()}
         with gm.graph.inserting_before(node):
             attrs = {k: gm.graph.get_attr(target) for k, target in targets.items()}
             new = gm.graph.call_function(
@@ -133,7 +135,8 @@ def buffer_device(gm: fx.GraphModule, weight: torch.Tensor) -> torch.device:
     raise ValueError("every tensor of the graph is on the meta device: no device to lower onto")
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
+def fetch_attr(gm: nn.Module, target: str) -> torch.Tensor:
+    """The tensor a get_attr node with this (dotted) target reads."""
     prefix, _, attr = target.rpartition(".")
     return getattr(gm.get_submodule(prefix) if prefix else gm, attr)
 

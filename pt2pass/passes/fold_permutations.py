@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from ..capture import LINEAR_OP, WEIGHT_FQN
-from ..lowering.lower import GATHER, OUTPUT_PERM
+from ..lowering.lower import GATHER, OUTPUT_PERM, fetch_attr
 from ..pass_manager import Pass, PassResult
 from ..store import store_of
 from .linear_sites import get_weight, set_weight
@@ -43,7 +43,7 @@ class FoldPermutations(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         self.folded, self.remaining = 0, []
         for gather in [n for n in gm.graph.nodes if n.meta.get(GATHER)]:
-            perm = _fetch(gm, gather.args[2].target)
+            perm = fetch_attr(gm, gather.args[2].target)
             producers, reason = _foldable_producers(gather, store_of(gm), perm.numel())
             if producers is None:
                 self.remaining.append((gather.meta[GATHER], reason))
@@ -108,12 +108,7 @@ def _permute_rows(gm: fx.GraphModule, linear: fx.Node, perm: torch.Tensor) -> No
     set_weight(gm, fqn, w.index_select(0, perm.to(w.device)))
     bias = linear.args[2] if len(linear.args) > 2 else None
     if isinstance(bias, fx.Node):
-        b = _fetch(gm, bias.target)
+        b = fetch_attr(gm, bias.target)
         set_weight(gm, bias.target, b.index_select(0, perm.to(b.device)))
     previous = linear.meta.get(OUTPUT_PERM)
     linear.meta[OUTPUT_PERM] = perm if previous is None else previous[perm]
-
-
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    prefix, _, attr = target.rpartition(".")
-    return getattr(gm.get_submodule(prefix) if prefix else gm, attr)
