@@ -119,13 +119,33 @@ def test_generate_with_the_decode_attention_op_equals_the_no_cache_loop(arch):
     assert torch.equal(qm.generate(ids, 6), qm.generate_no_cache(ids, 6))
 
 
-def test_sliding_window_attention_is_refused_by_the_decode_graph_by_name():
-    qm = pt2pass.compile(tiny("mistral", tied=False, sliding_window=16), None, config=CompileConfig(ternary=RTN),
-                         progress=False)
+@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
+def test_sliding_window_models_generate_with_the_cache_up_to_one_window(arch):
+    """Within one window a sliding-window layer attends to every earlier position, so the decode
+    graph gives it a plain static cache layer, capped at the window; past the window it refuses
+    clearly (the no-cache path still works). Gemma2 alternates sliding and full layers."""
+    from pt2pass.decode import sliding_window
+
+    if arch == "gemma2":
+        torch.manual_seed(0)
+        config = transformers.Gemma2Config(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=16)
+        model = transformers.Gemma2ForCausalLM(config).eval()
+    else:
+        model = tiny("mistral", tied=False, sliding_window=16)
+    qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
+    assert sliding_window(model.config) == 16
     ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(9))
-    with pytest.raises(NotImplementedError, match="StaticSlidingWindowLayer.*full-attention layers only"):
-        qm.generate(ids, 4)
-    assert qm.generate_no_cache(ids, 4).shape == (1, 9)  # the full-sequence graph still works
+    assert torch.equal(qm.generate(ids, 11), qm.generate_no_cache(ids, 11))  # 16 tokens: one window
+    assert [key[1] for key in qm._decoders] == [16]  # the cache length, capped at the window
+    with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens = 17 exceeds the sliding-window "
+                                         r"attention's window \(16 tokens\).*use_cache=False"):
+        qm.generate(ids, 12)
+    assert qm.generate_no_cache(ids, 12).shape == (1, 17)
+    with pytest.raises(ValueError, match=r"max_cache_len=32 exceeds the sliding-window attention's window "
+                                         r"\(16 tokens\)"):
+        pt2pass.export(qm, graph="decode", max_cache_len=32)
 
 
 def test_a_decode_step_captured_for_two_or_more_tokens_is_refused_by_name():
