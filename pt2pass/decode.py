@@ -83,35 +83,11 @@ def make_skeleton(model: nn.Module, store: QuantStore) -> nn.Module:
     return clone(model, "").eval()
 
 
-def cache_length_for(total_tokens: int, max_positions: Optional[int],
-                     window: Optional[int] = None) -> int:
+def cache_length_for(total_tokens: int, max_positions: Optional[int]) -> int:
     """The cache length a generation of ``total_tokens`` uses: rounded up to a multiple of
-    CACHE_LEN_MULTIPLE (so varied prompt lengths reuse one graph), capped at the model's limit
-    and at its sliding-attention ``window`` (see :func:`sliding_window`), which a generation
-    with the static cache may not exceed."""
-    if window is not None and total_tokens > window:
-        raise ValueError(
-            f"prompt + max_new_tokens = {total_tokens} exceeds the sliding-window attention's "
-            f"window ({window} tokens): pt2pass's static KV cache holds at most one window "
-            "(past it the window would have to roll); generate fewer tokens, or pass "
-            "use_cache=False (the full sequence re-run per token)")
+    CACHE_LEN_MULTIPLE (so varied prompt lengths reuse one graph), capped at the model's limit."""
     length = -(-total_tokens // CACHE_LEN_MULTIPLE) * CACHE_LEN_MULTIPLE
-    return min([length, *(cap for cap in (max_positions, window) if cap)])
-
-
-def sliding_window(config) -> Optional[int]:
-    """The smallest window of the model's sliding-window attention layers, None without any.
-
-    Up to that many cached tokens a sliding-window layer attends to every earlier position, as a
-    full-attention layer does (HF's window mask keeps kv > q - window), so such layers get a plain
-    static cache layer (StaticCacheLM) and generations are limited to the window."""
-    from transformers.cache_utils import StaticCache, StaticSlidingWindowLayer
-
-    unbounded = 1 << 62  # a sliding layer's length is min(window, max_cache_len): the window
-    cache = StaticCache(config=config.get_text_config(decoder=True), max_cache_len=unbounded)
-    windows = [layer.max_cache_len for layer in cache.layers
-               if type(layer) is StaticSlidingWindowLayer]
-    return min(windows) if windows else None
+    return min(length, max_positions) if max_positions else length
 
 
 class StaticCacheLM(nn.Module):
@@ -135,15 +111,13 @@ class StaticCacheLM(nn.Module):
             self.register_buffer(name, b)
         config = lm.config.get_text_config(decoder=True)
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
-        for i, layer in enumerate(self.cache.layers):
-            if type(layer) is StaticSlidingWindowLayer:
-                if layer.max_cache_len < max_cache_len:  # its length is min(window, max_cache_len)
-                    raise ValueError(
-                        f"max_cache_len={max_cache_len} exceeds the sliding-window attention's "
-                        f"window ({layer.max_cache_len} tokens) of {type(lm).__name__}: the static "
-                        "decode graph holds at most one window")
-                # within one window the sliding layer attends like a full one (sliding_window())
-                self.cache.layers[i] = StaticLayer(max_cache_len=max_cache_len)
+        # A sliding-window layer's own cache rolls on a Python-int length, which one captured graph
+        # cannot follow; it gets a full-length layer instead, and the window comes from the mask
+        # HF builds for it (kv > q - window, on absolute positions): exact at any length, at the
+        # memory of a full-attention layer's cache.
+        self.cache.layers = [StaticLayer(max_cache_len=max_cache_len)
+                             if type(layer) is StaticSlidingWindowLayer else layer
+                             for layer in self.cache.layers]
         other = {type(layer).__name__ for layer in self.cache.layers
                  if type(layer) is not StaticLayer}
         if other:

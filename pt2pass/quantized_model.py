@@ -126,7 +126,7 @@ class QuantizedCausalLM(QuantizedModel):
         """The ``CachedDecoder`` for this batch size whose cache holds ``total_tokens`` (its
         length rounded up, see ``decode.cache_length_for``); captured and lowered on first use."""
         from .decode import (CachedDecoder, build_decode_graph, cache_length_for, decode_attention_default,
-                             model_placement, sliding_window)
+                             model_placement)
 
         if self.skeleton is None:
             raise ValueError("this QuantizedCausalLM has no skeleton model to capture a decode "
@@ -135,8 +135,7 @@ class QuantizedCausalLM(QuantizedModel):
         dtype, model_device = model_placement(self.skeleton)
         if torch.device(device) != model_device:
             raise ValueError(f"input_ids are on {device} but the model is on {model_device}")
-        window = sliding_window(self.skeleton.config)  # the config the decode graph's cache is built from
-        length = cache_length_for(total_tokens, self.max_positions, window)
+        length = cache_length_for(total_tokens, self.max_positions)
         attention = decode_attention_default()  # a graph per setting: flipping it takes effect
         key = (batch_size, length, dtype, model_device, attention)
         if key not in self._decoders:

@@ -119,33 +119,30 @@ def test_generate_with_the_decode_attention_op_equals_the_no_cache_loop(arch):
     assert torch.equal(qm.generate(ids, 6), qm.generate_no_cache(ids, 6))
 
 
-@pytest.mark.parametrize("arch", ["mistral", "gemma2"])
-def test_sliding_window_models_generate_with_the_cache_up_to_one_window(arch):
-    """Within one window a sliding-window layer attends to every earlier position, so the decode
-    graph gives it a plain static cache layer, capped at the window; past the window it refuses
-    clearly (the no-cache path still works). Gemma2 alternates sliding and full layers."""
-    from pt2pass.decode import sliding_window
+def _sliding(arch: str, window):
+    """A tiny model of ``arch`` whose sliding-window layers see ``window`` tokens (None: no window)."""
+    if arch == "mistral":
+        return tiny("mistral", tied=False, sliding_window=window)
+    torch.manual_seed(0)  # Gemma 3: five sliding layers, then a full one
+    config = transformers.Gemma3TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=128, sliding_window=window or 128,
+        pad_token_id=0)
+    return transformers.Gemma3ForCausalLM(config).eval()
 
-    if arch == "gemma2":
-        torch.manual_seed(0)
-        config = transformers.Gemma2Config(
-            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=16)
-        model = transformers.Gemma2ForCausalLM(config).eval()
-    else:
-        model = tiny("mistral", tied=False, sliding_window=16)
-    qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
-    assert sliding_window(model.config) == 16
-    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(9))
-    assert torch.equal(qm.generate(ids, 11), qm.generate_no_cache(ids, 11))  # 16 tokens: one window
-    assert [key[1] for key in qm._decoders] == [16]  # the cache length, capped at the window
-    with pytest.raises(ValueError, match=r"prompt \+ max_new_tokens = 17 exceeds the sliding-window "
-                                         r"attention's window \(16 tokens\).*use_cache=False"):
-        qm.generate(ids, 12)
-    assert qm.generate_no_cache(ids, 12).shape == (1, 17)
-    with pytest.raises(ValueError, match=r"max_cache_len=32 exceeds the sliding-window attention's window "
-                                         r"\(16 tokens\)"):
-        pt2pass.export(qm, graph="decode", max_cache_len=32)
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma3"])
+def test_sliding_window_models_generate_with_the_cache_past_the_window(arch):
+    """Sliding-window layers get a full-length static cache layer and take the window from HF's
+    mask: greedy tokens over 4.5 windows equal the no-cache loop's, and the window does change
+    them (the same weights without a window give others)."""
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(3))
+    tokens = {}
+    for window in (8, None):
+        qm = pt2pass.compile(_sliding(arch, window), None, config=CompileConfig(ternary=RTN), progress=False)
+        tokens[window] = qm.generate(ids, 30)
+        assert torch.equal(tokens[window], qm.generate_no_cache(ids, 30))
+    assert not torch.equal(tokens[8], tokens[None])
 
 
 def test_a_decode_step_captured_for_two_or_more_tokens_is_refused_by_name():
