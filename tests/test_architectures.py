@@ -1,7 +1,9 @@
 """pt2pass.compile on tiny random LLaMA, Qwen2 (q/k/v bias), Qwen3 (q/k norms) and Mistral, with
-tied and untied embeddings; and a clear refusal of an architecture without nn.Linear (GPT-2).
+tied and untied embeddings; sliding-window models (Mistral, Gemma 3) generating past the window;
+fourteen more decoder families (MORE_ARCHITECTURES); clear refusals of GPT-2 (Conv1D, no
+nn.Linear), OPT's decode step and Falcon's FalconLinear.
 
-All four model classes exist in transformers 5.17 (the GPU machine) and 5.23.
+The four main model classes exist in transformers 5.17 (the GPU machine) and 5.23.
 """
 import logging
 
@@ -171,3 +173,38 @@ def test_falcon_linear_that_bypasses_aten_linear_is_named():
                                          r"query_key_value \(FalconLinear\)"):
         pt2pass.compile(transformers.FalconForCausalLM(config).eval(), None, config=CompileConfig(ternary=RTN),
                         progress=False)
+
+
+MORE_ARCHITECTURES = {  # name: (config class, model class, settings besides the tiny sizes)
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": 0}),   # fused qkv_proj, gate_up_proj
+    "phi": ("PhiConfig", "PhiForCausalLM", {}),                      # parallel attention + MLP, biases
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"head_dim": 16}),  # soft-capping, sliding layers
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "granite": ("GraniteConfig", "GraniteForCausalLM", {}),
+    "stablelm": ("StableLmConfig", "StableLmForCausalLM", {}),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", {"num_key_value_heads": None}),  # no GQA
+    "cohere": ("CohereConfig", "CohereForCausalLM", {}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"pad_token_id": 0}),
+    "starcoder2": ("Starcoder2Config", "Starcoder2ForCausalLM", {}),
+    "glm": ("GlmConfig", "GlmForCausalLM", {"pad_token_id": 0}),
+    "ministral": ("MinistralConfig", "MinistralForCausalLM", {"head_dim": 16}),  # sliding layers
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {}),  # sliding layers, q/k norms
+}
+
+
+@pytest.mark.parametrize("arch", list(MORE_ARCHITECTURES))
+def test_more_architectures_ternarize_every_linear_and_generate_like_the_no_cache_loop(arch):
+    config_cls, model_cls, extra = MORE_ARCHITECTURES[arch]
+    settings = {**dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                       tie_word_embeddings=False), **extra}
+    config = getattr(transformers, config_cls)(**{k: v for k, v in settings.items() if v is not None})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
+    assert qm.ternary_node_count() == len(linear_weight_fqns(model) - {"lm_head.weight"})
+    logits, _ = _logits(qm, model)
+    assert torch.isfinite(logits).all()
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(qm.generate(ids, 6), qm.generate_no_cache(ids, 6))
