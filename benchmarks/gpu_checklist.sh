@@ -32,7 +32,7 @@ case "${1:-}" in
   e2e7b8bf16) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 8 --skip-quant-timing --skip-prefill --skip-ternary ;;
   quant7b)  python3 benchmarks/bench_e2e.py --shape llama2-7b --quant-only --quant-layers 32 ;;  # ~5 min expected
   prefill7b) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 --new-tokens 32 --skip-quant-timing --compile-prefill ;;
-  lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_export_round_trip ;;  # ~1 min (AOTI: add check_aoti, ~4 min; segfaults in the lent torch)
+  lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_export_round_trip check_padded_generate ;;  # ~1 min (AOTI: add check_aoti, ~4 min; segfaults in the lent torch)
   group)    python3 benchmarks/bench_group.py ;;                                  # ~1 min
   rows)     python3 benchmarks/experiments/sweep_gemv_rows.py ;;                  # ~3 min (session 5: 2.5)
   pipelined) python3 benchmarks/experiments/sweep_gemv_pipelined.py ;;           # ~1.5 min with compiles

@@ -197,7 +197,7 @@ def _rows(batch) -> int:
 
 
 def export(qm: QuantizedModel, example_inputs=None, *, graph: str = "full", batch_size: int = 1,
-           max_cache_len: Optional[int] = None) -> torch.export.ExportedProgram:
+           max_cache_len: Optional[int] = None, padded: bool = False) -> torch.export.ExportedProgram:
     """``torch.export`` the compiled model.
 
     ``graph="full"``: the model's forward, ``program.module()(input_ids).logits`` (dynamic batch
@@ -206,13 +206,16 @@ def export(qm: QuantizedModel, example_inputs=None, *, graph: str = "full", batc
     the last position, S in [1, max_cache_len]: the prompt at positions 0..S-1, then one token per
     call. The cache is the program's buffers (``pt2pass_kv_*``), written in place; generate with
     ``pt2pass.decode.generate_with_program``. ``max_cache_len`` (prompt + new tokens) is required.
+    ``padded=True``: the step also takes ``attention_mask`` (batch_size, max_cache_len) and
+    ``position_ids`` (batch_size, S), for left-padded prompts (``generate_with_program(...,
+    attention_mask=)`` fills them in).
     """
     if graph == "decode":
-        return _export_decode(qm, example_inputs, batch_size, max_cache_len)
+        return _export_decode(qm, example_inputs, batch_size, max_cache_len, padded)
     if graph != "full":
         raise ValueError(f"graph={graph!r} is not supported; allowed: 'full', 'decode'")
-    if batch_size != 1 or max_cache_len is not None:  # the full graph's batch is dynamic
-        raise ValueError('batch_size and max_cache_len apply to graph="decode"; graph="full" '
+    if batch_size != 1 or max_cache_len is not None or padded:  # the full graph's batch is dynamic
+        raise ValueError('batch_size, max_cache_len and padded apply to graph="decode"; graph="full" '
                          "takes example_inputs")
     if example_inputs is None:
         if not qm.causal_lm:
@@ -227,7 +230,7 @@ def export(qm: QuantizedModel, example_inputs=None, *, graph: str = "full", batc
 
 
 def _export_decode(qm: QuantizedModel, example_inputs, batch_size: int,
-                   max_cache_len: Optional[int]) -> torch.export.ExportedProgram:
+                   max_cache_len: Optional[int], padded: bool) -> torch.export.ExportedProgram:
     if not qm.causal_lm:
         raise ValueError('graph="decode" needs a causal LM (a QuantizedCausalLM)')
     if example_inputs is not None:
@@ -245,5 +248,6 @@ def _export_decode(qm: QuantizedModel, example_inputs, batch_size: int,
         raise ValueError("this QuantizedCausalLM has no skeleton model to capture a decode graph "
                          "from (pass skeleton= when constructing it)")
     # A graph of its own (not the one generate uses), so the program starts from an empty cache.
-    gm = build_decode_graph(qm.skeleton, qm.store, batch_size, max_cache_len, share_with=qm.gm)
+    gm = build_decode_graph(qm.skeleton, qm.store, batch_size, max_cache_len, share_with=qm.gm,
+                            padded=padded)
     return export_decode_graph(gm)

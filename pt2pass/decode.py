@@ -11,6 +11,11 @@ the prefill (S = prompt length, positions 0..S-1) and the decode step (S = 1, po
 keeps S symbolic in [1, max_cache_len]. Because the write position is an input, one graph serves
 any number of generations without a reset. Batch and cache length are fixed at capture.
 
+Prompts of different lengths go in one batch left-padded, with an attention mask: a *padded*
+graph (``padded=True``) also takes ``attention_mask`` (B, max_cache_len) over the cache slots (0 at
+the pads) and ``position_ids`` (B, S) (positions counted from each row's first real token), so a
+row generates what it would alone. It is a separate graph: the plain one keeps its two inputs.
+
 The graph carries the same ``pt2pass_weight_fqn`` tags as the full one and is lowered by the same
 passes from the same store (``assemble.lowering_passes``: InsertPermutations, FoldPermutations,
 LowerTernaryLinear), so it computes what the full-sequence graph computes; then the Linears that
@@ -134,7 +139,9 @@ class StaticCacheLM(nn.Module):
             self.register_buffer(f"{CACHE_PREFIX}length_{i}", layer.cumulative_length,
                                  persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache_position: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         for i, layer in enumerate(self.cache.layers):
             # Read the cache through this module's attributes: torch.export traces those (the
             # layer's own references would be baked in as constants).
@@ -143,8 +150,10 @@ class StaticCacheLM(nn.Module):
             layer.cumulative_length = getattr(self, f"{CACHE_PREFIX}length_{i}")
             # Writes go at cache_position, not after whatever earlier calls left in the cache.
             layer.cumulative_length.copy_(cache_position[0])
+        padding = {} if attention_mask is None else dict(
+            attention_mask=attention_mask, position_ids=position_ids, cache_position=cache_position)
         out = self.lm(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
-                      logits_to_keep=1)
+                      logits_to_keep=1, **padding)
         return out.logits
 
 
@@ -159,7 +168,8 @@ def decode_attention_default() -> bool:
 
 def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, max_cache_len: int,
                        share_with: Optional[fx.GraphModule] = None,
-                       group_siblings: bool = True, decode_attention: Optional[bool] = None) -> fx.GraphModule:
+                       group_siblings: bool = True, decode_attention: Optional[bool] = None,
+                       padded: bool = False) -> fx.GraphModule:
     """Capture ``skeleton`` around a static cache and lower it with the store's results.
 
     ``share_with``: a lowered graph of the same model whose equal buffers (packed weights,
@@ -167,7 +177,8 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
     ``group_siblings``: group the Linears that read the same input (GroupSiblingLinears).
     ``decode_attention``: attention through ``pt2pass.attention`` (LowerDecodeAttention: the
     split-cache decode kernel on the GPU; SDPA elsewhere); default on, off with
-    ``PT2PASS_DECODE_ATTENTION=0``.
+    ``PT2PASS_DECODE_ATTENTION=0``. ``padded``: the step also takes ``attention_mask`` and
+    ``position_ids``, for left-padded batches (module doc).
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
@@ -180,7 +191,7 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
                          f"{type(skeleton).__name__}: the skeleton does not match the store")
     dtype, device = model_placement(skeleton)
     module = StaticCacheLM(skeleton, batch_size, max_cache_len, dtype, device)
-    args, dims = step_inputs(batch_size, max_cache_len, device)
+    args, dims = step_inputs(batch_size, max_cache_len, device, padded)
     try:
         with traceable_weights(skeleton, store, device), torch.no_grad():
             ep = torch.export.export(module, args, dynamic_shapes=dims, strict=False)
@@ -201,7 +212,7 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
                          "(a quantized weight used by an op other than its Linear?)")
     if share_with is not None:
         share_equal_buffers(gm, share_with)
-    check_one_token_step(gm, type(skeleton).__name__, batch_size, device)
+    check_one_token_step(gm, type(skeleton).__name__, batch_size, max_cache_len, device, padded)
     log.info("decode graph: batch %d, cache length %d, %s on %s", batch_size, max_cache_len,
              dtype, device)
     return gm
@@ -216,14 +227,17 @@ def model_placement(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
     raise ValueError(f"{type(model).__name__} has no real floating-point parameter")
 
 
-def check_one_token_step(gm: fx.GraphModule, model_name: str, batch_size: int, device) -> None:
+def check_one_token_step(gm: fx.GraphModule, model_name: str, batch_size: int, max_cache_len: int,
+                         device, padded: bool) -> None:
     """Run the step once on one token, then empty the cache again: some models' position code
     (e.g. OPT's) is captured with a data-dependent length that must be >= 2, and would fail at the
     first decode step with torch's bare runtime assertion."""
     ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+    padding = padding_inputs(torch.ones(batch_size, max_cache_len, dtype=torch.long, device=device),
+                             0, 1) if padded else ()
     try:
         with torch.no_grad():
-            gm(ids, torch.zeros(1, dtype=torch.long, device=device))
+            gm(ids, torch.zeros(1, dtype=torch.long, device=device), *padding)
             for name, t in gm.named_buffers():
                 if name.startswith(CACHE_PREFIX):
                     t.zero_()
@@ -265,6 +279,10 @@ class CachedDecoder:
                              "pt2pass decode graph")
         self.step = step
         self.batch_size, _, self.max_cache_len, _ = keys[0].shape
+        # a padded step takes (input_ids, cache_position, attention_mask, position_ids)
+        graph = getattr(step, "graph", None)
+        self.padded = isinstance(graph, fx.Graph) and len(
+            [n for n in graph.nodes if n.op == "placeholder"]) == 4
         self.device = keys[0].device
         self.vocab_size = _embedding_rows(step)
         self.compile_decode = compile_decode
@@ -282,11 +300,25 @@ class CachedDecoder:
             self._compiled = compile_fresh(self.step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         return self._compiled
 
-    def logits_fn(self, compile_decode: Optional[bool] = None) -> NextLogits:
+    def logits_fn(self, compile_decode: Optional[bool] = None,
+                  attention_mask: Optional[torch.Tensor] = None) -> NextLogits:
         """``sampling.NextLogits`` over this cache: the prompt on the first call (eagerly), then
-        only ids[:, -1] (through the compiled step when ``compile_decode``)."""
+        only ids[:, -1] (through the compiled step when ``compile_decode``). ``attention_mask``:
+        the prompt's (B, P) left-padding mask (checked by ``check_padding_mask``), padded steps
+        only; the slots after the prompt count as tokens."""
         if compile_decode is None:
             compile_decode = self.compile_decode
+        if attention_mask is not None and not self.padded:
+            raise ValueError("this decode graph takes no attention_mask: build it with padded=True "
+                             "(QuantizedCausalLM.generate does when the mask pads a row)")
+        cache_mask = None
+        if self.padded:
+            cache_mask = torch.ones(self.batch_size, self.max_cache_len, dtype=torch.long, device=self.device)
+            if attention_mask is not None:
+                if attention_mask.shape[0] != self.batch_size or attention_mask.shape[1] > self.max_cache_len:
+                    raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not fit this "
+                                     f"decode graph (batch {self.batch_size}, cache {self.max_cache_len})")
+                cache_mask[:, :attention_mask.shape[1]] = attention_mask
         one_token = self.compiled_step() if compile_decode else None
 
         def next_logits(ids: torch.Tensor, first: bool) -> torch.Tensor:
@@ -302,26 +334,33 @@ class CachedDecoder:
             # .contiguous() does not help when B == 1: a (1, 1) view counts as contiguous.
             tokens = ids[:, start:].clone(memory_format=torch.contiguous_format)
             positions = torch.arange(start, ids.shape[1], device=ids.device)
+            inputs = (tokens, positions)
+            if cache_mask is not None:
+                inputs += padding_inputs(cache_mask, start, ids.shape[1])
             if one_token is not None and tokens.shape[1] == 1:
                 # CUDA graphs reuse their output memory: start a new step so that the previous
                 # logits (already consumed) may be overwritten, and copy these out.
                 torch.compiler.cudagraph_mark_step_begin()
-                return one_token(tokens, positions)[:, -1].clone()
-            return self.step(tokens, positions)[:, -1]
+                return one_token(*inputs)[:, -1].clone()
+            return self.step(*inputs)[:, -1]
 
         return next_logits
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
                  compile_decode: Optional[bool] = None, do_sample: bool = False,
                  temperature: float = 1.0, top_k: Optional[int] = None,
-                 eos_token_id: EosIds = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """As ``QuantizedCausalLM.generate``, limited by this cache's batch size and length."""
+                 eos_token_id: EosIds = None, generator: Optional[torch.Generator] = None,
+                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """As ``QuantizedCausalLM.generate``, limited by this cache's batch size and length;
+        ``attention_mask`` (left padding) on padded steps only."""
         sampling = Sampling(do_sample, temperature, top_k, generator)
         check_prompt(input_ids, max_new_tokens, self.max_cache_len, "the cache length",
                      vocab_size=self.vocab_size)
+        if attention_mask is not None:
+            check_padding_mask(attention_mask, input_ids)
         with torch.no_grad():
-            return generation_loop(self.logits_fn(compile_decode), input_ids, max_new_tokens,
-                                   sampling, eos_token_id)
+            return generation_loop(self.logits_fn(compile_decode, attention_mask), input_ids,
+                                   max_new_tokens, sampling, eos_token_id)
 
 
 def _embedding_rows(step: nn.Module) -> Optional[int]:
@@ -351,15 +390,48 @@ def export_decode_graph(gm: fx.GraphModule) -> torch.export.ExportedProgram:
     """``torch.export`` a lowered decode graph: the cache buffers stay buffers, mutated in place,
     and the token count S stays symbolic in [1, cache length]."""
     step = CachedDecoder(gm)
-    args, dims = step_inputs(step.batch_size, step.max_cache_len, step.device)
+    args, dims = step_inputs(step.batch_size, step.max_cache_len, step.device, step.padded)
     with torch.no_grad():
         return torch.export.export(gm, args, dynamic_shapes=dims, strict=False)
 
 
-def step_inputs(batch_size: int, max_cache_len: int, device: torch.device):
-    """Example (input_ids, cache_position) and their dynamic shapes: S tokens, S in
-    [1, max_cache_len] (S = 1 is the decode step, so export must not specialise it away)."""
+def step_inputs(batch_size: int, max_cache_len: int, device: torch.device, padded: bool = False):
+    """Example (input_ids, cache_position[, attention_mask, position_ids]) and their dynamic
+    shapes: S tokens, S in [1, max_cache_len] (S = 1 is the decode step, so export must not
+    specialise it away); the attention mask always covers the whole cache."""
     args = (torch.zeros(batch_size, 2, dtype=torch.long, device=device),
             torch.arange(2, device=device))
     tokens = torch.export.Dim("tokens", min=1, max=max_cache_len)
-    return args, ({1: tokens}, {0: tokens})
+    if not padded:
+        return args, ({1: tokens}, {0: tokens})
+    mask = torch.ones(batch_size, max_cache_len, dtype=torch.long, device=device)
+    return args + padding_inputs(mask, 0, 2), ({1: tokens}, {0: tokens}, None, {1: tokens})
+
+
+def padding_inputs(cache_mask: torch.Tensor, start: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(attention_mask, position_ids) of a padded step over slots start..end-1: each row's
+    positions count its real tokens before the slot (0 on its left pads, which the mask hides)."""
+    positions = (cache_mask[:, :end].cumsum(1) - 1).clamp(min=0)[:, start:end]
+    return cache_mask, positions.contiguous()
+
+
+def check_padding_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> bool:
+    """Whether ``attention_mask`` pads any row (False when it is all ones); a clear error unless it
+    is the left padding a padded decode graph handles."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise ValueError(f"attention_mask must hold 0 / 1 (int or bool), got {attention_mask.dtype}")
+    mask = attention_mask.long()
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    if not mask[:, -1].all():
+        raise ValueError("attention_mask pads the end of a row: generation needs left padding "
+                         "(tokenizer.padding_side = 'left')")
+    if (mask.diff(dim=1) < 0).any():
+        raise ValueError("attention_mask has padding between tokens: only left padding (zeros, "
+                         "then ones) is supported")
+    return not bool(mask.all())

@@ -73,14 +73,22 @@ class QuantizedCausalLM(QuantizedModel):
         # (batch, cache length, dtype, device) -> CachedDecoder, built on first use
         self._decoders: Dict[Tuple, Any] = {}
 
-    def forward(self, input_ids: torch.Tensor):
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
+        """``attention_mask`` is accepted when it pads nothing (as a tokenizer returns it for
+        one text): the full-sequence graph is captured without one."""
+        if attention_mask is not None:
+            from .decode import check_padding_mask
+            if check_padding_mask(attention_mask, input_ids):
+                raise ValueError("attention_mask pads a row: the full-sequence graph has no mask "
+                                 "input; run the rows one at a time (generate takes left padding)")
         return self.gm(input_ids=input_ids, use_cache=False)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
                  do_sample: bool = False, temperature: float = 1.0, top_k: Optional[int] = None,
                  eos_token_id: EosIds = None, generator: Optional[torch.Generator] = None,
-                 use_cache: bool = True, compile_decode: Optional[bool] = None) -> torch.Tensor:
+                 use_cache: bool = True, compile_decode: Optional[bool] = None,
+                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Prompt ``input_ids`` (B, P) followed by up to ``max_new_tokens`` tokens, (B, P + n).
 
         Greedy by default; ``do_sample`` draws from softmax(logits / temperature), restricted to
@@ -92,18 +100,27 @@ class QuantizedCausalLM(QuantizedModel):
         P + max_new_tokens rounded up to a multiple of 256); False re-runs the full sequence per
         token (``generate_no_cache``). ``compile_decode``: CUDA-graph the decode step with
         ``torch.compile(mode="reduce-overhead")``; default True on CUDA, False on CPU.
+        ``attention_mask`` (B, P): prompts of different lengths, left-padded (0 at the pads, as a
+        tokenizer with ``padding_side="left"`` returns); each row generates what it would alone,
+        through a padded decode graph (``decode`` module doc); the pads stay in the output.
         """
+        from .decode import check_padding_mask
+
         sampling = Sampling(do_sample, temperature, top_k, generator)
         check_prompt(input_ids, max_new_tokens, self.max_positions,
                      vocab_size=getattr(self.model_config, "vocab_size", None))
+        padded = attention_mask is not None and check_padding_mask(attention_mask, input_ids)
+        if padded and not use_cache:
+            raise ValueError("attention_mask pads a row: that needs the static cache (use_cache=True); "
+                             "the full-sequence graph has no mask input")
         if max_new_tokens == 0:
             return input_ids.long()  # int64, as every other length returns
         if use_cache:
             if compile_decode is None:
                 compile_decode = input_ids.device.type == "cuda"
             decoder = self.decoder(input_ids.shape[0], input_ids.shape[1] + max_new_tokens,
-                                   input_ids.device)
-            next_logits = decoder.logits_fn(compile_decode)
+                                   input_ids.device, padded)
+            next_logits = decoder.logits_fn(compile_decode, attention_mask if padded else None)
         else:
             next_logits = self._full_sequence_logits
         return generation_loop(next_logits, input_ids, max_new_tokens, sampling, eos_token_id)
@@ -122,9 +139,10 @@ class QuantizedCausalLM(QuantizedModel):
         """The model's max_position_embeddings (None when its config does not say)."""
         return getattr(self.model_config, "max_position_embeddings", None)
 
-    def decoder(self, batch_size: int, total_tokens: int, device: torch.device):
+    def decoder(self, batch_size: int, total_tokens: int, device: torch.device, padded: bool = False):
         """The ``CachedDecoder`` for this batch size whose cache holds ``total_tokens`` (its
-        length rounded up, see ``decode.cache_length_for``); captured and lowered on first use."""
+        length rounded up, see ``decode.cache_length_for``), padded or not; captured and lowered on
+        first use."""
         from .decode import (CachedDecoder, build_decode_graph, cache_length_for, decode_attention_default,
                              model_placement)
 
@@ -137,13 +155,13 @@ class QuantizedCausalLM(QuantizedModel):
             raise ValueError(f"input_ids are on {device} but the model is on {model_device}")
         length = cache_length_for(total_tokens, self.max_positions)
         attention = decode_attention_default()  # a graph per setting: flipping it takes effect
-        key = (batch_size, length, dtype, model_device, attention)
+        key = (batch_size, length, dtype, model_device, attention, padded)
         if key not in self._decoders:
             # outside inference mode even when called inside it: the KV cache is written in place
             # at every step, which an inference tensor forbids once the caller leaves that mode
             with torch.inference_mode(False):
-                graph = build_decode_graph(self.skeleton, self.store, batch_size, length,
-                                           share_with=self.gm, decode_attention=attention)
+                graph = build_decode_graph(self.skeleton, self.store, batch_size, length, share_with=self.gm,
+                                           decode_attention=attention, padded=padded)
             self._decoders[key] = CachedDecoder(graph)
         return self._decoders[key]
 

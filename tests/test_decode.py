@@ -81,7 +81,7 @@ def test_one_decode_graph_per_batch_size_for_all_prompt_lengths(qm_natural):
 
 def test_decode_graph_is_lowered_from_the_store_and_shares_its_buffers(qm_ssr):
     qm_ssr.generate(prompt(1, 4), 2)
-    step = qm_ssr._decoders[(1, 256, torch.float32, torch.device("cpu"), decode_attention_default())].step
+    step = qm_ssr._decoders[(1, 256, torch.float32, torch.device("cpu"), decode_attention_default(), False)].step
     assert count_ternary_linears(step.graph) == N_LINEARS
     # q/k/v and gate/up of each layer: one grouped op each; o_proj and down_proj stay single
     groups = [len(n.args[1]) for n in step.graph.nodes if n.target is GROUP_OP]
@@ -246,8 +246,8 @@ def test_without_skeleton_only_the_uncached_path_works(qm_natural):
     (dict(graph="decode"), "needs max_cache_len"),
     (dict(graph="decode", max_cache_len=300), r"max_cache_len=300 exceeds .* \(256\)"),
     (dict(graph="prefill"), "graph='prefill' is not supported"),
-    (dict(batch_size=4), 'batch_size and max_cache_len apply to graph="decode"'),
-    (dict(max_cache_len=64), 'batch_size and max_cache_len apply to graph="decode"'),
+    (dict(batch_size=4), 'batch_size, max_cache_len and padded apply to graph="decode"'),
+    (dict(max_cache_len=64), 'batch_size, max_cache_len and padded apply to graph="decode"'),
     (dict(graph="decode", batch_size=True, max_cache_len=64), "batch_size=True must be a positive integer"),
 ])
 def test_bad_export_arguments_are_rejected(qm_natural, kwargs, match):
@@ -298,9 +298,75 @@ def test_exported_decode_program_runs_as_an_aotinductor_package(qm_natural, tmp_
     assert torch.equal(seq, want)
 
 
+def left_padded(prompts, pad=0):
+    """(ids, attention_mask) of prompts of different lengths, left-padded to the longest."""
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("which", ["qm_ssr", "qm_natural"])
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(request, which):
+    qm = request.getfixturevalue(which)
+    prompts = [prompt(1, n, seed=n)[0] for n in (3, 9, 6)]
+    ids, mask = left_padded(prompts)
+    out = qm.generate(ids, 8, attention_mask=mask)
+    assert out.shape == (3, 9 + 8) and torch.equal(out[:, :9], ids)
+    for row, p in enumerate(prompts):
+        assert torch.equal(out[row, -8:], qm.generate(p[None], 8)[0, -8:]), row
+    # the unpadded rows of the same call are plain generation; a mask of ones takes the plain graph
+    assert torch.equal(qm.generate(ids, 8, attention_mask=torch.ones_like(ids)), qm.generate(ids, 8))
+    assert [key[-1] for key in qm._decoders].count(True) == 1
+
+
+def test_left_padded_sampling_and_eos_follow_the_same_rules(qm_natural):
+    ids, mask = left_padded([prompt(1, n, seed=n)[0] for n in (2, 5)])
+    kwargs = dict(do_sample=True, top_k=5, attention_mask=mask)
+    one = qm_natural.generate(ids, 6, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(one, qm_natural.generate(ids, 6, generator=torch.Generator().manual_seed(1), **kwargs))
+    eos = int(one[0, 5])  # the first sampled token of row 0: that row stops there
+    stopped = qm_natural.generate(ids, 6, generator=torch.Generator().manual_seed(1), eos_token_id=eos, **kwargs)
+    assert (stopped[0, 5:] == eos).all()
+
+
+def test_exported_padded_decode_program_generates_the_padded_batch(qm_ssr):
+    ids, mask = left_padded([prompt(1, n, seed=n)[0] for n in (4, 7)])
+    ep = pt2pass.export(qm_ssr, graph="decode", batch_size=2, max_cache_len=32, padded=True)
+    assert [n.op for n in ep.module().graph.nodes].count("placeholder") == 4
+    want = qm_ssr.generate(ids, 6, attention_mask=mask)
+    assert torch.equal(generate_with_program(ep, ids, 6, attention_mask=mask), want)
+
+
+@pytest.mark.parametrize("mask, match", [
+    (torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]), "pads the end of a row: generation needs left padding"),
+    (torch.tensor([[0, 1, 0, 1], [1, 1, 1, 1]]), "padding between tokens"),
+    (torch.tensor([[0, 2, 1, 1], [1, 1, 1, 1]]), "only 0 .padding. and 1"),
+    (torch.ones(2, 3, dtype=torch.long), r"tensor of input_ids' shape \(2, 4\)"),
+    (torch.ones(2, 4), "0 / 1 .int or bool., got torch.float32"),
+])
+def test_bad_attention_masks_are_rejected(qm_natural, mask, match):
+    with pytest.raises(ValueError, match=match):
+        qm_natural.generate(prompt(2, 4), 2, attention_mask=mask)
+
+
+def test_padding_needs_the_cached_path_and_the_full_graph_takes_a_mask_of_ones(qm_natural):
+    ids, mask = left_padded([prompt(1, n, seed=n)[0] for n in (2, 5)])
+    with pytest.raises(ValueError, match="needs the static cache"):
+        qm_natural.generate(ids, 2, attention_mask=mask, use_cache=False)
+    with pytest.raises(ValueError, match="attention_mask pads a row: the full-sequence graph"):
+        qm_natural(ids, attention_mask=mask)
+    assert torch.equal(qm_natural(ids, attention_mask=torch.ones_like(ids)).logits, qm_natural(ids).logits)
+    plain = qm_natural.decoder(2, 16, ids.device)
+    with pytest.raises(ValueError, match="takes no attention_mask: build it with padded=True"):
+        plain.generate(ids, 2, attention_mask=mask)
+
+
 def test_a_decoder_rejects_what_its_cache_cannot_hold(qm_natural):
     qm_natural.generate(prompt(1, 3), 1)
-    decoder = qm_natural._decoders[(1, 256, torch.float32, torch.device("cpu"), decode_attention_default())]
+    decoder = qm_natural._decoders[(1, 256, torch.float32, torch.device("cpu"), decode_attention_default(), False)]
     with pytest.raises(ValueError, match="exceeds the cache length"):
         decoder.generate(prompt(1, 250), 10)
     with pytest.raises(ValueError, match="built for batch 1, got 2"):
