@@ -133,6 +133,21 @@ def test_generate_greedy_and_seeded_sampling(tiny):
     assert "sampling (temperature 0.7, top-k 5, seed 3)" in first[1]
 
 
+@pytest.mark.parametrize("which", ["ckpt", "model"])
+def test_generate_a_batch_of_prompts_of_different_lengths(tiny, which):
+    """Repeated --prompt: one left-padded batch; each continuation is the one its prompt gets alone."""
+    alone = []
+    for text in ("To be", "Whether 'tis nobler"):
+        status, out, err = run_cli("generate", tiny[which], "--prompt", text, "--max-new-tokens", 6)
+        assert status == 0, err
+        alone.append(out.rpartition("\n\n[")[0])
+    status, out, err = run_cli("generate", tiny[which], "--prompt", "To be", "--prompt", "Whether 'tis nobler",
+                               "--max-new-tokens", 6)
+    assert status == 0, err
+    texts, _, stats = out.rpartition("\n\n[")
+    assert texts == "\n\n".join(alone) and "6 new tokens, batch 2" in stats
+
+
 def test_generate_full_precision_folder(tiny):
     status, out, err = run_cli("generate", tiny["model"], "--prompt", "To be",
                                "--max-new-tokens", 3)

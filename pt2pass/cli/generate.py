@@ -1,4 +1,4 @@
-"""``pt2pass generate MODEL_OR_CHECKPOINT --prompt ...``: continue a prompt."""
+"""``pt2pass generate MODEL_OR_CHECKPOINT --prompt ... [--prompt ...]``: continue prompts."""
 from __future__ import annotations
 
 import time
@@ -11,13 +11,15 @@ from .sources import EXPECTED_ANY, load_model, require_tokenizer
 
 DESCRIPTION = f"""Continue --prompt with a full-precision model or a pt2pass checkpoint.
 
-MODEL_OR_CHECKPOINT is {EXPECTED_ANY}. Decoding is greedy unless --do-sample is given; with
+MODEL_OR_CHECKPOINT is {EXPECTED_ANY}. Several --prompt options run as one batch (prompts of
+different lengths left-padded, with an attention mask). Decoding is greedy unless --do-sample is given; with
 --do-sample, --temperature scales the logits, --top-k keeps the k most likely tokens, and --seed
 makes the draw reproducible. Generation stops after --max-new-tokens or at the end-of-sequence
 token."""
 
 EPILOG = """examples:
   pt2pass generate smollm2 --prompt "ROMEO: But soft," --max-new-tokens 24
+  pt2pass generate ckpt/smollm2-ternary --prompt "To be," --prompt "Now is the winter of"
   pt2pass generate ckpt/smollm2-ternary --prompt "To be, or not" --do-sample \
       --temperature 0.8 --top-k 50"""
 
@@ -27,7 +29,8 @@ def add_parser(sub) -> None:
                     DESCRIPTION, EPILOG, run)
     p.add_argument("model", metavar="MODEL_OR_CHECKPOINT",
                    help="HF model folder, .gguf file, smollm2, or a pt2pass checkpoint folder")
-    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="the text to continue; repeat it for a batch")
     p.add_argument("--max-new-tokens", type=non_negative_int, default=32, metavar="N",
                    help="tokens to generate at most (default 32)")
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -47,39 +50,57 @@ def run(args) -> int:
     device = resolve_device(args.device)
     loaded = load_model(args.model, device)
     tok = require_tokenizer(loaded, "encode the prompt")
-    ids = tok(args.prompt, return_tensors="pt").input_ids.to(device)
-    if ids.shape[1] == 0:
-        raise CliError("--prompt encodes to no tokens")
+    ids, mask = _encode(tok, args.prompt)
+    ids, mask = ids.to(device), mask.to(device)
     temperature = 1.0 if args.temperature is None else args.temperature
     start = time.perf_counter()
     with torch.no_grad():
         if args.max_new_tokens == 0:
             out = ids
         elif loaded.is_checkpoint:
-            out = _generate_quantized(loaded.model, ids, args, temperature, tok.eos_token_id)
+            out = _generate_quantized(loaded.model, ids, mask, args, temperature, tok.eos_token_id)
         else:
-            out = _generate_hf(loaded.model, ids, args, temperature, tok)
+            out = _generate_hf(loaded.model, ids, mask, args, temperature, tok)
     seconds = time.perf_counter() - start
-    new = out[0, ids.shape[1]:]
+    new = out[:, ids.shape[1]:]
     mode = (f"sampling (temperature {temperature}, top-k {args.top_k or 'all'}, seed {args.seed})"
             if args.do_sample else "greedy")
-    print(args.prompt + tok.decode(new, skip_special_tokens=True))
-    print(f"\n[{loaded.description}: {new.numel()} new tokens in {seconds:.1f} s "
-          f"({new.numel() / max(seconds, 1e-9):.1f} tokens/s), {mode}, {device}]")
+    print("\n\n".join(text + tok.decode(row, skip_special_tokens=True) for text, row in zip(args.prompt, new)))
+    batch = f", batch {len(args.prompt)}" if len(args.prompt) > 1 else ""
+    print(f"\n[{loaded.description}: {new.shape[1]} new tokens{batch} in {seconds:.1f} s "
+          f"({new.shape[1] / max(seconds, 1e-9):.1f} tokens/s{' per sequence' if batch else ''}), "
+          f"{mode}, {device}]")
     return 0
 
 
-def _generate_quantized(qm, ids, args, temperature, eos_token_id):
+def _encode(tok, prompts):
+    """(input_ids, attention_mask) of the prompts, left-padded to the longest."""
+    lengths = [len(tok(text).input_ids) for text in prompts]
+    empty = [text for text, n in zip(prompts, lengths) if n == 0]
+    if empty:
+        raise CliError(f"--prompt {empty[0]!r} encodes to no tokens")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(lengths)
+    ids = torch.full((len(prompts), width), pad if pad is not None else 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, text in enumerate(prompts):
+        row_ids = torch.tensor(tok(text).input_ids, dtype=torch.long)
+        ids[row, width - len(row_ids):], mask[row, width - len(row_ids):] = row_ids, 1
+    return ids, mask
+
+
+def _generate_quantized(qm, ids, mask, args, temperature, eos_token_id):
     generator = torch.Generator(device=ids.device).manual_seed(args.seed)
     return qm.generate(ids, args.max_new_tokens, do_sample=args.do_sample, temperature=temperature,
-                       top_k=args.top_k, eos_token_id=eos_token_id, generator=generator)
+                       top_k=args.top_k, eos_token_id=eos_token_id, generator=generator,
+                       attention_mask=mask)
 
 
-def _generate_hf(model, ids, args, temperature, tok):
+def _generate_hf(model, ids, mask, args, temperature, tok):
     torch.manual_seed(args.seed)  # HF sampling draws from the global generator
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
-                  attention_mask=torch.ones_like(ids), pad_token_id=pad)
+                  attention_mask=mask, pad_token_id=pad)
     if args.do_sample:
         # top_k=0 switches HF's default top-k of 50 off, as "all" means here
         kwargs.update(temperature=temperature, top_k=args.top_k or 0)
