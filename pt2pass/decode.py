@@ -308,7 +308,7 @@ class CachedDecoder:
         only; the slots after the prompt count as tokens."""
         if compile_decode is None:
             compile_decode = self.compile_decode
-        if attention_mask is not None and not self.padded:
+        if attention_mask is not None and not self.padded and not bool(attention_mask.all()):
             raise ValueError("this decode graph takes no attention_mask: build it with padded=True "
                              "(QuantizedCausalLM.generate does when the mask pads a row)")
         cache_mask = None
@@ -428,6 +428,9 @@ def check_padding_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) ->
     mask = attention_mask.long()
     if not ((mask == 0) | (mask == 1)).all():
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask row {empty[0]} has no tokens (all padding)")
     if not mask[:, -1].all():
         raise ValueError("attention_mask pads the end of a row: generation needs left padding "
                          "(tokenizer.padding_side = 'left')")

@@ -346,6 +346,7 @@ def test_exported_padded_decode_program_generates_the_padded_batch(qm_ssr):
     (torch.tensor([[0, 2, 1, 1], [1, 1, 1, 1]]), "only 0 .padding. and 1"),
     (torch.ones(2, 3, dtype=torch.long), r"tensor of input_ids' shape \(2, 4\)"),
     (torch.ones(2, 4), "0 / 1 .int or bool., got torch.float32"),
+    (torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), "row 1 has no tokens"),
 ])
 def test_bad_attention_masks_are_rejected(qm_natural, mask, match):
     with pytest.raises(ValueError, match=match):
@@ -362,6 +363,8 @@ def test_padding_needs_the_cached_path_and_the_full_graph_takes_a_mask_of_ones(q
     plain = qm_natural.decoder(2, 16, ids.device)
     with pytest.raises(ValueError, match="takes no attention_mask: build it with padded=True"):
         plain.generate(ids, 2, attention_mask=mask)
+    # a mask that pads nothing (a tokenizer's, for prompts of one length) is accepted as by generate
+    assert torch.equal(plain.generate(ids, 2, attention_mask=torch.ones_like(ids)), plain.generate(ids, 2))
 
 
 def test_a_decoder_rejects_what_its_cache_cannot_hold(qm_natural):
