@@ -227,6 +227,10 @@ def model_placement(model: nn.Module) -> Tuple[torch.dtype, torch.device]:
     raise ValueError(f"{type(model).__name__} has no real floating-point parameter")
 
 
+class OneTokenStepError(NotImplementedError):
+    """The captured step cannot run one token (check_one_token_step)."""
+
+
 def check_one_token_step(gm: fx.GraphModule, model_name: str, batch_size: int, max_cache_len: int,
                          device, padded: bool) -> None:
     """Run the step once on one token, then empty the cache again: some models' position code
@@ -244,10 +248,10 @@ def check_one_token_step(gm: fx.GraphModule, model_name: str, batch_size: int, m
     except RuntimeError as exc:
         if "Runtime assertion failed" not in str(exc):
             raise
-        raise NotImplementedError(
+        raise OneTokenStepError(
             f"{model_name}'s static-cache decode step was captured for two or more tokens only "
-            f"(torch.export: {exc}); generate with use_cache=False (the full sequence per token) "
-            "instead") from exc
+            f"(torch.export: {exc}); export the padded step instead (padded=True: positions as an "
+            "input), which QuantizedCausalLM.generate falls back to") from exc
 
 
 def share_equal_buffers(gm: fx.GraphModule, source: nn.Module) -> int:

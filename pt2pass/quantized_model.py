@@ -6,6 +6,7 @@ an output with ``.logits``). It carries the quantization store (per-layer result
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -15,6 +16,8 @@ from torch import nn
 from .lowering.lower import TERNARY_OP
 from .sampling import EosIds, Sampling, check_prompt, generation_loop
 from .store import QuantStore
+
+log = logging.getLogger(__name__)
 
 
 class QuantizedModel(nn.Module):
@@ -143,8 +146,8 @@ class QuantizedCausalLM(QuantizedModel):
         """The ``CachedDecoder`` for this batch size whose cache holds ``total_tokens`` (its
         length rounded up, see ``decode.cache_length_for``), padded or not; captured and lowered on
         first use."""
-        from .decode import (CachedDecoder, build_decode_graph, cache_length_for, decode_attention_default,
-                             model_placement)
+        from .decode import (CachedDecoder, OneTokenStepError, build_decode_graph, cache_length_for,
+                             decode_attention_default, model_placement)
 
         if self.skeleton is None:
             raise ValueError("this QuantizedCausalLM has no skeleton model to capture a decode "
@@ -160,8 +163,16 @@ class QuantizedCausalLM(QuantizedModel):
             # outside inference mode even when called inside it: the KV cache is written in place
             # at every step, which an inference tensor forbids once the caller leaves that mode
             with torch.inference_mode(False):
-                graph = build_decode_graph(self.skeleton, self.store, batch_size, length, share_with=self.gm,
-                                           decode_attention=attention, padded=padded)
+                try:
+                    graph = build_decode_graph(self.skeleton, self.store, batch_size, length, share_with=self.gm,
+                                               decode_attention=attention, padded=padded)
+                except OneTokenStepError:
+                    # e.g. OPT, whose positions come from a mask when none are given: the padded
+                    # step takes them as an input (and an all-ones mask when nothing pads)
+                    log.info("%s: the plain decode step fails on one token; using the padded one",
+                             type(self.skeleton).__name__)
+                    graph = build_decode_graph(self.skeleton, self.store, batch_size, length, share_with=self.gm,
+                                               decode_attention=attention, padded=True)
             self._decoders[key] = CachedDecoder(graph)
         return self._decoders[key]
 

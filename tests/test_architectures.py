@@ -1,7 +1,7 @@
 """pt2pass.compile on tiny random LLaMA, Qwen2 (q/k/v bias), Qwen3 (q/k norms) and Mistral, with
 tied and untied embeddings; sliding-window models (Mistral, Gemma 3) generating past the window;
 fourteen more decoder families (MORE_ARCHITECTURES); clear refusals of GPT-2 (Conv1D, no
-nn.Linear), OPT's decode step and Falcon's FalconLinear.
+nn.Linear) and Falcon's FalconLinear; OPT's decode through the padded step.
 
 The four main model classes exist in transformers 5.17 (the GPU machine) and 5.23.
 """
@@ -15,6 +15,7 @@ from torch import nn
 import pt2pass
 from pt2pass import CompileConfig, TernaryConfig
 from pt2pass.capture import LINEAR_OP, WEIGHT_FQN
+from pt2pass.decode import generate_with_program
 from pt2pass.lowering.lower import TERNARY_OP
 
 ARCHITECTURES = {  # name: (config class, model class, extra settings)
@@ -147,19 +148,24 @@ def test_sliding_window_models_generate_with_the_cache_past_the_window(arch):
     assert not torch.equal(tokens[8], tokens[None])
 
 
-def test_a_decode_step_captured_for_two_or_more_tokens_is_refused_by_name():
-    """OPT's learned positions are captured with a data-dependent length >= 2: the one-token
-    decode step would fail at its first call with torch's bare runtime assertion."""
+def test_a_decode_step_captured_for_two_or_more_tokens_falls_back_to_the_padded_step():
+    """OPT computes positions from the attention mask when given none, captured with a
+    data-dependent length >= 2: its plain one-token step would fail with torch's bare runtime
+    assertion. generate takes the padded step (positions as an input) instead; exporting the plain
+    step is refused by name, with the way out."""
     torch.manual_seed(0)
     config = transformers.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=1,
                                     num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64)
     qm = pt2pass.compile(transformers.OPTForCausalLM(config).eval(), None, config=CompileConfig(ternary=RTN),
                          progress=False)
-    ids = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(9))
+    ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(9))
+    assert torch.equal(qm.generate(ids, 6), qm.generate_no_cache(ids, 6))
+    assert [decoder.padded for decoder in qm._decoders.values()] == [True]
     with pytest.raises(NotImplementedError, match=r"OPTForCausalLM's static-cache decode step was captured "
-                                                  r"for two or more tokens only .*use_cache=False"):
-        qm.generate(ids, 4)
-    assert qm.generate(ids, 4, use_cache=False).shape == (1, 9)
+                                                  r"for two or more tokens only .*padded=True"):
+        pt2pass.export(qm, graph="decode", batch_size=2, max_cache_len=32)
+    ep = pt2pass.export(qm, graph="decode", batch_size=2, max_cache_len=32, padded=True)
+    assert torch.equal(generate_with_program(ep, ids, 6), qm.generate(ids, 6))
 
 
 def test_falcon_linear_that_bypasses_aten_linear_is_named():
