@@ -171,6 +171,13 @@ def test_export_full_and_decode_programs(tiny):
     small = tiny["root"] / "small.pt2"
     status, out, err = run_cli("export", tiny["ckpt"], small, "--decode", "--max-cache-len", 8)
     assert status == 2 and "--max-cache-len 8 leaves no room to verify" in err and not small.exists()
+    # the padded step (left-padded batches), verified the same way
+    padded = tiny["root"] / "padded.pt2"
+    status, out, err = run_cli("export", tiny["ckpt"], padded, "--decode", "--max-cache-len", 32,
+                               "--batch-size", 2, "--padded")
+    assert status == 0 and "generates the checkpoint's greedy tokens" in out, err
+    status, out, err = run_cli("export", tiny["ckpt"], tiny["root"] / "x.pt2", "--padded")
+    assert status == 2 and "--max-cache-len and --padded only apply with --decode" in err
 
 
 def test_report_from_checkpoint_and_json(tiny):
@@ -204,7 +211,7 @@ def test_bench_reports_the_path_that_ran():
     ("eval", ["--text", "--text-column", "--seqlen", "--windows", "--device"]),
     ("generate", ["--prompt", "--max-new-tokens", "--do-sample", "--temperature", "--top-k",
                   "--seed"]),
-    ("export", ["CHECKPOINT", "OUT.pt2", "--decode", "--max-cache-len"]),
+    ("export", ["CHECKPOINT", "OUT.pt2", "--decode", "--max-cache-len", "--padded"]),
     ("report", ["--plots", "--ablation"]),
     ("bench", ["--shapes", "--m", "--dtype", "CPU"]),
     ("demo", ["--n-calib", "--eval-windows", "--no-aga", "--order", "--seed"]),

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ..decode import OneTokenStepError
 from ..lowering.group_siblings import describe_ternary_ops
 from .common import CliError, add_command, add_device_arg, positive_int, resolve_device
 from .sources import load_checkpoint
@@ -15,7 +16,9 @@ DESCRIPTION = """Export a pt2pass checkpoint with torch.export and save it as a 
 By default the program computes the logits of the full sequence (dynamic batch and sequence
 length). With --decode it is the static-KV-cache step instead: (input_ids (B, S), cache_position
 (S,)) -> logits of the last position, S in [1, --max-cache-len], the cache held in the program's
-buffers and written in place (generate with pt2pass.decode.generate_with_program). The full
+buffers and written in place (generate with pt2pass.decode.generate_with_program); with --padded
+the step also takes attention_mask (B, max cache length) and position_ids (B, S), for left-padded
+prompts of different lengths (and for models such as OPT, whose plain step cannot run one token). The full
 program holds one pt2pass.ternary_linear node per ternarized Linear; the decode step holds one
 pt2pass.ternary_linear_group node per group of Linears reading the same input (q/k/v, gate/up) and
 one pt2pass.ternary_linear node per other Linear. Load it in any process with `import pt2pass`
@@ -27,7 +30,8 @@ program."""
 
 EPILOG = """examples:
   pt2pass export ckpt/smollm2-ternary smollm2-ternary.pt2
-  pt2pass export ckpt/smollm2-ternary decode.pt2 --decode --max-cache-len 512"""
+  pt2pass export ckpt/smollm2-ternary decode.pt2 --decode --max-cache-len 512
+  pt2pass export ckpt/smollm2-ternary decode.pt2 --decode --max-cache-len 512 --batch-size 4 --padded"""
 
 VERIFY_TOKENS = 8
 
@@ -44,6 +48,8 @@ def add_parser(sub) -> None:
                    help="with --decode: prompt + generated tokens the cache holds (required)")
     p.add_argument("--batch-size", type=positive_int, default=1, metavar="N",
                    help="with --decode: sequences decoded at once, fixed in the program (default 1)")
+    p.add_argument("--padded", action="store_true",
+                   help="with --decode: the step also takes attention_mask and position_ids (left padding)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip loading the saved program back and comparing its logits")
     add_device_arg(p)
@@ -58,8 +64,8 @@ def run(args) -> int:
         raise CliError(f"OUT {str(args.out)!r} is a folder")
     if args.decode and args.max_cache_len is None:
         raise CliError("--decode needs --max-cache-len (prompt + new tokens the cache holds)")
-    if not args.decode and args.max_cache_len is not None:
-        raise CliError("--max-cache-len only applies with --decode")
+    if not args.decode and (args.max_cache_len is not None or args.padded):
+        raise CliError("--max-cache-len and --padded only apply with --decode")
     if args.decode and not args.no_verify and args.max_cache_len <= VERIFY_TOKENS:
         # refused before exporting: nothing is written that could not be verified
         raise CliError(f"--max-cache-len {args.max_cache_len} leaves no room to verify after a "
@@ -68,8 +74,11 @@ def run(args) -> int:
     loaded = load_checkpoint(args.checkpoint, device)
     start = time.perf_counter()
     if args.decode:
-        ep = pt2pass.export(loaded.model, graph="decode", batch_size=args.batch_size,
-                            max_cache_len=args.max_cache_len)
+        try:
+            ep = pt2pass.export(loaded.model, graph="decode", batch_size=args.batch_size,
+                                max_cache_len=args.max_cache_len, padded=args.padded)
+        except OneTokenStepError as e:
+            raise CliError(f"{e} (--padded)") from e
     else:
         ep = pt2pass.export(loaded.model)
     export_s = time.perf_counter() - start
