@@ -11,9 +11,9 @@
 # H200; attention, attn_ab at 8 layers, ternary e2e7b at batch 8 with SDPA: session 11; e2e7b,
 # e2e8b with the decode attention on, attention again, profile of the 7B step, fuzz to 200 of 256
 # cases: session 13; on the H100: kernels (all 42 rows with gemlite), the swapped-GEMM sweep (swap),
-# fuzz 256/256: session 14). Owed, first: lowering (session 14's compile check failed on the
-# SWAP constexpr's default, fixed after the run, not re-run), then kernels again (M = 256 now runs
-# the swapped GEMM: expected ~0.58x bf16, not timed), e2e7b8 / e2e7b8bf16 (batch 8 with the decode
+# fuzz 256/256: session 14; lowering incl. the padded-batch check, kernels without gemlite at
+# M = 256 (0.58x) and 1-2048: session 15, H100). Owed, first: e2e7b on the H100 (issue 5's figures
+# are session 13's, H200), kernels with gemlite in one run at this code, e2e7b8 / e2e7b8bf16 (batch 8 with the decode
 # attention), profile on the 8B shape (profile_decode.py --shape llama3-8b ... --log-autotune:
 # session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the autotuned kernel
 # on all 7 shapes; its correctness checks alone outlasted 230 s in session 13), quant7b on the
