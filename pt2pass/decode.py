@@ -44,7 +44,7 @@ from .lowering.lower import fetch_attr
 from .lowering.lower_attention import LowerDecodeAttention
 from .lowering.ops import compile_fresh
 from .pass_manager import PassManager
-from .sampling import EosIds, NextLogits, Sampling, check_prompt, generation_loop
+from .sampling import EosIds, NextLogits, Sampling, check_padding_mask, check_prompt, generation_loop
 from .store import QuantStore
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,8 @@ def check_one_token_step(gm: fx.GraphModule, model_name: str, batch_size: int, m
     (e.g. OPT's) is captured with a data-dependent length that must be >= 2, and would fail at the
     first decode step with torch's bare runtime assertion."""
     ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
-    padding = padding_inputs(torch.ones(batch_size, max_cache_len, dtype=torch.long, device=device),
-                             0, 1) if padded else ()
+    mask = torch.ones(batch_size, max_cache_len, dtype=torch.long, device=device)
+    padding = (mask, mask_positions(mask)[:, :1].contiguous()) if padded else ()
     try:
         with torch.no_grad():
             gm(ids, torch.zeros(1, dtype=torch.long, device=device), *padding)
@@ -308,8 +308,8 @@ class CachedDecoder:
                   attention_mask: Optional[torch.Tensor] = None) -> NextLogits:
         """``sampling.NextLogits`` over this cache: the prompt on the first call (eagerly), then
         only ids[:, -1] (through the compiled step when ``compile_decode``). ``attention_mask``:
-        the prompt's (B, P) left-padding mask (checked by ``check_padding_mask``), padded steps
-        only; the slots after the prompt count as tokens."""
+        the prompt's (B, P) left-padding mask (checked by ``sampling.check_padding_mask``),
+        padded steps only; the slots after the prompt count as tokens."""
         if compile_decode is None:
             compile_decode = self.compile_decode
         if attention_mask is not None and not self.padded and not bool(attention_mask.all()):
@@ -323,6 +323,7 @@ class CachedDecoder:
                     raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not fit this "
                                      f"decode graph (batch {self.batch_size}, cache {self.max_cache_len})")
                 cache_mask[:, :attention_mask.shape[1]] = attention_mask
+            slot_positions = mask_positions(cache_mask)  # once per generation, not per step
         one_token = self.compiled_step() if compile_decode else None
 
         def next_logits(ids: torch.Tensor, first: bool) -> torch.Tensor:
@@ -340,7 +341,9 @@ class CachedDecoder:
             positions = torch.arange(start, ids.shape[1], device=ids.device)
             inputs = (tokens, positions)
             if cache_mask is not None:
-                inputs += padding_inputs(cache_mask, start, ids.shape[1])
+                # a fresh contiguous copy, as for the tokens (the compiled step's stride guards)
+                inputs += (cache_mask, slot_positions[:, start:ids.shape[1]].clone(
+                    memory_format=torch.contiguous_format))
             if one_token is not None and tokens.shape[1] == 1:
                 # CUDA graphs reuse their output memory: start a new step so that the previous
                 # logits (already consumed) may be overwritten, and copy these out.
@@ -409,36 +412,12 @@ def step_inputs(batch_size: int, max_cache_len: int, device: torch.device, padde
     if not padded:
         return args, ({1: tokens}, {0: tokens})
     mask = torch.ones(batch_size, max_cache_len, dtype=torch.long, device=device)
-    return args + padding_inputs(mask, 0, 2), ({1: tokens}, {0: tokens}, None, {1: tokens})
+    padding = (mask, mask_positions(mask)[:, :2].contiguous())
+    return args + padding, ({1: tokens}, {0: tokens}, None, {1: tokens})
 
 
-def padding_inputs(cache_mask: torch.Tensor, start: int, end: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(attention_mask, position_ids) of a padded step over slots start..end-1: each row's
-    positions count its real tokens before the slot (0 on its left pads, which the mask hides)."""
-    positions = (cache_mask[:, :end].cumsum(1) - 1).clamp(min=0)[:, start:end]
-    return cache_mask, positions.contiguous()
+def mask_positions(cache_mask: torch.Tensor) -> torch.Tensor:
+    """The position of every cache slot under a padded step's (B, L) mask: each row's real tokens
+    before the slot (0 on its left pads, which the mask hides)."""
+    return (cache_mask.cumsum(1) - 1).clamp(min=0)
 
-
-def check_padding_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> bool:
-    """Whether ``attention_mask`` pads any row (False when it is all ones); a clear error unless it
-    is the left padding a padded decode graph handles."""
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
-                         f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
-    if attention_mask.device != input_ids.device:
-        raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
-    if attention_mask.is_floating_point() or attention_mask.is_complex():
-        raise ValueError(f"attention_mask must hold 0 / 1 (int or bool), got {attention_mask.dtype}")
-    mask = attention_mask.long()
-    if not ((mask == 0) | (mask == 1)).all():
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
-    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"attention_mask row {empty[0]} has no tokens (all padding)")
-    if not mask[:, -1].all():
-        raise ValueError("attention_mask pads the end of a row: generation needs left padding "
-                         "(tokenizer.padding_side = 'left')")
-    if (mask.diff(dim=1) < 0).any():
-        raise ValueError("attention_mask has padding between tokens: only left padding (zeros, "
-                         "then ones) is supported")
-    return not bool(mask.all())

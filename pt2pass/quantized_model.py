@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from .lowering.lower import TERNARY_OP
-from .sampling import EosIds, Sampling, check_prompt, generation_loop
+from .sampling import EosIds, Sampling, check_padding_mask, check_prompt, generation_loop
 from .store import QuantStore
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,6 @@ class QuantizedCausalLM(QuantizedModel):
         """``attention_mask`` is accepted when it pads nothing (as a tokenizer returns it for
         one text): the full-sequence graph is captured without one."""
         if attention_mask is not None:
-            from .decode import check_padding_mask
             if check_padding_mask(attention_mask, input_ids):
                 raise ValueError("attention_mask pads a row: the full-sequence graph has no mask "
                                  "input; run the rows one at a time (generate takes left padding)")
@@ -107,8 +106,6 @@ class QuantizedCausalLM(QuantizedModel):
         tokenizer with ``padding_side="left"`` returns); each row generates what it would alone,
         through a padded decode graph (``decode`` module doc); the pads stay in the output.
         """
-        from .decode import check_padding_mask
-
         sampling = Sampling(do_sample, temperature, top_k, generator)
         check_prompt(input_ids, max_new_tokens, self.max_positions,
                      vocab_size=getattr(self.model_config, "vocab_size", None))

@@ -72,6 +72,31 @@ def check_prompt(input_ids: torch.Tensor, max_new_tokens: int, max_positions: Op
                          f"({max_new_tokens}) = {total} exceeds {limit} ({max_positions})")
 
 
+def check_padding_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> bool:
+    """Whether ``attention_mask`` pads any row (False when it is all ones); a clear error unless it
+    is the left padding a padded decode graph handles."""
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    if attention_mask.device != input_ids.device:
+        raise ValueError(f"attention_mask is on {attention_mask.device}, input_ids on {input_ids.device}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise ValueError(f"attention_mask must hold 0 / 1 (int or bool), got {attention_mask.dtype}")
+    mask = attention_mask.long()
+    if not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"attention_mask row {empty[0]} has no tokens (all padding)")
+    if not mask[:, -1].all():
+        raise ValueError("attention_mask pads the end of a row: generation needs left padding "
+                         "(tokenizer.padding_side = 'left')")
+    if (mask.diff(dim=1) < 0).any():
+        raise ValueError("attention_mask has padding between tokens: only left padding (zeros, "
+                         "then ones) is supported")
+    return not bool(mask.all())
+
+
 def eos_ids(eos_token_id: EosIds, device: torch.device) -> Optional[torch.Tensor]:
     """``eos_token_id`` (None, an id, or several, as in Hugging Face generation configs) as a 1-D
     tensor; the first one pads finished rows."""

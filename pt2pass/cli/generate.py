@@ -75,17 +75,16 @@ def run(args) -> int:
 
 def _encode(tok, prompts):
     """(input_ids, attention_mask) of the prompts, left-padded to the longest."""
-    lengths = [len(tok(text).input_ids) for text in prompts]
-    empty = [text for text, n in zip(prompts, lengths) if n == 0]
+    encoded = [tok(text).input_ids for text in prompts]
+    empty = [text for text, row in zip(prompts, encoded) if not row]
     if empty:
         raise CliError(f"--prompt {empty[0]!r} encodes to no tokens")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    width = max(lengths)
+    width = max(len(row) for row in encoded)
     ids = torch.full((len(prompts), width), pad if pad is not None else 0, dtype=torch.long)
     mask = torch.zeros_like(ids)
-    for row, text in enumerate(prompts):
-        row_ids = torch.tensor(tok(text).input_ids, dtype=torch.long)
-        ids[row, width - len(row_ids):], mask[row, width - len(row_ids):] = row_ids, 1
+    for i, row in enumerate(encoded):
+        ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row, dtype=torch.long), 1
     return ids, mask
 
 
