@@ -184,6 +184,61 @@ def check_decode_graph_attention():
     print(f"  decode graph, 13 steps: last rel err {err:.1e}; the split kernel ran", flush=True)
 
 
+def check_fused_norm():
+    """pt2pass.add_rms_norm_linear_group (session 16): opcheck and values against the unfused ops
+    (one row: the add and RMSNorm inside the grouped GEMV's quantize launch; three rows: torch,
+    then the group), then a tiny LLaMA's CUDA-graphed decode graph with and without FuseAddRMSNorm:
+    the same logits step by step, and a profiled step shows the fused quantize kernel ran."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pt2pass.decode import CachedDecoder, build_decode_graph
+    from pt2pass.lowering.fuse_add_rms_norm import FUSED_OP
+    from pt2pass.lowering.reference import rms_norm_reference
+
+    members = [layer(1024, 512, 5), layer(512, 512, 6), layer(256, 512, 7)]
+    for rows, extras in ((1, True), (1, False), (3, True)):
+        a, b = (torch.randn(rows, 512, device=DEV, dtype=torch.bfloat16) * 8 for _ in range(2))
+        w = torch.rand(512, device=DEV, dtype=torch.bfloat16) + 0.5
+        packed, alpha, mu, bias, perm = map(list, zip(*members))
+        if not extras:
+            bias, perm = [None] * 3, [None] * 3
+        args = (a, b, w, 1e-5, packed, alpha, mu, bias, perm)
+        torch.library.opcheck(FUSED_OP, args)
+        h, *ys = FUSED_OP(*args)
+        assert torch.equal(h, a + b)
+        x = rms_norm_reference(a + b, w, 1e-5)
+        for y, ref in zip(ys, GROUP(x, packed, alpha, mu, bias, perm)):
+            assert rel(y, ref) < 1e-2, (rows, extras, rel(y, ref))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).to(DEV, torch.bfloat16).eval()
+    ternary = pt2pass.TernaryConfig(method="rtn", aga=False, compensation="none", order="natural")
+    qm = pt2pass.compile(model, None, config=pt2pass.CompileConfig(ternary=ternary), progress=False)
+    steps = {}
+    for flag in ("0", "1"):
+        os.environ["PT2PASS_FUSE_NORM"] = flag
+        steps[flag] = build_decode_graph(qm.skeleton, qm.store, 1, 64)
+    del os.environ["PT2PASS_FUSE_NORM"]
+    assert sum(n.target is FUSED_OP for n in steps["1"].graph.nodes) == 2 * cfg.num_hidden_layers - 1
+    torch._dynamo.utils.counters.clear()
+    fns = {flag: CachedDecoder(g).logits_fn(compile_decode=True) for flag, g in steps.items()}
+    ids = torch.randint(0, cfg.vocab_size, (1, 8), device=DEV)
+    with torch.no_grad():
+        for i in range(13):
+            plain, fused = fns["0"](ids, i == 0), fns["1"](ids, i == 0)
+            err = rel(fused, plain)
+            assert err < 2e-2, f"step {i}: rel err {err:.2e}"
+            ids = torch.cat([ids, plain.argmax(-1, keepdim=True)], 1)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fns["1"](ids, False)
+            torch.cuda.synchronize()
+    names = {e.name for e in prof.events()}
+    assert any("_add_norm_quantize_kernel" in n for n in names), sorted(names)
+    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"], "a step ran without CUDA graphs"
+    print(f"  fused decode graph, 13 steps: last rel err {err:.1e}; the fused quantize kernel ran", flush=True)
+
+
 def check_padded_generate():
     """Left-padded prompts of three lengths in one batch on a tiny Mistral with a 16-token sliding
     window (bf16, rtn codes, CUDA graphs as generate runs them): every row's logits over 24 steps
@@ -282,7 +337,7 @@ def check_aoti():
 def main():
     failed = 0
     checks = (check_opcheck, check_compile_inlines_kernels, check_export_round_trip, check_attention,
-              check_decode_graph_attention, check_padded_generate, check_aoti)
+              check_decode_graph_attention, check_fused_norm, check_padded_generate, check_aoti)
     only = sys.argv[1:]  # e.g. check_aoti: run just these
     for check in [c for c in checks if not only or c.__name__ in only]:
         t = time.time()

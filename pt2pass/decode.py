@@ -39,6 +39,7 @@ from torch import nn
 
 from .assemble import lower_from_store, real_device, traceable_weights
 from .capture import CaptureError, capture_error_message, tag_linears
+from .lowering.fuse_add_rms_norm import FuseAddRMSNorm, fuse_norm_default
 from .lowering.group_siblings import GroupSiblingLinears
 from .lowering.lower import fetch_attr
 from .lowering.lower_attention import LowerDecodeAttention
@@ -203,6 +204,7 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
     if decode_attention is None:
         decode_attention = decode_attention_default()
     passes = [GroupSiblingLinears()] if group_siblings else []
+    passes += [FuseAddRMSNorm()] if group_siblings and fuse_norm_default() else []
     passes += [LowerDecodeAttention()] if decode_attention else []
     if passes:
         gm = PassManager(passes)(gm)

@@ -2,18 +2,22 @@
 
     python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --tma 0 1 0 1
     python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --env PT2PASS_FUSE_X=0 PT2PASS_FUSE_X=1
+    python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --bf16 --env inductor.triton.enable_pdl=0 inductor.triton.enable_pdl=1
 
 Builds the random bf16 LLaMA-shaped model of bench_e2e.py, ternarizes it (``method="rtn"``), and
 for each ``--tma`` setting (``PT2PASS_TMA`` read when the step is traced, so each setting gets its
-own compiled step in this process; ``--env`` sets any such variables) times the decode step
+own compiled step in this process; ``--env`` sets any such variables, and ``inductor.NAME=V`` patches
+torch._inductor.config while that setting's step compiles) times the decode step
 exactly as generation runs it (compiled with CUDA graphs, one token at position ``--position``),
 then profiles ``--steps`` replays and prints GPU time per step by kernel family and the top
-kernels. ``--bf16`` profiles the bf16 model first. Wall time per step minus the kernels' sum is
+kernels. ``--bf16`` profiles the bf16 model first (under each ``--env`` setting that patches
+Inductor's config, since those change its kernels too). Wall time per step minus the kernels' sum is
 what the GPU spends between kernels.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -116,6 +120,31 @@ def log_autotuning() -> None:
     logger.propagate = False  # torch's own handlers would print all of its debug lines too
 
 
+@contextlib.contextmanager
+def applied(setting: str):
+    """Environment variables and ``inductor.NAME=V`` config patches of one ``--env`` setting, undone
+    after (each setting on its own, not on top of the ones before)."""
+    items = dict(item.split("=", 1) for item in setting.split(","))
+    patches = {k[len("inductor."):]: _parsed(k[len("inductor."):], v) for k, v in items.items()
+               if k.startswith("inductor.")}
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in items.items() if not k.startswith("inductor.")})
+    try:
+        with torch._inductor.config.patch(patches):
+            yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _parsed(name: str, value: str):
+    """``value`` in the type of torch._inductor.config's ``name`` (e.g. triton.enable_pdl: bool)."""
+    current = torch._inductor.config
+    for part in name.split("."):
+        current = getattr(current, part)
+    return bool(int(value)) if isinstance(current, bool) else type(current)(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b")
@@ -140,19 +169,20 @@ def main() -> None:
           flush=True)
     model = build_model(args.shape, args.layers)
     results = {}
+    settings = args.env or [f"PT2PASS_TMA={tma}" for tma in args.tma]
+    empty = QuantStore()
     if args.bf16:
-        empty = QuantStore()
-        results["bf16"] = measure("bf16", make_skeleton(model, empty), empty, args)
+        for i, setting in enumerate(s for s in settings if "inductor." in s):
+            with applied(setting):
+                results[f"bf16 {setting} #{i}"] = measure(f"bf16, {setting}", make_skeleton(model, empty), empty, args)
+        if not any("inductor." in s for s in settings):
+            results["bf16"] = measure("bf16", make_skeleton(model, empty), empty, args)
     qm = pt2pass.compile(model, config=pt2pass.CompileConfig(ternary=pt2pass.TernaryConfig(method="rtn")),
                          progress=False)
     del model
-    settings = args.env or [f"PT2PASS_TMA={tma}" for tma in args.tma]
     for i, setting in enumerate(settings):
-        saved = dict(os.environ)
-        os.environ.update(dict(item.split("=", 1) for item in setting.split(",")))
-        results[f"ternary {setting} #{i}"] = measure(f"ternary, {setting} (run {i})", qm.skeleton, qm.store, args)
-        os.environ.clear()  # each setting on its own, not on top of the ones before
-        os.environ.update(saved)
+        with applied(setting):
+            results[f"ternary {setting} #{i}"] = measure(f"ternary, {setting} (run {i})", qm.skeleton, qm.store, args)
     print("\n| run | us per step | tok/s |\n|---|---|---|")
     for label, wall in results.items():
         print(f"| {label} | {wall * 1e6:.1f} | {args.batch / wall:.1f} |")

@@ -91,7 +91,8 @@ _DP2A_TYPES = {"xp_ptr": "*i32", "xint_ptr": "*i32", "w_ptr": "*i32", "xscale_pt
                "a_ptr": "*bf16", "mu_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
 _GROUP_TYPES = {**{f"w{i}": "*i32" for i in range(3)}, **{f"{n}{i}": "*bf16" for n in ("a", "mu", "bias", "out")
                                                            for i in range(3)},
-                "xp_ptr": "*i32", "xint_ptr": "*i32", "xscale_ptr": "*fp32", "xs_ptr": "*fp32"}
+                "xp_ptr": "*i32", "xint_ptr": "*i32", "xscale_ptr": "*fp32", "xs_ptr": "*fp32", "ss_ptr": "*fp32",
+                "eps": "fp64"}  # a Python float as Inductor types it
 _QUANT_TYPES = {"x_ptr": "*bf16", "perm_ptr": "*i64", "xp_ptr": "*i32", "xint_ptr": "*i32", "xscale_ptr": "*fp32",
                 "xs_ptr": "*fp32", **{f"perm{i}": "*i64" for i in range(3)}}
 
@@ -105,7 +106,7 @@ def decode_kernel_builds(quick: bool):
     grouped one with every autotune config (``quick``: the first plain and the first TMA one), the
     integer-MMA GEMV with every config for one and two x tiles (``quick``: the first), the decode
     attention kernels, and the x quantizers."""
-    from pt2pass.lowering.kernels import decode_attention, gemv_dp2a, gemv_group, gemv_imma
+    from pt2pass.lowering.kernels import decode_attention, gemv_dp2a, gemv_group, gemv_imma, norm_group
     from pt2pass.lowering.kernels.common import PREPACK
 
     configs = gemv_dp2a.dp2a_configs(tma=True)
@@ -117,8 +118,9 @@ def decode_kernel_builds(quick: bool):
         tag = f"BN={kw['BN']} NBT={kw['NBT']} warps={c.num_warps} STAGES={kw['STAGES']} TMA={kw['USE_TMA']}"
         builds.append(("ternary_gemv_dp2a_kernel " + tag, gemv_dp2a.ternary_gemv_dp2a_kernel, _DP2A_TYPES,
                        dict(kw, HAS_BIAS=True, SPLIT_OUT=False), c.num_warps))
-        builds.append(("ternary_gemv_group_kernel " + tag, gemv_group.ternary_gemv_group_kernel, _GROUP_TYPES,
-                       dict(kw, X_PER_MEMBER=1, HAS_BIAS=True), c.num_warps))
+        for norm in (False, True):  # NORM: the add + RMSNorm fused into the quantize launch (norm_group.py)
+            builds.append((f"ternary_gemv_group_kernel {tag} NORM={norm}", gemv_group.ternary_gemv_group_kernel,
+                           _GROUP_TYPES, dict(kw, X_PER_MEMBER=1, HAS_BIAS=True, NORM=norm, NB_P2=32), c.num_warps))
     imma = gemv_imma.IMMA_SHAPES if not quick else gemv_imma.IMMA_SHAPES[:1]
     for tiles in (1, 2):
         for r, w, nbt in imma:
@@ -144,6 +146,9 @@ def decode_kernel_builds(quick: bool):
                    dict(D=128, NS=decode_attention.MAX_SPLITS), 4))
     builds.append(("_quantize_x_group_kernel", gemv_group._quantize_x_group_kernel, _QUANT_TYPES,
                    dict(NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
+    builds.append(("_add_norm_quantize_kernel", norm_group._add_norm_quantize_kernel,
+                   {**_QUANT_TYPES, "a_ptr": "*bf16", "b_ptr": "*bf16", "w_ptr": "*bf16", "h_ptr": "*bf16",
+                    "ss_ptr": "*fp32"}, dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     return builds
 
 

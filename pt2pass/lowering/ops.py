@@ -15,12 +15,13 @@ import torch
 from torch.library import triton_op
 
 from .format import DEFAULT_BLOCK_SIZE, WEIGHTS_PER_WORD, n_blocks
-from .reference import ternary_linear_reference
+from .reference import rms_norm_reference, ternary_linear_reference
 
 log = logging.getLogger(__name__)
 
 OP_NAME = "pt2pass::ternary_linear"
 GROUP_OP_NAME = "pt2pass::ternary_linear_group"
+ADD_NORM_GROUP_OP_NAME = "pt2pass::add_rms_norm_linear_group"
 ATTENTION_OP_NAME = "pt2pass::attention"
 
 
@@ -97,6 +98,44 @@ def _fake_group(x, packed, alpha, mu, bias, perm, block_size=DEFAULT_BLOCK_SIZE)
 
 
 ternary_linear_group.register_fake(_fake_group)
+
+
+def _check_add_norm(a, b, norm_weight, packed, alpha, mu, bias, perm, block_size) -> None:
+    torch._check(b.shape == a.shape and b.dtype == a.dtype,
+                 lambda: f"add_rms_norm_linear_group: b must have a's shape and dtype, got {tuple(b.shape)} "
+                         f"{b.dtype} against {tuple(a.shape)} {a.dtype}")
+    torch._check(norm_weight.shape == (a.shape[-1],),
+                 lambda: f"add_rms_norm_linear_group: norm_weight must have {a.shape[-1]} entries")
+    _check_group(a, packed, alpha, mu, bias, perm, block_size)
+
+
+@triton_op(ADD_NORM_GROUP_OP_NAME, mutates_args=())
+def add_rms_norm_linear_group(a: torch.Tensor, b: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                              packed: List[torch.Tensor], alpha: List[torch.Tensor], mu: List[torch.Tensor],
+                              bias: List[Optional[torch.Tensor]], perm: List[Optional[torch.Tensor]],
+                              block_size: int = DEFAULT_BLOCK_SIZE) -> List[torch.Tensor]:
+    """[h, *ternary_linear_group(x, packed, ...)] with h = a + b and x = LLaMA's RMSNorm of h
+    (reference.rms_norm_reference): a decoder layer's residual add, norm and q/k/v or gate/up, as
+    FuseAddRMSNorm rewrites them. On the GPU at batch 1 the add and the norm run inside the grouped
+    GEMV's x quantization (kernels/norm_group.py: no launch of their own, x's roundings to bf16 /
+    fp16 skipped); on CPU, the unfused computation exactly."""
+    _check_add_norm(a, b, norm_weight, packed, alpha, mu, bias, perm, block_size)
+    if a.device.type == "cpu":
+        h = a + b
+        x = rms_norm_reference(h, norm_weight, eps)
+        return [h, *[ternary_linear_reference(x, *member, block_size) for member in zip(packed, alpha, mu, bias, perm)]]
+    from .kernels.dispatch import add_rms_norm_group_triton
+
+    return add_rms_norm_group_triton(a, b, norm_weight, eps, packed, alpha, mu, bias, perm, block_size)
+
+
+def _fake_add_norm(a, b, norm_weight, eps, packed, alpha, mu, bias, perm, block_size=DEFAULT_BLOCK_SIZE):
+    _check_add_norm(a, b, norm_weight, packed, alpha, mu, bias, perm, block_size)
+    x_dtype = torch.promote_types(norm_weight.dtype, a.dtype)  # weight * normalized h
+    return [a.new_empty(a.shape), *[a.new_empty((*a.shape[:-1], p.shape[0]), dtype=x_dtype) for p in packed]]
+
+
+add_rms_norm_linear_group.register_fake(_fake_add_norm)
 
 
 @triton_op(ATTENTION_OP_NAME, mutates_args=())

@@ -18,3 +18,12 @@ def ternary_linear_reference(x: torch.Tensor, packed: torch.Tensor, alpha: torch
         x = x.index_select(-1, perm)
     w = dequantize(packed, alpha, mu, block_size, dtype=x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def rms_norm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LLaMA's RMSNorm as transformers computes it: statistics in float32, the normalized h rounded
+    to h's dtype, then times the weight (the op sequence FuseAddRMSNorm matches, so on CPU the
+    fused op gives the unfused graph's values to the bit)."""
+    hf = h.to(torch.float32)
+    hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * hf.to(h.dtype)

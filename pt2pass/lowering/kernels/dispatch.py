@@ -29,7 +29,7 @@ from typing import List, Optional
 
 import torch
 
-from ..reference import ternary_linear_reference
+from ..reference import rms_norm_reference, ternary_linear_reference
 from .common import BLOCK
 from .gemm import SMALL_M_MAX, gemm_split, ternary_dequant, ternary_gemm
 from .gemv import gemv_split, ternary_gemv
@@ -39,6 +39,7 @@ from .gemv_imma import MAX_M as IMMA_MAX_M
 from .gemv_imma import imma_split, ternary_gemv_imma
 from .gemv_group import MAX_MEMBERS, members_mismatch, ternary_gemv_group
 from .gemv_packed import ternary_gemv_packed
+from .norm_group import ternary_gemv_group_add_norm
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,15 @@ def ternary_linear_triton(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Te
     return out.reshape(*lead, n)
 
 
+def _group_fits(x, packed, alpha, mu, bias, perm, block_size) -> bool:
+    """Whether the grouped GEMV covers this call (a single bf16/fp16 row, see below)."""
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    return (rows == 1 and x.dtype in (torch.bfloat16, torch.float16) and 2 <= len(packed) <= MAX_MEMBERS
+            and members_mismatch(alpha, mu, bias, perm) is None
+            and all(unsupported_reason(x, p, a, block_size) is None for p, a in zip(packed, alpha)))
+
+
 def ternary_linear_group_triton(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[torch.Tensor],
                                 mu: List[torch.Tensor], bias: List[Optional[torch.Tensor]],
                                 perm: List[Optional[torch.Tensor]],
@@ -161,15 +171,28 @@ def ternary_linear_group_triton(x: torch.Tensor, packed: List[torch.Tensor], alp
     """[ternary_linear_triton(x, member i)]: one grouped GEMV launch (gemv_group.py) for a single
     bf16/fp16 row when the members fit it (2-3 of them, the same scale dtype, bias and permutation
     in all (of one dtype) or in none, kernel-supported shapes); otherwise one call per member."""
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    fits = (rows == 1 and x.dtype in (torch.bfloat16, torch.float16) and 2 <= len(packed) <= MAX_MEMBERS
-            and members_mismatch(alpha, mu, bias, perm) is None
-            and all(unsupported_reason(x, p, a, block_size) is None for p, a in zip(packed, alpha)))
-    if not fits:
+    if not _group_fits(x, packed, alpha, mu, bias, perm, block_size):
         return [ternary_linear_triton(x, *member, block_size) for member in zip(packed, alpha, mu, bias, perm)]
-    x2 = x.reshape(1, k)
+    x2 = x.reshape(1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     outs = ternary_gemv_group(x2, *([_dense(t) for t in ts] for ts in (packed, alpha, mu, bias, perm)))
     return [y.reshape(*x.shape[:-1], y.shape[-1]) for y in outs]
+
+
+def add_rms_norm_group_triton(a: torch.Tensor, b: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                              packed: List[torch.Tensor], alpha: List[torch.Tensor], mu: List[torch.Tensor],
+                              bias: List[Optional[torch.Tensor]], perm: List[Optional[torch.Tensor]],
+                              block_size: int = BLOCK) -> List[torch.Tensor]:
+    """[h, *ternary_linear_group_triton(rms_norm(h), ...)] with h = a + b: the add and the norm
+    inside the grouped GEMV's x quantization (norm_group.py) where that GEMV applies and the norm
+    weight has a's dtype; otherwise the add and norm in torch, then the group as above."""
+    if not (_group_fits(a, packed, alpha, mu, bias, perm, block_size) and norm_weight.dtype == a.dtype):
+        h = a + b
+        x = rms_norm_reference(h, norm_weight, eps)
+        return [h, *ternary_linear_group_triton(x, packed, alpha, mu, bias, perm, block_size)]
+    k = a.shape[-1]
+    h, *ys = ternary_gemv_group_add_norm(a.reshape(1, k).contiguous(), b.reshape(1, k).contiguous(),
+                                         norm_weight.contiguous(), eps,
+                                         *([_dense(t) for t in ts] for ts in (packed, alpha, mu, bias, perm)))
+    return [h.reshape(a.shape), *[y.reshape(*a.shape[:-1], y.shape[-1]) for y in ys]]

@@ -124,30 +124,28 @@ def _pair(lo, hi):
 @triton.jit
 def quantize_blocks(x_row, perm_ptr, blk, ok, HAS_PERM: tl.constexpr):
     """The quantized x of one row's blocks ``blk`` (gathered through ``perm_ptr``; ``ok`` masks
-    (blocks, 8)): the int16 pairs p0 .. p7 (blocks, 8) in the word layout of the module doc, and
-    per block the scale s_b, X_b = sum x_int (int32) and sum(x). One pass: the 16 slots of each
-    word column stay in registers between the block statistics and the rounding.
+    (blocks, 8)): :func:`quantize_slots` of its 16 slots.
 
     Session 10 also ran this inside the GEMV loops (each program quantizing its own blocks, no
     quantize launch): bit-equal, but slower on the H200 everywhere except 4096x4096 (where the
     half2 GEMV is as fast), 0.47-0.67x for the grouped GEMVs with SSR permutations (the gathers
     sit in every iteration's dependency chain); docs/results.md has the table."""
-    v0 = _x_slot(x_row, perm_ptr, blk, ok, 0, HAS_PERM)
-    v1 = _x_slot(x_row, perm_ptr, blk, ok, 1, HAS_PERM)
-    v2 = _x_slot(x_row, perm_ptr, blk, ok, 2, HAS_PERM)
-    v3 = _x_slot(x_row, perm_ptr, blk, ok, 3, HAS_PERM)
-    v4 = _x_slot(x_row, perm_ptr, blk, ok, 4, HAS_PERM)
-    v5 = _x_slot(x_row, perm_ptr, blk, ok, 5, HAS_PERM)
-    v6 = _x_slot(x_row, perm_ptr, blk, ok, 6, HAS_PERM)
-    v7 = _x_slot(x_row, perm_ptr, blk, ok, 7, HAS_PERM)
-    v8 = _x_slot(x_row, perm_ptr, blk, ok, 8, HAS_PERM)
-    v9 = _x_slot(x_row, perm_ptr, blk, ok, 9, HAS_PERM)
-    v10 = _x_slot(x_row, perm_ptr, blk, ok, 10, HAS_PERM)
-    v11 = _x_slot(x_row, perm_ptr, blk, ok, 11, HAS_PERM)
-    v12 = _x_slot(x_row, perm_ptr, blk, ok, 12, HAS_PERM)
-    v13 = _x_slot(x_row, perm_ptr, blk, ok, 13, HAS_PERM)
-    v14 = _x_slot(x_row, perm_ptr, blk, ok, 14, HAS_PERM)
-    v15 = _x_slot(x_row, perm_ptr, blk, ok, 15, HAS_PERM)
+    return quantize_slots(_x_slot(x_row, perm_ptr, blk, ok, 0, HAS_PERM), _x_slot(x_row, perm_ptr, blk, ok, 1, HAS_PERM),
+                          _x_slot(x_row, perm_ptr, blk, ok, 2, HAS_PERM), _x_slot(x_row, perm_ptr, blk, ok, 3, HAS_PERM),
+                          _x_slot(x_row, perm_ptr, blk, ok, 4, HAS_PERM), _x_slot(x_row, perm_ptr, blk, ok, 5, HAS_PERM),
+                          _x_slot(x_row, perm_ptr, blk, ok, 6, HAS_PERM), _x_slot(x_row, perm_ptr, blk, ok, 7, HAS_PERM),
+                          _x_slot(x_row, perm_ptr, blk, ok, 8, HAS_PERM), _x_slot(x_row, perm_ptr, blk, ok, 9, HAS_PERM),
+                          _x_slot(x_row, perm_ptr, blk, ok, 10, HAS_PERM), _x_slot(x_row, perm_ptr, blk, ok, 11, HAS_PERM),
+                          _x_slot(x_row, perm_ptr, blk, ok, 12, HAS_PERM), _x_slot(x_row, perm_ptr, blk, ok, 13, HAS_PERM),
+                          _x_slot(x_row, perm_ptr, blk, ok, 14, HAS_PERM), _x_slot(x_row, perm_ptr, blk, ok, 15, HAS_PERM))
+
+
+@triton.jit
+def quantize_slots(v0, v1, v2, v3, v4, v5, v6, v7, v8, v9, v10, v11, v12, v13, v14, v15):
+    """From x (float32, (blocks, 8)) at the 16 slots of every word column: the int16 pairs
+    p0 .. p7 (blocks, 8) in the word layout of the module doc, and per block the scale s_b,
+    X_b = sum x_int (int32) and sum(x). One pass: the 16 slots stay in registers between the
+    block statistics and the rounding."""
     # the sum in slot order, as x_column_stats adds (the block sums then agree to the bit)
     total = (((((((v0 + v1) + v2) + v3) + v4) + v5) + v6) + v7)
     total = (((((((total + v8) + v9) + v10) + v11) + v12) + v13) + v14) + v15
@@ -176,13 +174,20 @@ def quantize_blocks(x_row, perm_ptr, blk, ok, HAS_PERM: tl.constexpr):
 def quantize_row(x_row, perm_ptr, xp_row, xscale_row, xint_row, xs_row, KW, NB,
                  HAS_PERM: tl.constexpr, NBT: tl.constexpr):
     """For one x row (gathered through ``perm_ptr``) and this program's NBT blocks,
-    :func:`quantize_blocks` stored: the int16 pairs xp[p, c] (module doc), per block the scale s_b,
-    X_b = sum x_int and sum(x)."""
+    :func:`quantize_blocks` stored (:func:`store_quantized`)."""
     blk = tl.program_id(0) * NBT + tl.arange(0, NBT)
-    ij = tl.arange(0, 8)
-    ok = (blk < NB)[:, None] & (ij < 8)[None, :]
-    col = blk[:, None] * 8 + ij[None, :]
+    ok = (blk < NB)[:, None] & (tl.arange(0, 8) < 8)[None, :]
     p0, p1, p2, p3, p4, p5, p6, p7, scale, xint, xsum = quantize_blocks(x_row, perm_ptr, blk, ok, HAS_PERM)
+    store_quantized(xp_row, xscale_row, xint_row, xs_row, blk, ok, KW, NB,
+                    p0, p1, p2, p3, p4, p5, p6, p7, scale, xint, xsum)
+
+
+@triton.jit
+def store_quantized(xp_row, xscale_row, xint_row, xs_row, blk, ok, KW, NB,
+                    p0, p1, p2, p3, p4, p5, p6, p7, scale, xint, xsum):
+    """Store one row's quantized blocks ``blk``: the int16 pairs xp[p, c] (module doc), per block
+    the scale s_b, X_b = sum x_int and sum(x)."""
+    col = blk[:, None] * 8 + tl.arange(0, 8)[None, :]
     tl.store(xp_row + col, p0, mask=ok)
     tl.store(xp_row + KW + col, p1, mask=ok)
     tl.store(xp_row + 2 * KW + col, p2, mask=ok)

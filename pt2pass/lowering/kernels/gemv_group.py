@@ -26,12 +26,12 @@ MAX_MEMBERS = 3
 
 
 @triton.jit
-def _pick(g, v0, v1, v2):
+def pick_member(g, v0, v1, v2):
     """v0, v1 or v2 for member g (scalars or pointers)."""
     return tl.where(g == 0, v0, tl.where(g == 1, v1, v2))
 
 
-def _padded(items: list) -> list:
+def padded_members(items: list) -> list:
     """Read-only arguments of unused member slots: the last member's (never read)."""
     return items + [items[-1]] * (MAX_MEMBERS - len(items))
 
@@ -42,7 +42,7 @@ def _quantize_x_group_kernel(x_ptr, perm0, perm1, perm2, xp_ptr, xscale_ptr, xin
     """gemv_dp2a's quantization of the one x row, gathered through member g's permutation
     (g = program_id(1)) into row g of the buffers."""
     g = tl.program_id(1).to(tl.int64)
-    quantize_row(x_ptr, _pick(g, perm0, perm1, perm2), xp_ptr + g * 8 * KW, xscale_ptr + g * NB,
+    quantize_row(x_ptr, pick_member(g, perm0, perm1, perm2), xp_ptr + g * 8 * KW, xscale_ptr + g * NB,
                  xint_ptr + g * NB, xs_ptr + g * NB, KW, NB, True, NBT)
 
 
@@ -51,7 +51,7 @@ def quantize_x_group(x: torch.Tensor, perms: Sequence[torch.Tensor]) -> tuple:
     buffers with row g for perms[g]."""
     k = x.shape[1]
     bufs = quantize_buffers(len(perms), k, x.device)
-    p = _padded(list(perms))
+    p = padded_members(list(perms))
     launch(_quantize_x_group_kernel, (triton.cdiv(k // 128, PREPACK["NBT"]), len(perms)), x, p[0], p[1], p[2],
            *bufs, k // 16, k // 128, **PREPACK)
     return bufs
@@ -59,24 +59,32 @@ def quantize_x_group(x: torch.Tensor, perms: Sequence[torch.Tensor]) -> tuple:
 
 @triton.jit
 def ternary_gemv_group_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w0, w1, w2, a0, a1, a2, mu0, mu1, mu2,
-                              bias0, bias1, bias2, out0, out1, out2, N0, N1, N2, KW, NB,
+                              bias0, bias1, bias2, out0, out1, out2, N0, N1, N2, KW, NB, ss_ptr, eps,
                               X_PER_MEMBER: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
+                              NORM: tl.constexpr, NB_P2: tl.constexpr,
                               BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl.constexpr, STAGES: tl.constexpr):
     """Program p covers BN rows of member g: blocks [0, c0) are member 0's, [c0, c1) member 1's,
-    the rest member 2's (c_i = cumulative cdiv(N_i, BN))."""
+    the rest member 2's (c_i = cumulative cdiv(N_i, BN)). NORM: x was quantized before its RMS
+    normalization (norm_group.py): y is scaled by 1 / sqrt(mean(h^2) + eps), from the per-block
+    sums of h^2 at ``ss_ptr`` (NB_P2 = NB rounded up to a power of two)."""
     pid = tl.program_id(0)
     c0 = tl.cdiv(N0, BN)
     c1 = c0 + tl.cdiv(N1, BN)
     g = (pid >= c0).to(tl.int32) + (pid >= c1).to(tl.int32)
     first = tl.where(g == 0, 0, tl.where(g == 1, c0, c1))
-    n = _pick(g, N0, N1, N2)
+    n = pick_member(g, N0, N1, N2)
     row0 = (pid - first) * BN
     xg = (g * X_PER_MEMBER).to(tl.int64)
     y = gemv_tile_dp2a(xp_ptr + xg * 8 * KW, xscale_ptr + xg * NB, xint_ptr + xg * NB, xs_ptr + xg * NB,
-                       weight_source(_pick(g, w0, w1, w2), n, KW, BN, NBT, USE_TMA), _pick(g, a0, a1, a2),
-                       _pick(g, mu0, mu1, mu2), n, row0, 0, NB, KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
+                       weight_source(pick_member(g, w0, w1, w2), n, KW, BN, NBT, USE_TMA), pick_member(g, a0, a1, a2),
+                       pick_member(g, mu0, mu1, mu2), n, row0, 0, NB, KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
+    if NORM:
+        blk = tl.arange(0, NB_P2)
+        ss = tl.load(ss_ptr + xg * NB + blk, mask=blk < NB, other=0.0)
+        # eps cast: Inductor passes a Python float as fp64 (docs/design.md, known hazards)
+        y = y * tl.rsqrt(tl.sum(ss, axis=0) / (NB * 128) + tl.cast(eps, tl.float32))
     rows = row0 + tl.arange(0, BN)
-    store_gemv_row(_pick(g, out0, out1, out2), _pick(g, bias0, bias1, bias2), y, rows, rows < n, 0, 0,
+    store_gemv_row(pick_member(g, out0, out1, out2), pick_member(g, bias0, bias1, bias2), y, rows, rows < n, 0, 0,
                    1, n, HAS_BIAS, False)
 
 
@@ -104,6 +112,13 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
     members with the same K and scale dtype, each with a bias (one dtype) or none, likewise perm.
     ``config``: a fixed {"BN", "NBT", "num_warps"[, "STAGES"]} (experiments), else autotuned / the
     default. ``tma``: allow reading the weights with TMA (default: where supported), as in gemv_dp2a."""
+    check_group_args(x, packed, alpha, mu, bias, perm)
+    xq = quantize_x_group(x, perm) if perm[0] is not None else quantize_x(x, None)
+    return launch_group(xq, x, packed, alpha, mu, bias, perm[0] is not None, config, tma)
+
+
+def check_group_args(x: torch.Tensor, packed, alpha, mu, bias, perm) -> None:
+    """Raise ValueError unless :func:`ternary_gemv_group` covers these arguments."""
     if x.shape[0] != 1 or x.dtype not in (torch.bfloat16, torch.float16) or x.stride(1) != 1:
         raise ValueError(f"ternary_gemv_group takes one bf16/fp16 row with unit stride, got "
                          f"{tuple(x.shape)} {x.dtype}")
@@ -117,8 +132,14 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
     mismatch = members_mismatch(alpha, mu, bias, perm)
     if mismatch:
         raise ValueError(f"ternary_gemv_group: {mismatch}")
-    has_perm = perm[0] is not None
-    xq = quantize_x_group(x, perm) if has_perm else quantize_x(x, None)
+
+
+def launch_group(xq: tuple, x: torch.Tensor, packed, alpha, mu, bias, x_per_member: bool, config=None,
+                 tma=None, norm: Optional[tuple] = None) -> List[torch.Tensor]:
+    """The grouped GEMV launch on the quantized x ``xq`` (one row per member with
+    ``x_per_member``, else one for all); outputs of x's dtype and device. ``norm``: (per-block
+    sums of h^2, eps) when x was quantized before its RMS normalization (norm_group.py)."""
+    kw, nb = packed[0].shape[1], alpha[0].shape[1]
     outs = [torch.empty((1, p.shape[0]), device=x.device, dtype=x.dtype) for p in packed]
     # Unused member slots (N = 0, never written) get their own dummy outputs: under torch.compile
     # every written argument is cloned and written back, and one tensor in two written slots
@@ -126,9 +147,11 @@ def ternary_gemv_group(x: torch.Tensor, packed: List[torch.Tensor], alpha: List[
     spare = [torch.empty(1, device=x.device, dtype=x.dtype) for _ in range(MAX_MEMBERS - len(outs))]
     sizes = [p.shape[0] for p in packed] + [0] * len(spare)
     has_bias = bias[0] is not None
-    args = (*xq, *_padded(list(packed)), *_padded(list(alpha)), *_padded(list(mu)),
-            *_padded(list(bias) if has_bias else list(alpha)), *outs, *spare, *sizes, kw, nb)
-    meta = dict(X_PER_MEMBER=int(has_perm), HAS_BIAS=has_bias, USE_ASM=not INTERPRET)
+    ss, eps = norm if norm is not None else (xq[1], 0.0)  # unread without NORM
+    args = (*xq, *padded_members(list(packed)), *padded_members(list(alpha)), *padded_members(list(mu)),
+            *padded_members(list(bias) if has_bias else list(alpha)), *outs, *spare, *sizes, kw, nb, ss, eps)
+    meta = dict(X_PER_MEMBER=int(x_per_member), HAS_BIAS=has_bias, USE_ASM=not INTERPRET, NORM=norm is not None,
+                NB_P2=triton.next_power_of_2(nb))
     blocks = lambda bn: sum(triton.cdiv(p.shape[0], bn) for p in packed)  # noqa: E731
     kernel, fixed, config = dp2a_launch(_GROUP, tma, config, packed)
     launch_tuned(kernel, lambda bn: (blocks(bn),), fixed, config, *args, **meta)
