@@ -152,36 +152,51 @@ def check_decode_graph_attention():
     runs it, with the decode attention kernel (the default) and with SDPA: the same logits, step
     by step over a prompt of 8 and 12 one-token steps (teacher-forced with SDPA's greedy tokens);
     a profiled step shows that the kernel ran, and no step ran without CUDA graphs."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pt2pass.decode import CachedDecoder, build_decode_graph
+    from pt2pass.decode import build_decode_graph
     from pt2pass.lowering.lower_attention import ATTENTION_OP
+
+    cfg, qm = tiny_gqa_llama()
+    steps = [build_decode_graph(qm.skeleton, qm.store, 1, 64, decode_attention=flag) for flag in (False, True)]
+    assert sum(n.target is ATTENTION_OP for n in steps[1].graph.nodes) == cfg.num_hidden_layers
+    err = same_decode_logits(cfg, *steps, "_decode_attention_split_kernel")
+    print(f"  decode graph, 13 steps: last rel err {err:.1e}; the split kernel ran", flush=True)
+
+
+def tiny_gqa_llama():
+    """(config, compiled model) of a 2-layer GQA LLaMA with random bf16 weights on the GPU, rtn codes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     model = LlamaForCausalLM(cfg).to(DEV, torch.bfloat16).eval()
     ternary = pt2pass.TernaryConfig(method="rtn", aga=False, compensation="none", order="natural")
-    qm = pt2pass.compile(model, None, config=pt2pass.CompileConfig(ternary=ternary), progress=False)
-    steps = {flag: build_decode_graph(qm.skeleton, qm.store, 1, 64, decode_attention=flag) for flag in (False, True)}
-    assert sum(n.target is ATTENTION_OP for n in steps[True].graph.nodes) == cfg.num_hidden_layers
+    return cfg, pt2pass.compile(model, None, config=pt2pass.CompileConfig(ternary=ternary), progress=False)
+
+
+def same_decode_logits(cfg, base, other, kernel: str) -> float:
+    """Decode graphs ``base`` and ``other`` CUDA-graphed as generate runs them: the same logits,
+    step by step over a prompt of 8 and 12 one-token steps (teacher-forced with base's greedy
+    tokens); a profiled step of ``other`` shows ``kernel`` ran, and no step ran without CUDA
+    graphs. Returns the last step's relative error."""
+    from pt2pass.decode import CachedDecoder
+
     torch._dynamo.utils.counters.clear()
-    fns = {flag: CachedDecoder(g).logits_fn(compile_decode=True) for flag, g in steps.items()}
+    fns = [CachedDecoder(g).logits_fn(compile_decode=True) for g in (base, other)]
     ids = torch.randint(0, cfg.vocab_size, (1, 8), device=DEV)
     with torch.no_grad():
         for i in range(13):
-            sdpa, ours = fns[False](ids, i == 0), fns[True](ids, i == 0)
-            err = rel(ours, sdpa)
+            want, got = fns[0](ids, i == 0), fns[1](ids, i == 0)
+            err = rel(got, want)
             assert err < 2e-2, f"step {i}: rel err {err:.2e}"
-            ids = torch.cat([ids, sdpa.argmax(-1, keepdim=True)], 1)
-        # the kernel ran (not the op's SDPA fallback), inside the CUDA graph
+            ids = torch.cat([ids, want.argmax(-1, keepdim=True)], 1)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            fns[True](ids, False)
+            fns[1](ids, False)
             torch.cuda.synchronize()
     names = {e.name for e in prof.events()}
-    assert any("_decode_attention_split_kernel" in n for n in names), sorted(names)
+    assert any(kernel in n for n in names), sorted(names)
     assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"], "a step ran without CUDA graphs"
-    print(f"  decode graph, 13 steps: last rel err {err:.1e}; the split kernel ran", flush=True)
+    return err
 
 
 def check_fused_norm():
@@ -189,9 +204,7 @@ def check_fused_norm():
     (one row: the add and RMSNorm inside the grouped GEMV's quantize launch; three rows: torch,
     then the group), then a tiny LLaMA's CUDA-graphed decode graph with and without FuseAddRMSNorm:
     the same logits step by step, and a profiled step shows the fused quantize kernel ran."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pt2pass.decode import CachedDecoder, build_decode_graph
+    from pt2pass.decode import build_decode_graph
     from pt2pass.lowering.fuse_add_rms_norm import FUSED_OP
     from pt2pass.lowering.reference import rms_norm_reference
 
@@ -209,33 +222,14 @@ def check_fused_norm():
         x = rms_norm_reference(a + b, w, 1e-5)
         for y, ref in zip(ys, GROUP(x, packed, alpha, mu, bias, perm)):
             assert rel(y, ref) < 1e-2, (rows, extras, rel(y, ref))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = LlamaForCausalLM(cfg).to(DEV, torch.bfloat16).eval()
-    ternary = pt2pass.TernaryConfig(method="rtn", aga=False, compensation="none", order="natural")
-    qm = pt2pass.compile(model, None, config=pt2pass.CompileConfig(ternary=ternary), progress=False)
+    cfg, qm = tiny_gqa_llama()
     steps = {}
     for flag in ("0", "1"):
         os.environ["PT2PASS_FUSE_NORM"] = flag
         steps[flag] = build_decode_graph(qm.skeleton, qm.store, 1, 64)
     del os.environ["PT2PASS_FUSE_NORM"]
     assert sum(n.target is FUSED_OP for n in steps["1"].graph.nodes) == 2 * cfg.num_hidden_layers - 1
-    torch._dynamo.utils.counters.clear()
-    fns = {flag: CachedDecoder(g).logits_fn(compile_decode=True) for flag, g in steps.items()}
-    ids = torch.randint(0, cfg.vocab_size, (1, 8), device=DEV)
-    with torch.no_grad():
-        for i in range(13):
-            plain, fused = fns["0"](ids, i == 0), fns["1"](ids, i == 0)
-            err = rel(fused, plain)
-            assert err < 2e-2, f"step {i}: rel err {err:.2e}"
-            ids = torch.cat([ids, plain.argmax(-1, keepdim=True)], 1)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            fns["1"](ids, False)
-            torch.cuda.synchronize()
-    names = {e.name for e in prof.events()}
-    assert any("_add_norm_quantize_kernel" in n for n in names), sorted(names)
-    assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"], "a step ran without CUDA graphs"
+    err = same_decode_logits(cfg, steps["0"], steps["1"], "_add_norm_quantize_kernel")
     print(f"  fused decode graph, 13 steps: last rel err {err:.1e}; the fused quantize kernel ran", flush=True)
 
 

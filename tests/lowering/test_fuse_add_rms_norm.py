@@ -7,7 +7,7 @@ import torch
 import pt2pass
 from pt2pass.decode import CachedDecoder, build_decode_graph
 from pt2pass.lowering.fuse_add_rms_norm import FUSED_OP, FuseAddRMSNorm
-from pt2pass.lowering.group_siblings import GROUP_OP, GroupSiblingLinears
+from pt2pass.lowering.group_siblings import GROUP_OP
 from pt2pass.pass_manager import PassManager
 
 N_LAYERS = 2
