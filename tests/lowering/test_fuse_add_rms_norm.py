@@ -104,3 +104,20 @@ def test_opcheck(with_extras):
     x = w * ((a + b) * torch.rsqrt((a + b).pow(2).mean(-1, keepdim=True) + 1e-5))
     group = torch.ops.pt2pass.ternary_linear_group(x, packed, alpha, mu, bias, perm)
     assert all(torch.equal(y, g) for y, g in zip(ys, group))  # float32: the same ops
+
+
+def test_members_with_ssr_permutations_are_fused_and_exact(monkeypatch):
+    """PT²-LLM with SSR: every q/k/v and gate/up member gathers x through its own permutation.
+    (bf16: in a float32 model h.to(float32) is h itself, and the export lets the next residual add
+    read the cast node, which then has a reader outside the pattern: not fused, by design.)"""
+    from conftest import make_tiny_llama
+
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    config = pt2pass.CompileConfig(seqlen=32, batch_size=4, ternary=pt2pass.TernaryConfig(itf_max_iters=2))
+    model = make_tiny_llama(hidden_size=256, intermediate_size=512).to(torch.bfloat16)
+    qm = pt2pass.compile(model, calib, config=config, progress=False)
+    before, after = _graph(qm, monkeypatch, "0"), _graph(qm, monkeypatch, "1")
+    fused = [n for n in after.graph.nodes if n.target is FUSED_OP]
+    assert len(fused) == 2 * N_LAYERS - 1 and all(None not in n.args[8] for n in fused)  # perm lists
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(before(ids, torch.arange(7)), after(ids, torch.arange(7)))
