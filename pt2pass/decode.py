@@ -97,18 +97,20 @@ def cache_length_for(total_tokens: int, max_positions: Optional[int]) -> int:
 
 
 class StaticCacheLM(nn.Module):
-    """``lm`` over a StaticCache held in buffers: forward(input_ids, cache_position) -> logits.
+    """``lm`` over a StaticCache held in buffers: forward(input_ids, cache_position) -> logits of
+    the last position (``all_logits``: of every position, for scoring a padded prompt).
 
     The LM's children are registered on this module directly (the LM itself is not), so parameter
     FQNs — and the capture's weight tags — are the LM's own, i.e. the store's keys.
     """
 
     def __init__(self, lm: nn.Module, batch_size: int, max_cache_len: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, all_logits: bool = False):
         from transformers.cache_utils import StaticCache, StaticLayer, StaticSlidingWindowLayer
 
         super().__init__()
         object.__setattr__(self, "lm", lm)
+        self.logits_to_keep = 0 if all_logits else 1  # 0: all (HF's convention)
         for name, child in lm.named_children():
             self.add_module(name, child)
         for name, p in lm.named_parameters(recurse=False):
@@ -154,7 +156,7 @@ class StaticCacheLM(nn.Module):
         padding = {} if attention_mask is None else dict(
             attention_mask=attention_mask, position_ids=position_ids, cache_position=cache_position)
         out = self.lm(input_ids=input_ids, past_key_values=self.cache, use_cache=True,
-                      logits_to_keep=1, **padding)
+                      logits_to_keep=self.logits_to_keep, **padding)
         return out.logits
 
 
@@ -170,7 +172,7 @@ def decode_attention_default() -> bool:
 def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, max_cache_len: int,
                        share_with: Optional[fx.GraphModule] = None,
                        group_siblings: bool = True, decode_attention: Optional[bool] = None,
-                       padded: bool = False) -> fx.GraphModule:
+                       padded: bool = False, all_logits: bool = False) -> fx.GraphModule:
     """Capture ``skeleton`` around a static cache and lower it with the store's results.
 
     ``share_with``: a lowered graph of the same model whose equal buffers (packed weights,
@@ -179,7 +181,8 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
     ``decode_attention``: attention through ``pt2pass.attention`` (LowerDecodeAttention: the
     split-cache decode kernel on the GPU; SDPA elsewhere); default on, off with
     ``PT2PASS_DECODE_ATTENTION=0``. ``padded``: the step also takes ``attention_mask`` and
-    ``position_ids``, for left-padded batches (module doc).
+    ``position_ids``, for left-padded batches (module doc). ``all_logits``: the step returns the
+    logits of every position it is given, not only the last (scoring padded batches).
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size={batch_size!r} must be an integer >= 1")
@@ -191,7 +194,7 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
         raise ValueError(f"quantized layers {missing[:3]} are not parameters of "
                          f"{type(skeleton).__name__}: the skeleton does not match the store")
     dtype, device = model_placement(skeleton)
-    module = StaticCacheLM(skeleton, batch_size, max_cache_len, dtype, device)
+    module = StaticCacheLM(skeleton, batch_size, max_cache_len, dtype, device, all_logits)
     args, dims = step_inputs(batch_size, max_cache_len, device, padded)
     try:
         with traceable_weights(skeleton, store, device), torch.no_grad():
@@ -319,12 +322,7 @@ class CachedDecoder:
                              "(QuantizedCausalLM.generate does when the mask pads a row)")
         cache_mask = None
         if self.padded:
-            cache_mask = torch.ones(self.batch_size, self.max_cache_len, dtype=torch.long, device=self.device)
-            if attention_mask is not None:
-                if attention_mask.shape[0] != self.batch_size or attention_mask.shape[1] > self.max_cache_len:
-                    raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not fit this "
-                                     f"decode graph (batch {self.batch_size}, cache {self.max_cache_len})")
-                cache_mask[:, :attention_mask.shape[1]] = attention_mask
+            cache_mask = self._cache_mask(attention_mask)
             slot_positions = mask_positions(cache_mask)  # once per generation, not per step
         one_token = self.compiled_step() if compile_decode else None
 
@@ -354,6 +352,32 @@ class CachedDecoder:
             return self.step(*inputs)[:, -1]
 
         return next_logits
+
+    def _cache_mask(self, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """A padded step's (B, max_cache_len) mask: ``attention_mask`` over the first slots, ones
+        after (the slots generation will write)."""
+        cache_mask = torch.ones(self.batch_size, self.max_cache_len, dtype=torch.long, device=self.device)
+        if attention_mask is not None:
+            if attention_mask.shape[0] != self.batch_size or attention_mask.shape[1] > self.max_cache_len:
+                raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not fit this "
+                                 f"decode graph (batch {self.batch_size}, cache {self.max_cache_len})")
+            cache_mask[:, :attention_mask.shape[1]] = attention_mask
+        return cache_mask
+
+    def prompt_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits (B, S, vocab) of every position of ``input_ids`` (B, S), run as one prompt through
+        this padded step under ``attention_mask`` (B, S; any 0 / 1 mask: each slot's position is the
+        number of its row's tokens before it, as a row alone would have it). Overwrites the cache."""
+        if not self.padded:
+            raise ValueError("prompt_logits needs a padded decode graph (build_decode_graph(padded=True))")
+        if input_ids.shape[0] != self.batch_size or input_ids.shape[1] > self.max_cache_len:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} do not fit this decode graph "
+                             f"(batch {self.batch_size}, cache {self.max_cache_len})")
+        cache_mask = self._cache_mask(attention_mask)
+        s = input_ids.shape[1]
+        positions = mask_positions(cache_mask)[:, :s].contiguous()
+        with torch.no_grad():
+            return self.step(input_ids, torch.arange(s, device=input_ids.device), cache_mask, positions)
 
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
                  compile_decode: Optional[bool] = None, do_sample: bool = False,

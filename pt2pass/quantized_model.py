@@ -12,9 +12,10 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .lowering.lower import TERNARY_OP
-from .sampling import EosIds, Sampling, check_padding_mask, check_prompt, generation_loop
+from .sampling import EosIds, Sampling, check_padding_mask, check_prompt, check_scoring_mask, generation_loop
 from .store import QuantStore
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,17 @@ class QuantizedCausalLM(QuantizedModel):
         self._decoders: Dict[Tuple, Any] = {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
-        """``attention_mask`` is accepted when it pads nothing (as a tokenizer returns it for
-        one text): the full-sequence graph is captured without one."""
+        """Logits of every position, as the original model's forward. ``attention_mask`` (B, S),
+        0 at pads: a mask of ones runs the full-sequence graph as without one; padding (left,
+        right or between tokens) runs the prompt through a padded decode graph (built on first use
+        per batch size and length), so that every row gets the logits it gets alone, at its real
+        positions; the pads' logits are meaningless."""
         if attention_mask is not None:
-            if check_padding_mask(attention_mask, input_ids):
-                raise ValueError("attention_mask pads a row: the full-sequence graph has no mask "
-                                 "input; run the rows one at a time (generate takes left padding)")
+            check_prompt(input_ids, 0, self.max_positions, vocab_size=getattr(self.model_config, "vocab_size", None))
+            if not bool(check_scoring_mask(attention_mask, input_ids).all()):
+                decoder = self.decoder(input_ids.shape[0], input_ids.shape[1], input_ids.device, padded=True,
+                                       all_logits=True)
+                return CausalLMOutputWithPast(logits=decoder.prompt_logits(input_ids, attention_mask))
         return self.gm(input_ids=input_ids, use_cache=False)
 
     @torch.no_grad()
@@ -139,12 +145,15 @@ class QuantizedCausalLM(QuantizedModel):
         """The model's max_position_embeddings (None when its config does not say)."""
         return getattr(self.model_config, "max_position_embeddings", None)
 
-    def decoder(self, batch_size: int, total_tokens: int, device: torch.device, padded: bool = False):
+    def decoder(self, batch_size: int, total_tokens: int, device: torch.device, padded: bool = False,
+                all_logits: bool = False):
         """The ``CachedDecoder`` for this batch size whose cache holds ``total_tokens`` (its
-        length rounded up, see ``decode.cache_length_for``), padded or not; captured and lowered on
-        first use."""
+        length rounded up, see ``decode.cache_length_for``), padded or not, returning the last
+        position's logits or (``all_logits``, for scoring) every position's; captured and lowered
+        on first use."""
         from .decode import (CachedDecoder, OneTokenStepError, build_decode_graph, cache_length_for,
                              decode_attention_default, model_placement)
+        from .lowering.fuse_add_rms_norm import fuse_norm_default
 
         if self.skeleton is None:
             raise ValueError("this QuantizedCausalLM has no skeleton model to capture a decode "
@@ -154,22 +163,22 @@ class QuantizedCausalLM(QuantizedModel):
         if torch.device(device) != model_device:
             raise ValueError(f"input_ids are on {device} but the model is on {model_device}")
         length = cache_length_for(total_tokens, self.max_positions)
-        attention = decode_attention_default()  # a graph per setting: flipping it takes effect
-        key = (batch_size, length, dtype, model_device, attention, padded)
+        attention = decode_attention_default()  # a graph per setting: flipping one takes effect
+        key = (batch_size, length, dtype, model_device, attention, fuse_norm_default(), all_logits, padded)
         if key not in self._decoders:
             # outside inference mode even when called inside it: the KV cache is written in place
             # at every step, which an inference tensor forbids once the caller leaves that mode
             with torch.inference_mode(False):
                 try:
                     graph = build_decode_graph(self.skeleton, self.store, batch_size, length, share_with=self.gm,
-                                               decode_attention=attention, padded=padded)
+                                               decode_attention=attention, padded=padded, all_logits=all_logits)
                 except OneTokenStepError:
                     # e.g. OPT, whose positions come from a mask when none are given: the padded
                     # step takes them as an input (and an all-ones mask when nothing pads)
                     log.info("%s: the plain decode step fails on one token; using the padded one",
                              type(self.skeleton).__name__)
                     graph = build_decode_graph(self.skeleton, self.store, batch_size, length, share_with=self.gm,
-                                               decode_attention=attention, padded=True)
+                                               decode_attention=attention, padded=True, all_logits=all_logits)
             self._decoders[key] = CachedDecoder(graph)
         return self._decoders[key]
 

@@ -74,7 +74,20 @@ def check_prompt(input_ids: torch.Tensor, max_new_tokens: int, max_positions: Op
 
 def check_padding_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> bool:
     """Whether ``attention_mask`` pads any row (False when it is all ones); a clear error unless it
-    is the left padding a padded decode graph handles."""
+    is the left padding a padded decode graph generates from."""
+    mask = check_scoring_mask(attention_mask, input_ids)
+    if not mask[:, -1].all():
+        raise ValueError("attention_mask pads the end of a row: generation needs left padding "
+                         "(tokenizer.padding_side = 'left')")
+    if (mask.diff(dim=1) < 0).any():
+        raise ValueError("attention_mask has padding between tokens: only left padding (zeros, "
+                         "then ones) is supported")
+    return not bool(mask.all())
+
+
+def check_scoring_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """``attention_mask`` as int64 after a clear error unless it is a 0 / 1 mask of input_ids'
+    shape and device with a token in every row (padding anywhere: scoring takes any)."""
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must be a tensor of input_ids' shape {tuple(input_ids.shape)}, "
                          f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
@@ -88,13 +101,7 @@ def check_padding_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) ->
     empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
     if empty:
         raise ValueError(f"attention_mask row {empty[0]} has no tokens (all padding)")
-    if not mask[:, -1].all():
-        raise ValueError("attention_mask pads the end of a row: generation needs left padding "
-                         "(tokenizer.padding_side = 'left')")
-    if (mask.diff(dim=1) < 0).any():
-        raise ValueError("attention_mask has padding between tokens: only left padding (zeros, "
-                         "then ones) is supported")
-    return not bool(mask.all())
+    return mask
 
 
 def eos_ids(eos_token_id: EosIds, device: torch.device) -> Optional[torch.Tensor]:

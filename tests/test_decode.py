@@ -357,14 +357,43 @@ def test_padding_needs_the_cached_path_and_the_full_graph_takes_a_mask_of_ones(q
     ids, mask = left_padded([prompt(1, n, seed=n)[0] for n in (2, 5)])
     with pytest.raises(ValueError, match="needs the static cache"):
         qm_natural.generate(ids, 2, attention_mask=mask, use_cache=False)
-    with pytest.raises(ValueError, match="attention_mask pads a row: the full-sequence graph"):
-        qm_natural(ids, attention_mask=mask)
     assert torch.equal(qm_natural(ids, attention_mask=torch.ones_like(ids)).logits, qm_natural(ids).logits)
     plain = qm_natural.decoder(2, 16, ids.device)
     with pytest.raises(ValueError, match="takes no attention_mask: build it with padded=True"):
         plain.generate(ids, 2, attention_mask=mask)
     # a mask that pads nothing (a tokenizer's, for prompts of one length) is accepted as by generate
     assert torch.equal(plain.generate(ids, 2, attention_mask=torch.ones_like(ids)), plain.generate(ids, 2))
+
+
+@pytest.mark.parametrize("which", ["qm_ssr", "qm_natural"])
+@pytest.mark.parametrize("side", ["left", "right", "holes"])
+def test_a_padded_batch_scores_each_row_as_alone(request, which, side):
+    """qm(ids, attention_mask=mask) with padding: every row's logits at its tokens are the ones
+    that row gets alone from the full-sequence graph (another graph: close, not equal)."""
+    qm = request.getfixturevalue(which)
+    rows = [prompt(1, n, seed=10 + n)[0] for n in (3, 7, 5)]
+    width = 10
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(rows):
+        slots = {"left": range(width - len(p), width), "right": range(len(p)),
+                 "holes": [i for i in range(width) if i % 4 != 1][:len(p)]}[side]
+        ids[r, list(slots)], mask[r, list(slots)] = p, 1
+    got = qm(ids, attention_mask=mask).logits
+    assert got.shape == (len(rows), width, qm.model_config.vocab_size)
+    for r, p in enumerate(rows):
+        alone = qm(p[None]).logits[0]
+        real = mask[r].bool()
+        assert torch.allclose(got[r, real], alone, rtol=1e-4, atol=1e-4), (r, (got[r, real] - alone).abs().max())
+
+
+def test_a_scoring_mask_is_checked(qm_natural):
+    ids = prompt(2, 4)
+    for mask, match in ((torch.tensor([[0, 2, 1, 1], [1, 1, 1, 1]]), "only 0 .padding. and 1"),
+                        (torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), "row 1 has no tokens"),
+                        (torch.ones(2, 4), "int or bool"), (torch.ones(2, 3, dtype=torch.long), "shape")):
+        with pytest.raises(ValueError, match=match):
+            qm_natural(ids, attention_mask=mask)
 
 
 def test_a_decoder_rejects_what_its_cache_cannot_hold(qm_natural):
