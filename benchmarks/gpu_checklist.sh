@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh attention | attn_ab | imma | lowering | fuzz | e2e7b | e2e8b | e2e7b8
+#   bash benchmarks/gpu_checklist.sh fusenorm | pdl | attention | attn_ab | imma | lowering | fuzz | e2e7b | e2e8b | e2e7b8
 #                                    | e2e7b8bf16 | kernels | swap | profile | quant7b | prefill7b | group
 #                                    | rows | pipelined | tma_ab
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
@@ -12,8 +12,10 @@
 # e2e8b with the decode attention on, attention again, profile of the 7B step, fuzz to 200 of 256
 # cases: session 13; on the H100: kernels (all 42 rows with gemlite), the swapped-GEMM sweep (swap),
 # fuzz 256/256: session 14; lowering incl. the padded-batch check, kernels without gemlite at
-# M = 256 (0.58x) and 1-2048: session 15, H100). Owed, first: e2e7b on the H100 (issue 5's figures
-# are session 13's, H200), kernels with gemlite in one run at this code, e2e7b8 / e2e7b8bf16 (batch 8 with the decode
+# M = 256 (0.58x) and 1-2048: session 15, H100; e2e7b with compiled prefill, padded: session 16,
+# H100). Owed, first: fusenorm (session 16's FuseAddRMSNorm, opt-in until its GPU check passes
+# and the A/B shows a gain: then make PT2PASS_FUSE_NORM default to 1), pdl (Inductor's
+# programmatic dependent launch in the CUDA-graphed step, never measured), kernels with gemlite in one run at this code, e2e7b8 / e2e7b8bf16 (batch 8 with the decode
 # attention), profile on the 8B shape (profile_decode.py --shape llama3-8b ... --log-autotune:
 # session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the autotuned kernel
 # on all 7 shapes; its correctness checks alone outlasted 230 s in session 13), quant7b on the
@@ -32,7 +34,12 @@ case "${1:-}" in
   e2e7b8bf16) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 8 --skip-quant-timing --skip-prefill --skip-ternary ;;
   quant7b)  python3 benchmarks/bench_e2e.py --shape llama2-7b --quant-only --quant-layers 32 ;;  # ~5 min expected
   prefill7b) python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 --new-tokens 32 --skip-quant-timing --compile-prefill ;;
-  lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_export_round_trip check_padded_generate ;;  # ~1 min (AOTI: add check_aoti, ~4 min; segfaults in the lent torch)
+  fusenorm) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_fused_norm    # ~1-2 min
+            python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --layers 8 \
+              --env PT2PASS_FUSE_NORM=0 PT2PASS_FUSE_NORM=1 ;;                          # ~3-4 min
+  pdl)      python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --layers 8 --bf16 \
+              --env inductor.triton.enable_pdl=0 inductor.triton.enable_pdl=1 ;;        # ~5 min
+  lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_export_round_trip check_padded_generate check_fused_norm ;;  # ~2 min (AOTI: add check_aoti, ~4 min; segfaults in the lent torch)
   group)    python3 benchmarks/bench_group.py ;;                                  # ~1 min
   rows)     python3 benchmarks/experiments/sweep_gemv_rows.py ;;                  # ~3 min (session 5: 2.5)
   pipelined) python3 benchmarks/experiments/sweep_gemv_pipelined.py ;;           # ~1.5 min with compiles
@@ -47,5 +54,5 @@ case "${1:-}" in
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
             PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py ;;
   swap)     python3 benchmarks/experiments/sweep_gemm_swap.py --budget 370 ;;    # ~8.5 min
-  *) echo "usage: $0 attention|attn_ab|imma|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
+  *) echo "usage: $0 fusenorm|pdl|attention|attn_ab|imma|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
 esac
