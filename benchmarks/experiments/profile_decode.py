@@ -141,6 +141,8 @@ def _parsed(name: str, value: str):
     """``value`` in the type of torch._inductor.config's ``name`` (e.g. triton.enable_pdl: bool)."""
     current = torch._inductor.config
     for part in name.split("."):
+        if not hasattr(current, part):
+            raise SystemExit(f"torch._inductor.config has no {name} in torch {torch.__version__}")
         current = getattr(current, part)
     return bool(int(value)) if isinstance(current, bool) else type(current)(value)
 
