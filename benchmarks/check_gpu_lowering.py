@@ -223,11 +223,14 @@ def check_fused_norm():
         for y, ref in zip(ys, GROUP(x, packed, alpha, mu, bias, perm)):
             assert rel(y, ref) < 1e-2, (rows, extras, rel(y, ref))
     cfg, qm = tiny_gqa_llama()
-    steps = {}
+    steps, saved = {}, os.environ.get("PT2PASS_FUSE_NORM")
     for flag in ("0", "1"):
         os.environ["PT2PASS_FUSE_NORM"] = flag
         steps[flag] = build_decode_graph(qm.skeleton, qm.store, 1, 64)
-    del os.environ["PT2PASS_FUSE_NORM"]
+    if saved is None:
+        del os.environ["PT2PASS_FUSE_NORM"]
+    else:
+        os.environ["PT2PASS_FUSE_NORM"] = saved
     assert sum(n.target is FUSED_OP for n in steps["1"].graph.nodes) == 2 * cfg.num_hidden_layers - 1
     err = same_decode_logits(cfg, steps["0"], steps["1"], "_add_norm_quantize_kernel")
     print(f"  fused decode graph, 13 steps: last rel err {err:.1e}; the fused quantize kernel ran", flush=True)

@@ -366,13 +366,17 @@ class CachedDecoder:
 
     def prompt_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits (B, S, vocab) of every position of ``input_ids`` (B, S), run as one prompt through
-        this padded step under ``attention_mask`` (B, S; any 0 / 1 mask: each slot's position is the
-        number of its row's tokens before it, as a row alone would have it). Overwrites the cache."""
+        this padded step under ``attention_mask`` (B, S; 0 / 1, each row's tokens in consecutive
+        slots: left or right padding; each slot's position is the number of its row's tokens
+        before it, as the row alone would have it). Overwrites the cache."""
         if not self.padded:
             raise ValueError("prompt_logits needs a padded decode graph (build_decode_graph(padded=True))")
         if input_ids.shape[0] != self.batch_size or input_ids.shape[1] > self.max_cache_len:
             raise ValueError(f"input_ids {tuple(input_ids.shape)} do not fit this decode graph "
                              f"(batch {self.batch_size}, cache {self.max_cache_len})")
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have input_ids' shape "
+                             f"{tuple(input_ids.shape)}")
         cache_mask = self._cache_mask(attention_mask)
         s = input_ids.shape[1]
         positions = mask_positions(cache_mask)[:, :s].contiguous()

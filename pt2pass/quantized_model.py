@@ -15,6 +15,7 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .lowering.lower import TERNARY_OP
+from .data import check_token_ids
 from .sampling import EosIds, Sampling, check_padding_mask, check_prompt, check_scoring_mask, generation_loop
 from .store import QuantStore
 
@@ -79,17 +80,30 @@ class QuantizedCausalLM(QuantizedModel):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None):
         """Logits of every position, as the original model's forward. ``attention_mask`` (B, S),
-        0 at pads: a mask of ones runs the full-sequence graph as without one; padding (left,
-        right or between tokens) runs the prompt through a padded decode graph (built on first use
-        per batch size and length), so that every row gets the logits it gets alone, at its real
-        positions; the pads' logits are meaningless."""
+        0 at pads: a mask of ones runs the full-sequence graph as without one; left or right
+        padding runs the prompt through a padded decode graph, so that every row gets the logits
+        it gets alone, at its real positions (the pads' logits are meaningless). That graph and
+        its KV cache are built on first use per batch size and length and kept, as generate's are
+        (``clear_decoders`` frees them). Padding between tokens is refused: sliding-window
+        attention counts distances in slots, so such a row would not see what it sees alone."""
         if attention_mask is not None:
-            check_prompt(input_ids, 0, self.max_positions, vocab_size=getattr(self.model_config, "vocab_size", None))
-            if not bool(check_scoring_mask(attention_mask, input_ids).all()):
-                decoder = self.decoder(input_ids.shape[0], input_ids.shape[1], input_ids.device, padded=True,
-                                       all_logits=True)
-                return CausalLMOutputWithPast(logits=decoder.prompt_logits(input_ids, attention_mask))
+            mask = check_scoring_mask(attention_mask, input_ids)
+            if not bool(mask.all()):
+                return CausalLMOutputWithPast(logits=self._padded_logits(input_ids, mask))
         return self.gm(input_ids=input_ids, use_cache=False)
+
+    def _padded_logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if ((mask.diff(dim=1) > 0).sum(1) + mask[:, 0] > 1).any():  # a row's tokens start twice
+            raise ValueError("attention_mask has padding between tokens: scoring takes left or right "
+                             "padding (a row's tokens in consecutive slots)")
+        check_token_ids(input_ids, getattr(self.model_config, "vocab_size", None), what="input_ids")
+        if self.max_positions is not None and input_ids.shape[1] > self.max_positions:
+            raise ValueError(f"a padded batch of {input_ids.shape[1]} tokens exceeds the model's "
+                             f"max_position_embeddings ({self.max_positions}): the padded graph's cache "
+                             "cannot hold it")
+        decoder = self.decoder(input_ids.shape[0], input_ids.shape[1], input_ids.device, padded=True,
+                               all_logits=True)
+        return decoder.prompt_logits(input_ids, mask)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, *,

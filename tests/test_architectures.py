@@ -148,6 +148,22 @@ def test_sliding_window_models_generate_with_the_cache_past_the_window(arch):
     assert not torch.equal(tokens[8], tokens[None])
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_sliding_window_model_scores_a_padded_batch_as_each_row_alone(side):
+    """Rows longer than the 4-token window, padded: each row's logits at its tokens are the ones it
+    gets alone (the window counts slots; a row's tokens sit in consecutive slots)."""
+    qm = pt2pass.compile(_sliding("mistral", 4), None, config=CompileConfig(ternary=RTN), progress=False)
+    rows = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 14)]
+    ids = torch.zeros(2, 16, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(rows):
+        slots = range(16 - len(p), 16) if side == "left" else range(len(p))
+        ids[r, list(slots)], mask[r, list(slots)] = p, 1
+    got = qm(ids, attention_mask=mask).logits
+    for r, p in enumerate(rows):
+        assert torch.allclose(got[r, mask[r].bool()], qm(p[None]).logits[0], rtol=1e-4, atol=1e-4)
+
+
 def test_a_decode_step_captured_for_two_or_more_tokens_falls_back_to_the_padded_step():
     """OPT computes positions from the attention mask when given none, captured with a
     data-dependent length >= 2: its plain one-token step would fail with torch's bare runtime

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import pt2pass
-from pt2pass.decode import CACHE_PREFIX, CachedDecoder, decode_attention_default, generate_with_program
+from pt2pass.decode import CACHE_PREFIX, CachedDecoder, generate_with_program
 from pt2pass.lowering.group_siblings import GROUP_OP, count_ternary_linears
 from pt2pass.lowering.lower import TERNARY_OP
 from pt2pass.quantized_model import QuantizedCausalLM
@@ -81,7 +81,7 @@ def test_one_decode_graph_per_batch_size_for_all_prompt_lengths(qm_natural):
 
 def test_decode_graph_is_lowered_from_the_store_and_shares_its_buffers(qm_ssr):
     qm_ssr.generate(prompt(1, 4), 2)
-    step = qm_ssr._decoders[(1, 256, torch.float32, torch.device("cpu"), decode_attention_default(), False)].step
+    step = qm_ssr.decoder(1, 6, torch.device("cpu")).step  # the one generate built
     assert count_ternary_linears(step.graph) == N_LINEARS
     # q/k/v and gate/up of each layer: one grouped op each; o_proj and down_proj stay single
     groups = [len(n.args[1]) for n in step.graph.nodes if n.target is GROUP_OP]
@@ -366,7 +366,7 @@ def test_padding_needs_the_cached_path_and_the_full_graph_takes_a_mask_of_ones(q
 
 
 @pytest.mark.parametrize("which", ["qm_ssr", "qm_natural"])
-@pytest.mark.parametrize("side", ["left", "right", "holes"])
+@pytest.mark.parametrize("side", ["left", "right"])
 def test_a_padded_batch_scores_each_row_as_alone(request, which, side):
     """qm(ids, attention_mask=mask) with padding: every row's logits at its tokens are the ones
     that row gets alone from the full-sequence graph (another graph: close, not equal)."""
@@ -376,8 +376,7 @@ def test_a_padded_batch_scores_each_row_as_alone(request, which, side):
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, p in enumerate(rows):
-        slots = {"left": range(width - len(p), width), "right": range(len(p)),
-                 "holes": [i for i in range(width) if i % 4 != 1][:len(p)]}[side]
+        slots = {"left": range(width - len(p), width), "right": range(len(p))}[side]
         ids[r, list(slots)], mask[r, list(slots)] = p, 1
     got = qm(ids, attention_mask=mask).logits
     assert got.shape == (len(rows), width, qm.model_config.vocab_size)
@@ -387,10 +386,21 @@ def test_a_padded_batch_scores_each_row_as_alone(request, which, side):
         assert torch.allclose(got[r, real], alone, rtol=1e-4, atol=1e-4), (r, (got[r, real] - alone).abs().max())
 
 
+def test_a_mask_of_ones_runs_the_full_graph_at_any_length(qm_natural):
+    ids = prompt(1, 300)  # past the tiny model's 256 positions: the full graph runs it, as without a mask
+    assert torch.equal(qm_natural(ids, attention_mask=torch.ones_like(ids)).logits, qm_natural(ids).logits)
+    ids[0, :2] = 0
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with pytest.raises(ValueError, match="300 tokens exceeds the model's max_position_embeddings .256."):
+        qm_natural(ids, attention_mask=mask)
+
+
 def test_a_scoring_mask_is_checked(qm_natural):
     ids = prompt(2, 4)
     for mask, match in ((torch.tensor([[0, 2, 1, 1], [1, 1, 1, 1]]), "only 0 .padding. and 1"),
                         (torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]]), "row 1 has no tokens"),
+                        (torch.tensor([[1, 0, 1, 1], [1, 1, 1, 1]]), "padding between tokens: scoring takes left"),
                         (torch.ones(2, 4), "int or bool"), (torch.ones(2, 3, dtype=torch.long), "shape")):
         with pytest.raises(ValueError, match=match):
             qm_natural(ids, attention_mask=mask)
@@ -398,7 +408,7 @@ def test_a_scoring_mask_is_checked(qm_natural):
 
 def test_a_decoder_rejects_what_its_cache_cannot_hold(qm_natural):
     qm_natural.generate(prompt(1, 3), 1)
-    decoder = qm_natural._decoders[(1, 256, torch.float32, torch.device("cpu"), decode_attention_default(), False)]
+    decoder = qm_natural.decoder(1, 4, torch.device("cpu"))  # the one generate built
     with pytest.raises(ValueError, match="exceeds the cache length"):
         decoder.generate(prompt(1, 250), 10)
     with pytest.raises(ValueError, match="built for batch 1, got 2"):

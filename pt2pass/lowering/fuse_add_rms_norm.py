@@ -25,13 +25,13 @@ import torch
 import torch.fx as fx
 
 from ..pass_manager import Pass, PassResult
+from .group_siblings import ADD_NORM_GROUP_OP as FUSED_OP
 from .group_siblings import GROUP_OP
 from .lower import fetch_attr
 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
-FUSED_OP = torch.ops.pt2pass.add_rms_norm_linear_group.default
 _ASSERT = aten._assert_tensor_metadata.default
 
 

@@ -29,6 +29,7 @@ from .lower import TERNARY_OP
 log = logging.getLogger(__name__)
 
 GROUP_OP = torch.ops.pt2pass.ternary_linear_group.default
+ADD_NORM_GROUP_OP = torch.ops.pt2pass.add_rms_norm_linear_group.default  # FuseAddRMSNorm's
 MAX_GROUP = 3  # = kernels.gemv_group.MAX_MEMBERS (q, k, v); not imported: that module needs triton
 _ARG_NAMES = ("x", "packed", "alpha", "mu", "bias", "perm", "block_size")
 
@@ -43,21 +44,34 @@ def op_arguments(node: fx.Node) -> Dict[str, object]:
     return values
 
 
+def _members(node: fx.Node) -> int:
+    """Ternary Linears one node computes: 1 for ternary_linear, the packed list's length for the
+    grouped ops (ternary_linear_group; add_rms_norm_linear_group, whose list is its 5th argument)."""
+    if node.target is TERNARY_OP:
+        return 1
+    if node.target is GROUP_OP:
+        return len(node.args[1])
+    if node.target is ADD_NORM_GROUP_OP:
+        return len(node.args[4])
+    return 0
+
+
 def count_ternary_linears(graph: fx.Graph) -> int:
     """Ternary Linears computed by ``graph``: ternary_linear nodes plus the members of groups."""
-    return sum(1 if n.target is TERNARY_OP else len(n.args[1]) if n.target is GROUP_OP else 0
-               for n in graph.nodes)
+    return sum(_members(n) for n in graph.nodes)
 
 
 def describe_ternary_ops(graph: fx.Graph) -> str:
     """"14 pt2pass.ternary_linear nodes", or with groups "14 ternary Linears: 4
-    pt2pass.ternary_linear nodes, 4 pt2pass.ternary_linear_group nodes"."""
-    singles = sum(n.target is TERNARY_OP for n in graph.nodes)
-    groups = sum(n.target is GROUP_OP for n in graph.nodes)
-    if not groups:
-        return f"{singles} pt2pass.ternary_linear nodes"
-    return (f"{count_ternary_linears(graph)} ternary Linears: {singles} pt2pass.ternary_linear nodes, "
-            f"{groups} pt2pass.ternary_linear_group nodes")
+    pt2pass.ternary_linear nodes, 4 pt2pass.ternary_linear_group nodes" (and the fused
+    add_rms_norm_linear_group nodes, when there are)."""
+    counts = [(sum(n.target is op for n in graph.nodes), name) for op, name in (
+        (TERNARY_OP, "pt2pass.ternary_linear"), (GROUP_OP, "pt2pass.ternary_linear_group"),
+        (ADD_NORM_GROUP_OP, "pt2pass.add_rms_norm_linear_group"))]
+    if not counts[1][0] and not counts[2][0]:
+        return f"{counts[0][0]} pt2pass.ternary_linear nodes"
+    return (f"{count_ternary_linears(graph)} ternary Linears: "
+            + ", ".join(f"{c} {name} nodes" for c, name in counts if c or name == "pt2pass.ternary_linear"))
 
 
 class GroupSiblingLinears(Pass):

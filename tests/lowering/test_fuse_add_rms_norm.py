@@ -7,7 +7,7 @@ import torch
 import pt2pass
 from pt2pass.decode import CachedDecoder, build_decode_graph
 from pt2pass.lowering.fuse_add_rms_norm import FUSED_OP, FuseAddRMSNorm
-from pt2pass.lowering.group_siblings import GROUP_OP
+from pt2pass.lowering.group_siblings import GROUP_OP, count_ternary_linears, describe_ternary_ops
 from pt2pass.pass_manager import PassManager
 
 N_LAYERS = 2
@@ -46,6 +46,10 @@ def test_each_add_and_norm_before_a_group_becomes_one_node(qm, monkeypatch):
     assert adds[0] - adds[1] == 2 * fused  # the residual add and the norm's + eps
     again = PassManager([FuseAddRMSNorm()])(after)
     assert _count(again, FUSED_OP) == fused  # idempotent: nothing left to match
+    assert count_ternary_linears(after.graph) == count_ternary_linears(before.graph) == 7 * N_LAYERS
+    assert describe_ternary_ops(after.graph) == (
+        "14 ternary Linears: 4 pt2pass.ternary_linear nodes, 1 pt2pass.ternary_linear_group nodes, "
+        "3 pt2pass.add_rms_norm_linear_group nodes")
 
 
 @pytest.mark.parametrize("batch", [1, 2])

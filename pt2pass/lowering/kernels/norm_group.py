@@ -62,7 +62,8 @@ def _add_norm_quantize_kernel(a_ptr, b_ptr, w_ptr, h_ptr, perm0, perm1, perm2, x
                               xs_ptr, ss_ptr, KW, NB, HAS_PERM: tl.constexpr, NBT: tl.constexpr):
     """For this program's NBT blocks, gathered through member g's permutation (g = program_id(1)):
     u = w * (a + b) quantized as gemv_dp2a's x into row g of the buffers, the blocks' sums of h^2
-    into row g of ``ss_ptr``; the programs of member 0 also store h."""
+    into row g of ``ss_ptr``; the programs of member 0 also store h (all of it: every member's
+    permutation, when there are, is one of 0..K-1, as ternary_linear's perm must be)."""
     g = tl.program_id(1).to(tl.int64)
     perm = pick_member(g, perm0, perm1, perm2)
     blk = tl.program_id(0) * NBT + tl.arange(0, NBT)
