@@ -13,14 +13,15 @@
 # cases: session 13; on the H100: kernels (all 42 rows with gemlite), the swapped-GEMM sweep (swap),
 # fuzz 256/256: session 14; lowering incl. the padded-batch check, kernels without gemlite at
 # M = 256 (0.58x) and 1-2048: session 15, H100; e2e7b with compiled prefill, padded: session 16,
-# H100). Owed, first: fusenorm (session 16's FuseAddRMSNorm, opt-in until its GPU check passes
-# and the A/B shows a gain: then make PT2PASS_FUSE_NORM default to 1), pdl (Inductor's
-# programmatic dependent launch in the CUDA-graphed step, never measured), kernels with gemlite in one run at this code, e2e7b8 / e2e7b8bf16 (batch 8 with the decode
-# attention), profile on the 8B shape (profile_decode.py --shape llama3-8b ... --log-autotune:
-# session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the autotuned kernel
-# on all 7 shapes; its correctness checks alone outlasted 230 s in session 13), quant7b on the
-# H200. The kernels step needs the gemlite wheel carried (.whl is git-ignored; benchmarks/README.md
-# says how to build it). Each profile_decode setting needs ~150-290 s (model build, rtn codes,
+# H100; fusenorm (correct, 3 % slower: stays opt-in), pdl (no gain for ternary), kernels with
+# gemlite (42 rows over two calls), e2e8b decode at batch 1 (prefill cut by the timeout): session
+# 17, H100). Owed: e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention), e2e8b's prefill and
+# ternary peak memory, profile on the 8B shape (profile_decode.py --shape llama3-8b ...
+# --log-autotune: session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the
+# autotuned kernel on all 7 shapes; its correctness checks alone outlasted 230 s in session 13),
+# quant7b on the H200. The kernels step needs the gemlite wheel carried (.whl is git-ignored;
+# benchmarks/README.md says how to build it) and outlasts one call (split it with --shapes). Each
+# profile_decode setting needs ~100-290 s (model build, rtn codes,
 # compile with autotuning): one or two per call. A fresh machine took ~3-5 minutes to start.
 set -euo pipefail
 cd "$(dirname "$0")/.."
