@@ -9,7 +9,7 @@ from torch import nn
 
 from .assemble import lowering_passes, wrap
 from .capture import capture, is_hf_causal_lm, unsupported_weight_modules, weights_outside_linears
-from .config import CompileConfig
+from .config import CompileConfig, TernaryConfig
 from .data import calibration_tensor
 from .decode import build_decode_graph, export_decode_graph, make_skeleton
 from .pass_manager import Pass, PassManager
@@ -77,6 +77,7 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
     ``tokenizer``), a local text/JSON/parquet file or folder, or a ``datasets.Dataset``. The model
     itself is not modified. Returns a :class:`QuantizedModel` called like the model.
     """
+    check_compile_args(tokenizer, config)
     config = config or CompileConfig()
     if not any(isinstance(m, nn.Linear) for m in model.modules()):
         raise ValueError(f"{type(model).__name__} has no nn.Linear layers: nothing to ternarize"
@@ -105,6 +106,19 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
     # holding no copy of the quantized weights (meta), so the FP Linears can be freed.
     skeleton = make_skeleton(model, store) if is_hf_causal_lm(model) else model
     return wrap(gm, store, skeleton, pass_history=manager.history)
+
+
+def check_compile_args(tokenizer, config) -> None:
+    """Refuse a configuration in the tokenizer's place (``compile(model, data, CompileConfig(...))``:
+    with token ids the tokenizer is never called, so the defaults would run unnoticed) and a
+    config of another type."""
+    if isinstance(tokenizer, (CompileConfig, TernaryConfig, dict)):
+        raise TypeError(f"compile's third argument is the tokenizer, got a {type(tokenizer).__name__}: "
+                        "pass the configuration by name, config=CompileConfig(...)")
+    if config is not None and not isinstance(config, CompileConfig):
+        hint = " (a TernaryConfig goes inside it: CompileConfig(ternary=...))" \
+            if isinstance(config, TernaryConfig) else ""
+        raise TypeError(f"config must be a pt2pass.CompileConfig, got {type(config).__name__}{hint}")
 
 
 def check_finite_weights(model: nn.Module, skip: Sequence[str] = ()) -> None:
@@ -223,10 +237,31 @@ def export(qm: QuantizedModel, example_inputs=None, *, graph: str = "full", batc
         example_inputs = (torch.zeros(2, 16, dtype=torch.long, device=_device_of(qm)),)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    if qm.causal_lm and len(example_inputs) == 1:
+        example_inputs = (_widened_ids(example_inputs[0]),)
     dims = tuple({d: torch.export.Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor)
                  else None for x in example_inputs)
+    if not qm.causal_lm:
+        ones = [(i, d) for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor)
+                for d, size in enumerate(x.shape) if size == 1]
+        if ones:
+            log.warning("export: example input %d has size 1 in dim %d; torch.export fixes such dims "
+                        "to 1 in the program (give an example with >= 2 there to keep it dynamic)", *ones[0])
+        dims = (dims,)  # QuantizedModel.forward(*args): the inputs are one varargs parameter
     with torch.no_grad():
-        return torch.export.export(qm, tuple(example_inputs), dynamic_shapes=dims, strict=False)
+        return torch.export.export(qm, example_inputs, dynamic_shapes=dims, strict=False)
+
+
+def _widened_ids(ids):
+    """An example of >= 2 rows and >= 2 tokens for tracing a causal LM: torch.export fixes a dim
+    of size 1 to 1 (0/1 specialization), so a single tokenized prompt (1, S) would give a program
+    that refuses any other batch size. The values only have to be valid ids: the first is repeated."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or min(ids.shape) >= 2:
+        return ids
+    fill = ids.reshape(-1)[0] if ids.numel() else 0
+    return torch.full((max(ids.shape[0], 2), max(ids.shape[1], 2)), int(fill), dtype=ids.dtype,
+                      device=ids.device)
 
 
 def _export_decode(qm: QuantizedModel, example_inputs, batch_size: int,

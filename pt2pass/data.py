@@ -66,21 +66,33 @@ def check_token_ids(ids: torch.Tensor, vocab_size: Optional[int] = None, what: s
     return ids.long()
 
 
-def _files_of(path: Path) -> List[Path]:
-    """The file itself, or the supported files under a directory (recursively, sorted)."""
+def _is_path(text) -> bool:
+    """Whether ``text`` names an existing file or folder; False where the OS cannot even look it up
+    (a name too long or holding a NUL byte: raw text passed where a path could stand)."""
     try:
-        exists = path.exists()
-    except OSError:  # e.g. "File name too long" when raw text was passed as a str
-        exists = False
-    if not exists:
+        return Path(text).exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _files_of(path: Path) -> List[Path]:
+    """The file itself, or the supported files under a directory (recursively, sorted). Hidden
+    files and folders (``.ipynb_checkpoints``, ``.git``) are left out: their copies of the same
+    text would be read twice."""
+    if not _is_path(path):
         raise FileNotFoundError(f"{str(path)[:200]!r} does not exist (to use raw text, pass a "
                                 "list of strings; a str is read as a path)")
     if path.is_file():
         return [path]
+    if (path / "state.json").is_file() and (path / "dataset_info.json").is_file():
+        raise ValueError(f"{path} is a folder written by datasets' save_to_disk: load it with "
+                         "datasets.load_from_disk(path) and pass the Dataset")
     known = TEXT_SUFFIXES + tuple(DATASET_SUFFIXES)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known)
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in known
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
-        raise ValueError(f"directory {path} holds no {'/'.join(known)} files")
+        raise ValueError(f"directory {path} holds no {'/'.join(known)} files (hidden files and "
+                         "folders are left out)")
     return files
 
 
@@ -202,7 +214,7 @@ def _streams(calib_data, tokenizer, text_column: str) -> List[torch.Tensor]:
         if not calib_data:
             raise ValueError("calibration data is an empty list")
         if all(isinstance(x, str) for x in calib_data):
-            if all("\n" not in x and len(x) < 4096 and Path(x).exists() for x in calib_data):
+            if all("\n" not in x and _is_path(x) for x in calib_data):
                 raise ValueError(f"the calibration strings are paths ({calib_data[0]!r}, ...), and a "
                                  "list of strings is read as raw text: pass pathlib.Path objects")
             return [_texts_stream(calib_data, tokenizer)]
@@ -243,7 +255,9 @@ def calibration_tensor(calib_data, tokenizer=None, *, seqlen: int, n_samples: Op
     for i, s in enumerate(streams):
         s = check_token_ids(s, vocab_size, what=f"sequence {i}" if len(streams) > 1 else "token ids")
         if s.numel() < seqlen:
-            raise ValueError(f"sequence {i} has {s.numel()} tokens, fewer than seqlen={seqlen}")
+            raise ValueError(f"sequence {i} has {s.numel()} tokens, fewer than seqlen={seqlen} (each "
+                             "sequence is cut into windows of its own, so none crosses a document; "
+                             "join short ones first, e.g. [torch.cat(rows)])")
         n = s.numel() // seqlen
         windows.append(s[: n * seqlen].view(n, seqlen))
     out = torch.cat(windows)

@@ -86,11 +86,24 @@ class QuantizedCausalLM(QuantizedModel):
         its KV cache are built on first use per batch size and length and kept, as generate's are
         (``clear_decoders`` frees them). Padding between tokens is refused: sliding-window
         attention counts distances in slots, so such a row would not see what it sees alone."""
+        self._check_input_ids(input_ids)
         if attention_mask is not None:
             mask = check_scoring_mask(attention_mask, input_ids)
             if not bool(mask.all()):
                 return CausalLMOutputWithPast(logits=self._padded_logits(input_ids, mask))
         return self.gm(input_ids=input_ids, use_cache=False)
+
+    def _check_input_ids(self, input_ids) -> None:
+        """2-D integer ids within the vocabulary, named here rather than as an IndexError in the
+        embedding. The values are not checked while torch.compile or torch.export traces: they are
+        unknown there (fake tensors), and reading them would break the graph."""
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D (batch, sequence), got shape {tuple(input_ids.shape)}")
+        if torch.compiler.is_compiling() or type(input_ids) is not torch.Tensor:  # Fake/FunctionalTensor
+            return
+        check_token_ids(input_ids, getattr(self.model_config, "vocab_size", None), what="input_ids")
 
     def _padded_logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if ((mask.diff(dim=1) > 0).sum(1) + mask[:, 0] > 1).any():  # a row's tokens start twice

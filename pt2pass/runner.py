@@ -23,6 +23,7 @@ import torch.fx._pytree as fx_pytree
 from torch.fx.node import map_aggregate, map_arg
 
 from .capture import STAGE
+from .data import check_token_ids
 
 
 @dataclass
@@ -238,9 +239,17 @@ def _pick(tree, i: int):
     return map_aggregate(tree, lambda v: v.values[i] if isinstance(v, PerBatch) else v)
 
 
-def causal_lm_batches(token_ids: torch.Tensor, batch_size: int,
-                      device: Optional[torch.device] = None) -> List[Tuple[tuple, dict]]:
+def causal_lm_batches(token_ids: torch.Tensor, batch_size: int, device: Optional[torch.device] = None,
+                      *, vocab_size: Optional[int] = None) -> List[Tuple[tuple, dict]]:
     """Calibration batches for a graph captured from an HF causal LM: (n, seqlen) ids cut into
-    ``batch_size`` rows each, as the keyword call the graph was traced with."""
+    ``batch_size`` rows each, as the keyword call the graph was traced with. The ids are checked
+    here (2-D integers, none negative, below ``vocab_size`` when given), not deep in the first
+    pass that runs the graph."""
+    if not isinstance(token_ids, torch.Tensor) or token_ids.dim() != 2:
+        shape = tuple(token_ids.shape) if isinstance(token_ids, torch.Tensor) else type(token_ids).__name__
+        raise ValueError(f"calibration ids must be a 2-D (n, seqlen) tensor, got {shape}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    token_ids = check_token_ids(token_ids, vocab_size, "calibration ids")
     chunks = token_ids.to(device).split(batch_size) if device is not None else token_ids.split(batch_size)
     return [((), {"input_ids": c, "use_cache": False}) for c in chunks]

@@ -76,6 +76,20 @@ def test_skip_given_as_a_bare_string_is_refused():
     assert CompileConfig(skip=["lm_head", "k_proj"]).skip == ("lm_head", "k_proj")  # list: fine
 
 
+@pytest.mark.parametrize("tokenizer, config, match", [
+    # with token ids the tokenizer is never called: this ran the defaults (pt2, seqlen 512) unnoticed
+    (CompileConfig(seqlen=32), None, r"third argument is the tokenizer, got a CompileConfig: .*config="),
+    (TernaryConfig(method="rtn"), None, r"third argument is the tokenizer, got a TernaryConfig"),
+    (None, TernaryConfig(method="rtn"), r"config must be a pt2pass.CompileConfig, got TernaryConfig "
+                                        r"\(a TernaryConfig goes inside it: CompileConfig\(ternary=...\)\)"),
+    (None, {"seqlen": 32}, r"config must be a pt2pass.CompileConfig, got dict"),
+])
+def test_a_config_in_the_wrong_place_is_refused(tiny_llama, tokenizer, config, match):
+    ids = torch.randint(0, 256, (2, 64))
+    with pytest.raises(TypeError, match=match):
+        pt2pass.compile(tiny_llama, ids, tokenizer, config, progress=False)
+
+
 # ---- calibration data -------------------------------------------------------------------------
 
 def test_calibration_on_another_device_than_the_model_is_refused():

@@ -385,6 +385,17 @@ def test_edited_layer_shape_in_json_is_rejected(saved):
         pt2pass.load(saved)
 
 
+def test_edited_scale_dtype_in_json_is_named_a_dtype_mismatch(saved):
+    manifest = manifest_of(saved)
+    entry = manifest["layers"]["model.layers.1.mlp.down_proj.weight"]
+    assert entry["scale_dtype"] == "float16"
+    entry["scale_dtype"] = "bfloat16"
+    write_manifest(saved, manifest)
+    with pytest.raises(CheckpointError, match=r"down_proj.weight.alpha: dtype mismatch, the file holds "
+                                              r"torch.float16 \(128, 2\), pt2pass.json implies torch.bfloat16"):
+        pt2pass.load(saved)
+
+
 def test_invalid_json_is_rejected(saved):
     (saved / "pt2pass.json").write_text('{"format": ')
     with pytest.raises(CheckpointError, match="pt2pass.json is not valid JSON"):

@@ -66,6 +66,35 @@ def test_txt_file_and_directory(tmp_path):
     assert torch.equal(out, expected_windows(byte_ids(TEXTS[0] + "\n\n" + TEXTS[1]), 8))
 
 
+def test_a_directory_leaves_hidden_files_and_folders_out(tmp_path):
+    # a notebook's checkpoint copies were read too: the same text twice in calibration or eval
+    (tmp_path / "a.txt").write_text(TEXTS[0])
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text(TEXTS[0])
+    (tmp_path / ".hidden.txt").write_text(TEXTS[1])
+    out = calibration_tensor(tmp_path, ByteTokenizer(), seqlen=8)
+    assert torch.equal(out, expected_windows(byte_ids(TEXTS[0]), 8))
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(ValueError, match="holds no .* files \\(hidden files and folders are left out\\)"):
+        calibration_tensor(tmp_path, ByteTokenizer(), seqlen=8)
+
+
+def test_a_datasets_save_to_disk_folder_points_to_load_from_disk(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(ValueError, match="written by datasets' save_to_disk: load it with "
+                                         "datasets.load_from_disk"):
+        calibration_tensor(tmp_path / "ds", ByteTokenizer(), seqlen=8)
+
+
+@pytest.mark.parametrize("text", ["word " * 60, "x" * 300, "a\x00b" * 10])
+def test_raw_strings_the_os_cannot_look_up_are_read_as_text(text):
+    # the "are these strings paths?" check raised OSError (name too long) or ValueError (NUL)
+    out = calibration_tensor([text], ByteTokenizer(), seqlen=8)
+    assert torch.equal(out, expected_windows(byte_ids(text), 8))
+
+
 def test_jsonl_json_records_json_list_and_parquet(tmp_path):
     import datasets
 

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from pt2pass.capture import capture, linear_nodes
@@ -63,3 +64,17 @@ def test_calibration_runs_in_place_writes_into_a_buffer_a_linear_reads():
         y = torch.cat([m.a(xs), m.b(xs)], -1).reshape(-1, 32)
     torch.testing.assert_close(store_of(gm).config["hessians"]["c.weight"], 2 / y.shape[0] * y.T @ y,
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ids, kwargs, match", [
+    (torch.randint(0, 256, (64,)), {}, r"must be a 2-D \(n, seqlen\) tensor, got \(64,\)"),
+    (torch.rand(2, 8), {}, r"token ids must be integers"),
+    (torch.full((2, 8), -3), {}, r"calibration ids contain a negative id \(-3\)"),
+    (torch.full((2, 8), 300), {"vocab_size": 256}, r"calibration ids contain id 300 >= vocab_size=256"),
+    (torch.zeros(2, 8, dtype=torch.long), {"batch_size": 0}, r"batch_size=0 must be a positive integer"),
+])
+def test_causal_lm_batches_names_bad_ids(ids, kwargs, match):
+    # these surfaced as an IndexError inside the first pass that ran the graph
+    kwargs = {"batch_size": 2, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        causal_lm_batches(ids, **kwargs)

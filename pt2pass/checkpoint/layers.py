@@ -111,6 +111,7 @@ def decode_layer(fqn: str, entry: dict, tensors: Dict[str, torch.Tensor], stats:
 
 def _expect(t: torch.Tensor, name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-        raise CheckpointError(f"{name}: shape mismatch, the file holds {t.dtype} "
+        what = "shape" if tuple(t.shape) != tuple(shape) else "dtype"
+        raise CheckpointError(f"{name}: {what} mismatch, the file holds {t.dtype} "
                               f"{tuple(t.shape)}, pt2pass.json implies {dtype} {tuple(shape)}")
     return t

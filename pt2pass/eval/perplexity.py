@@ -87,6 +87,14 @@ def _window_nll_sum(logits: torch.Tensor, window: torch.Tensor) -> float:
     return total
 
 
+def _max_positions(model_fn) -> Optional[int]:
+    """The position limit of an HF model or a QuantizedCausalLM; None for a plain callable."""
+    limit = getattr(model_fn, "max_positions", None)
+    if limit is None:
+        limit = getattr(getattr(model_fn, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
 def perplexity(model_fn, token_ids: torch.Tensor, *, seqlen: int, max_windows: Optional[int] = None,
                batch_size: int = 1, progress: bool = True) -> PerplexityResult:
     """Perplexity of ``model_fn`` on ``token_ids`` (1-D) in non-overlapping ``seqlen`` windows.
@@ -114,6 +122,10 @@ def perplexity(model_fn, token_ids: torch.Tensor, *, seqlen: int, max_windows: O
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)
+    limit = _max_positions(model_fn)
+    if limit is not None and seqlen > limit:
+        log.warning("perplexity at seqlen=%d, beyond the model's max_position_embeddings (%d): "
+                    "positions it was never trained on, the figure says little", seqlen, limit)
 
     device = _model_device(model_fn)
     # An HF model would otherwise build a KV cache per window that is never reused.

@@ -64,6 +64,9 @@ class LowerTernaryLinear(Pass):
 
     def requires(self, gm: fx.GraphModule) -> None:
         require_captured(gm, self.name)
+        if not len(self._store(gm)):  # run first, it would lower nothing and look like success
+            raise ValueError(f"{self.name}: no Linear has been quantized yet (the store is empty); run "
+                             "a quantizing pass (SequentialTernarize or TernarizeWeights) before it")
 
     def _store(self, gm: fx.GraphModule) -> QuantStore:
         return self.store if self.store is not None else store_of(gm)

@@ -113,6 +113,16 @@ def test_bad_arguments(kwargs, ids, match):
         perplexity(uniform_model, ids, progress=False, **kwargs)
 
 
+def test_a_window_beyond_the_models_positions_is_warned(tiny_llama, caplog):
+    ids = counting(2 * 300) % 256
+    assert tiny_llama.config.max_position_embeddings == 256
+    with caplog.at_level(logging.WARNING, logger="pt2pass.eval.perplexity"):
+        perplexity(tiny_llama, ids, seqlen=128, progress=False)
+        assert "beyond" not in caplog.text
+        perplexity(tiny_llama, ids, seqlen=300, progress=False)
+    assert "seqlen=300, beyond the model's max_position_embeddings (256)" in caplog.text
+
+
 def test_wrong_logits_shape():
     with pytest.raises(ValueError, match=r"logits of shape .*\(1, 8, V\), got \(1, 8\)"):
         perplexity(lambda ids: ids.float(), counting(16), seqlen=8, progress=False)

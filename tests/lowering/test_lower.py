@@ -3,7 +3,7 @@ import pytest
 import torch
 from conftest import clone_graph, make_tiny_llama, ternarized_graph
 
-from pt2pass import LowerTernaryLinear, PassManager, TernaryConfig, capture, store_of
+from pt2pass import LowerTernaryLinear, PassError, PassManager, TernaryConfig, capture, store_of
 from pt2pass.capture import LINEAR_OP
 from pt2pass.lowering.lower import TERNARY_OP
 
@@ -40,6 +40,13 @@ def test_lowering_replaces_every_ternarized_linear(ternarized):
         lowered = gm(input_ids=ids, use_cache=False).logits
     # same weights (alpha*T+mu rebuilt from the packed codes): equal up to float32 rounding
     torch.testing.assert_close(lowered, fake_quant, rtol=1e-5, atol=1e-5)
+
+
+def test_lowering_before_any_quantizing_pass_is_refused(tiny_llama):
+    # it lowered nothing and returned the full-precision graph as if it had worked
+    with pytest.raises(PassError, match=r"LowerTernaryLinear: no Linear has been quantized yet .*run "
+                                        r"a quantizing pass \(SequentialTernarize or TernarizeWeights\)"):
+        PassManager([LowerTernaryLinear()])(capture(tiny_llama))
 
 
 def test_lowering_is_idempotent(ternarized):
