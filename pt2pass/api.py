@@ -74,8 +74,11 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
     """Ternarize ``model`` with PT²-LLM and lower its Linears to ``pt2pass::ternary_linear``.
 
     ``calib_data``: token tensor (n, seqlen), list of token tensors, list of strings (with
-    ``tokenizer``), a local text/JSON/parquet file or folder, or a ``datasets.Dataset``. The model
-    itself is not modified. Returns a :class:`QuantizedModel` called like the model.
+    ``tokenizer``), a local text/JSON/parquet file or folder, or a ``datasets.Dataset``; for a
+    module that is not an HF causal LM, a tensor of inputs (first dim = samples) or a list of
+    input tensors. ``example_inputs``: what to trace the model with; by default random ids for a
+    causal LM and the first calibration batch for any other module. The model itself is not
+    modified. Returns a :class:`QuantizedModel` called like the model.
     """
     check_compile_args(tokenizer, config)
     config = config or CompileConfig()
@@ -91,6 +94,8 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
             batches = calibration_batches(model, calib_data, tokenizer, config)
         elif config.ternary.needs_calibration:
             raise ValueError(f"method {config.ternary.method!r} needs calibration data (calib_data)")
+        if example_inputs is None and batches and not is_hf_causal_lm(model):
+            example_inputs = _example_from_calibration(batches)
         gm = capture(model, example_inputs)
         if passes is None:
             check_quantizable(model, gm, config)
@@ -106,6 +111,14 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
     # holding no copy of the quantized weights (meta), so the FP Linears can be freed.
     skeleton = make_skeleton(model, store) if is_hf_causal_lm(model) else model
     return wrap(gm, store, skeleton, pass_history=manager.history)
+
+
+def _example_from_calibration(batches) -> tuple:
+    """A generic module's tracing inputs: its first calibration batch, which has the shapes the
+    module takes. A batch of one row is doubled: torch.export would fix that dim to 1."""
+    return tuple(x.repeat(2, *([1] * (x.dim() - 1)))
+                 if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
+                 for x in batches[0][0])
 
 
 def check_compile_args(tokenizer, config) -> None:

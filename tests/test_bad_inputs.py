@@ -114,8 +114,24 @@ def test_calibration_list_with_a_non_tensor():
 
 
 def test_missing_example_inputs_for_a_generic_module():
+    # without calibration data there is nothing to trace a generic module with
+    rtn = CompileConfig(skip=(), ternary=TernaryConfig(method="rtn", block_size=16))
     with pytest.raises(ValueError, match="example_inputs are required for a model that is not"):
-        pt2pass.compile(mlp(), torch.randn(8, 32), config=FAST, progress=False)
+        pt2pass.compile(mlp(), None, config=rtn, progress=False)
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_a_generic_module_is_traced_with_its_first_calibration_batch(batch_size):
+    # example_inputs used to be required even when the calibration tensors show the input shape;
+    # a first batch of one row must not fix the traced batch to 1
+    model = mlp()
+    config = CompileConfig(skip=(), batch_size=batch_size, ternary=TernaryConfig(block_size=16))
+    qm = pt2pass.compile(model, torch.randn(16, 32), config=config, progress=False)
+    assert qm.ternary_node_count() == 2
+    for rows in (1, 3):
+        x = torch.randn(rows, 32)
+        with torch.no_grad():
+            assert (qm(x) - model(x)).norm() / model(x).norm() < 0.5
 
 
 def test_more_samples_than_the_data_holds(tiny_llama):
