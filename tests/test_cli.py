@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -146,6 +147,23 @@ def test_generate_a_batch_of_prompts_of_different_lengths(tiny, which):
     assert status == 0, err
     texts, _, stats = out.rpartition("\n\n[")
     assert texts == "\n\n".join(alone) and "6 new tokens, batch 2" in stats
+
+
+def test_generate_from_a_checkpoint_stops_on_its_generation_configs_eos_ids(tiny, tmp_path):
+    # it stopped on the tokenizer's eos only; HF's generate (the full-precision path) stops on
+    # every eos id of the model's generation config
+    assert json.loads((tiny["ckpt"] / "generation_config.json").read_text())  # quantize copied it
+    prompt = torch.tensor([byte_tokenizer()("To be").input_ids])
+    new_ids = pt2pass.load(tiny["ckpt"]).generate(prompt, 8)[0, prompt.shape[1]:].tolist()
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny["ckpt"], ckpt)
+    config = json.loads((ckpt / "generation_config.json").read_text())
+    stop = new_ids[3]
+    config["eos_token_id"] = [255 if stop != 255 else 254, stop]
+    (ckpt / "generation_config.json").write_text(json.dumps(config))
+    status, out, err = run_cli("generate", ckpt, "--prompt", "To be", "--max-new-tokens", 8)
+    assert status == 0, err
+    assert f"{new_ids.index(stop) + 1} new tokens" in out
 
 
 def test_generate_full_precision_folder(tiny):

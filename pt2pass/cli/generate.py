@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
@@ -58,7 +59,8 @@ def run(args) -> int:
         if args.max_new_tokens == 0:
             out = ids
         elif loaded.is_checkpoint:
-            out = _generate_quantized(loaded.model, ids, mask, args, temperature, tok.eos_token_id)
+            out = _generate_quantized(loaded.model, ids, mask, args, temperature,
+                                      _checkpoint_eos(Path(args.model), tok))
         else:
             out = _generate_hf(loaded.model, ids, mask, args, temperature, tok)
     seconds = time.perf_counter() - start
@@ -86,6 +88,18 @@ def _encode(tok, prompts):
     for i, row in enumerate(encoded):
         ids[i, width - len(row):], mask[i, width - len(row):] = torch.tensor(row, dtype=torch.long), 1
     return ids, mask
+
+
+def _checkpoint_eos(folder: Path, tok):
+    """The eos ids a checkpoint's model stops on: those of the generation config saved beside it
+    (``pt2pass quantize`` copies the model's; some models list several), else the tokenizer's."""
+    if (folder / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(str(folder)).eos_token_id
+        if eos is not None:
+            return eos
+    return tok.eos_token_id
 
 
 def _generate_quantized(qm, ids, mask, args, temperature, eos_token_id):

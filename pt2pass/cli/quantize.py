@@ -90,6 +90,9 @@ def run(args) -> int:
     with timed(times, "save"):
         pt2pass.save(qm, args.out, source=args.model, calibration=calibration)
         tok.save_pretrained(str(args.out))
+        if getattr(loaded.model, "generation_config", None) is not None:
+            # its eos ids (several for some models) stop `pt2pass generate` as they stop HF's generate
+            loaded.model.generation_config.save_pretrained(str(args.out))
     rows = qm.report()
     summary = _summary(qm, ternary, times)
     report_path = args.report_json or args.out / CHECKPOINT_REPORT
