@@ -35,10 +35,11 @@ from .store import STORE_KEY, LayerQuant, QuantStore
 log = logging.getLogger(__name__)
 
 
-def lowering_passes() -> List[Pass]:
+def lowering_passes(allow_empty: bool = False) -> List[Pass]:
     """Everything after quantization: SSR permutations made explicit, folded into producers where
-    legal, then Linears lowered to ``pt2pass::ternary_linear`` (remaining gathers fuse in)."""
-    return [InsertPermutations(), FoldPermutations(), LowerTernaryLinear()]
+    legal, then Linears lowered to ``pt2pass::ternary_linear`` (remaining gathers fuse in).
+    ``allow_empty``: an empty store lowers nothing instead of being refused."""
+    return [InsertPermutations(), FoldPermutations(), LowerTernaryLinear(allow_empty=allow_empty)]
 
 
 def wrap(gm: fx.GraphModule, store: QuantStore, model: nn.Module, *, model_config=None,
@@ -89,7 +90,8 @@ def lower_from_store(gm: fx.GraphModule, store: QuantStore, params: Dict[str, to
     gm.meta[STORE_KEY] = store
     for fqn, layer in store.layers.items():
         set_weight(gm, fqn, graph_weight(layer, params[fqn].dtype, device))
-    manager = PassManager(lowering_passes())
+    # empty for a decode graph of an unquantized model (the bf16 baselines of the benchmarks)
+    manager = PassManager(lowering_passes(allow_empty=True))
     return manager(gm), manager
 
 
