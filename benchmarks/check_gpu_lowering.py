@@ -174,6 +174,28 @@ def tiny_gqa_llama():
     return cfg, pt2pass.compile(model, None, config=pt2pass.CompileConfig(ternary=ternary), progress=False)
 
 
+def check_forward_and_export():
+    """QuantizedCausalLM.forward's input checks (session 17) on the GPU and the lent torch: named
+    errors in eager, none inside torch.compile(fullgraph) (a value check would break the graph);
+    pt2pass.export from a one-row prompt runs at batch 3 (the example is widened)."""
+    cfg, qm = tiny_gqa_llama()
+    ids = torch.randint(0, cfg.vocab_size, (3, 7), device=DEV)
+    for bad, match in ((ids[0], "2-D"), (ids + cfg.vocab_size, "vocab_size")):
+        try:
+            qm(bad)
+        except ValueError as exc:
+            assert match in str(exc), exc
+        else:
+            raise AssertionError(f"qm accepted bad ids ({match})")
+    with torch.no_grad():
+        want = qm(ids).logits
+        got = torch.compile(qm, fullgraph=True)(ids).logits
+        assert rel(got, want) < 1e-2, rel(got, want)
+        ep = pt2pass.export(qm, ids[:1])
+        assert rel(ep.module()(ids).logits, want) < 1e-2
+    print("  eager checks named; compiled (fullgraph) and exported-from-one-row logits match at batch 3")
+
+
 def same_decode_logits(cfg, base, other, kernel: str) -> float:
     """Decode graphs ``base`` and ``other`` CUDA-graphed as generate runs them: the same logits,
     step by step over a prompt of 8 and 12 one-token steps (teacher-forced with base's greedy
@@ -334,7 +356,8 @@ def check_aoti():
 def main():
     failed = 0
     checks = (check_opcheck, check_compile_inlines_kernels, check_export_round_trip, check_attention,
-              check_decode_graph_attention, check_fused_norm, check_padded_generate, check_aoti)
+              check_decode_graph_attention, check_fused_norm, check_padded_generate, check_forward_and_export,
+              check_aoti)
     only = sys.argv[1:]  # e.g. check_aoti: run just these
     for check in [c for c in checks if not only or c.__name__ in only]:
         t = time.time()
