@@ -1,7 +1,9 @@
 """pt2pass.save / pt2pass.load: exact round trips, determinism, atomicity and validation."""
 import copy
 import hashlib
+import importlib.util
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -383,6 +385,24 @@ def test_edited_layer_shape_in_json_is_rejected(saved):
                                               r"holds torch.uint8 \(128, 52\), pt2pass.json implies "
                                               r"torch.uint8 \(64, 52\)"):
         pt2pass.load(saved)
+
+
+@pytest.mark.parametrize("attn", ["no_such_kernel", "flash_attention_2"])
+def test_a_saved_attention_that_cannot_be_built_here_falls_back_with_a_warning(saved, attn, caplog):
+    # e.g. quantized where flash-attn is installed, loaded where it is not: transformers' own
+    # ImportError / ValueError made the checkpoint unloadable
+    if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    want = pt2pass.load(saved)
+    manifest = manifest_of(saved)
+    manifest["model"]["attn_implementation"] = attn
+    write_manifest(saved, manifest)
+    with caplog.at_level(logging.WARNING, logger="pt2pass.checkpoint"):
+        got = pt2pass.load(saved)
+    assert f"saved with attn_implementation '{attn}', which cannot be built here" in caplog.text
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(got(ids).logits, want(ids).logits, rtol=0, atol=0)
 
 
 def test_edited_scale_dtype_in_json_is_named_a_dtype_mismatch(saved):

@@ -7,6 +7,7 @@ lowering passes run again, which rebuilds exactly the saved model (see ``pt2pass
 """
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Dict, Optional
@@ -154,9 +155,20 @@ def _skeleton(model, manifest: dict) -> nn.Module:
                         f"got {type(model).__name__}")
     # The attention kernel changes the logits' last bits: rebuild with the saved one unless the
     # given config chose its own.
-    attn = model._attn_implementation or saved.get("attn_implementation")
+    chosen = model._attn_implementation
+    attn = chosen or saved.get("attn_implementation")
+    pristine = copy.deepcopy(model)  # a failed from_config leaves its attn_implementation set
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model, **({"attn_implementation": attn} if attn else {}))
+        try:
+            return AutoModelForCausalLM.from_config(model, **({"attn_implementation": attn} if attn else {}))
+        except (ImportError, ValueError) as exc:
+            if chosen or not attn:
+                raise
+            # e.g. quantized where flash-attn is installed, loaded where it is not
+            log.warning("the checkpoint was saved with attn_implementation %r, which cannot be built "
+                        "here (%s: %s); using transformers' default (logits may differ in the last "
+                        "bits)", attn, type(exc).__name__, str(exc).splitlines()[0][:200])
+            return AutoModelForCausalLM.from_config(pristine)
 
 
 # Config entries that do not change what the layers compute.
