@@ -113,12 +113,20 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
     return wrap(gm, store, skeleton, pass_history=manager.history)
 
 
+def _widened(x, dims: Sequence[int]):
+    """``x`` repeated twice along each of ``dims`` where it has size 1: torch.export fixes a dim of
+    size 1 to 1 (0/1 specialization), so an example of one row (or one token) would give a program
+    that refuses any other size. Examples only trace: repeated values do."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    reps = [2 if d in dims and size == 1 else 1 for d, size in enumerate(x.shape)]
+    return x.repeat(*reps) if 2 in reps else x
+
+
 def _example_from_calibration(batches) -> tuple:
     """A generic module's tracing inputs: its first calibration batch, which has the shapes the
-    module takes. A batch of one row is doubled: torch.export would fix that dim to 1."""
-    return tuple(x.repeat(2, *([1] * (x.dim() - 1)))
-                 if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == 1 else x
-                 for x in batches[0][0])
+    module takes, with a batch of one row doubled."""
+    return tuple(_widened(x, (0,)) for x in batches[0][0])
 
 
 def check_compile_args(tokenizer, config) -> None:
@@ -252,7 +260,7 @@ def export(qm: QuantizedModel, example_inputs=None, *, graph: str = "full", batc
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     if qm.causal_lm and len(example_inputs) == 1:
-        example_inputs = (_widened_ids(example_inputs[0]),)
+        example_inputs = (_widened(example_inputs[0], (0, 1)),)  # (batch, sequence)
     dims = tuple({d: torch.export.Dim.AUTO for d in range(x.dim())} if isinstance(x, torch.Tensor)
                  else None for x in example_inputs)
     if not qm.causal_lm:
@@ -265,16 +273,6 @@ def export(qm: QuantizedModel, example_inputs=None, *, graph: str = "full", batc
     with torch.no_grad():
         return torch.export.export(qm, example_inputs, dynamic_shapes=dims, strict=False)
 
-
-def _widened_ids(ids):
-    """An example of >= 2 rows and >= 2 tokens for tracing a causal LM: torch.export fixes a dim
-    of size 1 to 1 (0/1 specialization), so a single tokenized prompt (1, S) would give a program
-    that refuses any other batch size. The values only have to be valid ids: the first is repeated."""
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or min(ids.shape) >= 2:
-        return ids
-    fill = ids.reshape(-1)[0] if ids.numel() else 0
-    return torch.full((max(ids.shape[0], 2), max(ids.shape[1], 2)), int(fill), dtype=ids.dtype,
-                      device=ids.device)
 
 
 def _export_decode(qm: QuantizedModel, example_inputs, batch_size: int,

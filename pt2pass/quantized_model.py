@@ -109,7 +109,6 @@ class QuantizedCausalLM(QuantizedModel):
         if ((mask.diff(dim=1) > 0).sum(1) + mask[:, 0] > 1).any():  # a row's tokens start twice
             raise ValueError("attention_mask has padding between tokens: scoring takes left or right "
                              "padding (a row's tokens in consecutive slots)")
-        check_token_ids(input_ids, getattr(self.model_config, "vocab_size", None), what="input_ids")
         if self.max_positions is not None and input_ids.shape[1] > self.max_positions:
             raise ValueError(f"a padded batch of {input_ids.shape[1]} tokens exceeds the model's "
                              f"max_position_embeddings ({self.max_positions}): the padded graph's cache "
