@@ -3,7 +3,7 @@
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
 #   bash benchmarks/gpu_checklist.sh fusenorm | pdl | attention | attn_ab | imma | lowering | fuzz | e2e7b | e2e8b | e2e7b8
 #                                    | e2e7b8bf16 | kernels | swap | profile | quant7b | prefill7b | group
-#                                    | rows | pipelined | tma_ab
+#                                    | rows | pipelined | tma_ab | ncu [--cases NxK:M ...]
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
 # e2e7b/e2e8b at batch 1 with 256 new tokens, prefill7b, kernels at M = 1-2 with gemlite: session 7;
 # pipelined, group: session 8; the imma sweep on 4 of the 7 shapes: session 9; lowering incl. the
@@ -55,5 +55,16 @@ case "${1:-}" in
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
             PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py ;;
   swap)     python3 benchmarks/experiments/sweep_gemm_swap.py --budget 370 ;;    # ~8.5 min
-  *) echo "usage: $0 fusenorm|pdl|attention|attn_ab|imma|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
+  ncu)      # Nsight Compute counters of the kernels and of cuBLAS (issue 4's "profile that shows it")
+            NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu | tail -1)
+            R=${OUT:-/tmp}/kernels
+            "$NCU" --nvtx --nvtx-include "prof/" --clock-control none --target-processes all -f -o "$R" \
+              --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+              --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
+              --section InstructionStats --metrics dram__bytes_read.sum,dram__bytes_write.sum \
+              python3 benchmarks/experiments/ncu_kernels.py run "${@:2}"
+            "$NCU" --import "$R.ncu-rep" --csv --page raw > "$R.raw.csv"
+            "$NCU" --import "$R.ncu-rep" --csv --page details > "$R.details.csv"
+            python3 benchmarks/experiments/ncu_kernels.py summary "$R.raw.csv" "${@:2}" ;;
+  *) echo "usage: $0 fusenorm|pdl|attention|attn_ab|imma|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|ncu|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
 esac

@@ -33,6 +33,12 @@ SHAPES = [(28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096), (4096, 1433
 CONFIGS = [dict(R=r, WARPS=w, NBT=nbt, num_warps=w) for r, w, nbt in IMMA_SHAPES]
 
 
+def parse_config(s: str) -> dict:
+    """'R,WARPS,NBT[,STAGES]' -> a fixed config of ternary_gemv_imma."""
+    r, w, nbt, *st = (int(v) for v in s.split(","))
+    return dict(R=r, WARPS=w, NBT=nbt, num_warps=w, STAGES=st[0] if st else 1)
+
+
 def where_wrong(out, ref) -> str:
     bad = (out.double() - ref).abs() > 0.05 * ref.abs().mean() + 1e-3
     if not bad.any():
@@ -80,13 +86,17 @@ def main():
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--tuned-only", action="store_true",
                         help="check and time only the autotuned launcher (prints its pick), not every config")
+    parser.add_argument("--configs", nargs="+", metavar="R,WARPS,NBT[,STAGES]",
+                        help="these configs instead of the autotune list's (STAGES > 1: pipelined block loop)")
+    parser.add_argument("--shapes", nargs="+", metavar="NxK", help="subset of the shapes (default: all seven)")
     args = parser.parse_args()
-    configs = [] if args.tuned_only else CONFIGS
+    configs = [] if args.tuned_only else [parse_config(c) for c in args.configs] if args.configs else CONFIGS
+    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes else SHAPES
     dev = "cuda"
     t0 = checked_gpu_run(lambda d: check(d, configs), dev)
     sms = _num_sms(torch.device(dev))
     ratios = {m: {"dispatcher": [], "imma best": [], "imma tuned": []} for m in args.ms}
-    for n, k in SHAPES:
+    for n, k in shapes:
         torch.manual_seed(0)
         dense, tern, nbytes = rotating_layers(n, k, dev)
         reps = max(len(tern), 10)

@@ -102,9 +102,11 @@ def _store_tile(out_ptr, bias_ptr, y0, y1, y2, y3, tile, t, rows, M, N, pid_k,
 def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
                              M, N, KW2, NB, blocks_per_split, m_bucket,
                              HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
-                             TILES: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr, NBT: tl.constexpr):
+                             TILES: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr, NBT: tl.constexpr,
+                             STAGES: tl.constexpr):
     """16 R WARPS rows of W (int64 word pairs, KW2 per row) per program, K blocks of split
-    program_id(1), all TILES 8-row tiles of x."""
+    program_id(1), all TILES 8-row tiles of x. STAGES > 1: Triton's software pipelining of the
+    block loop (its loads copied asynchronously STAGES - 1 iterations ahead)."""
     pid_k = tl.program_id(1)
     e = tl.arange(0, 32 * WARPS)[None, :]
     g = (e % 32) // 4
@@ -119,7 +121,7 @@ def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr,
     zero = tl.zeros((R, 32 * WARPS), tl.float32)
     y0, y1, y2, y3 = zero, zero, zero, zero
     v0, v1, v2, v3 = zero, zero, zero, zero
-    for b0 in range(b_lo, b_hi, NBT):
+    for b0 in tl.range(b_lo, b_hi, NBT, num_stages=STAGES):
         for u in tl.static_range(NBT):
             b = b0 + u
             b_ok = b < b_hi
@@ -144,9 +146,10 @@ def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr,
 # (1, 4, 2) at M = 16 (two x tiles: 178 registers with NBT = 4); R = 2 never in the top three.
 # (1, 8, 4), (1, 2, 4) and (1, 4, 8) (more words in flight per SM) were added untimed.
 IMMA_SHAPES = [(1, 4, 4), (1, 2, 2), (1, 4, 2), (1, 8, 2), (1, 8, 4), (1, 2, 4), (1, 4, 8)]
-_IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt}, num_warps=w, num_stages=1)
+_IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt, "STAGES": 1}, num_warps=w, num_stages=1)
                   for r, w, nbt in IMMA_SHAPES], ["m_bucket", "N", "KW2", "blocks_per_split"])(ternary_gemv_imma_kernel)
-_FIXED = {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1} if INTERPRET else {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4}
+_FIXED = ({"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1} if INTERPRET
+          else {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4})
 
 
 def program_rows(cfg: dict) -> int:
@@ -161,7 +164,8 @@ def imma_split(n: int, nb: int, sms: int) -> int:
 def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                       bias, perm, out: torch.Tensor, split: int = 1, config=None) -> torch.Tensor:
     """y = x[:, perm] @ W^T + bias into ``out`` (M, N), x bf16/fp16 (M <= 16, K). ``config``: a
-    fixed {"R", "WARPS", "NBT", "num_warps"} (experiments, tests), else autotuned / the default."""
+    fixed {"R", "WARPS", "NBT", "num_warps"[, "STAGES"]} (experiments, tests), else autotuned / the
+    default."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"ternary_gemv_imma takes bf16/fp16 activations, got {x.dtype}")
     if not 1 <= x.shape[0] <= MAX_M:
@@ -175,7 +179,8 @@ def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     args = (xf, xscale, xint, xs, packed.view(torch.int64), alpha, mu, bias_arg, target, m, n, kw // 2, nb,
             bps, bucket)
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, TILES=xf.shape[0])
-    launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), _FIXED, config, *args,
+    fixed, config = {"STAGES": 1, **_FIXED}, (None if config is None else {"STAGES": 1, **config})
+    launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), fixed, config, *args,
                  program_rows=program_rows, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)

@@ -1,0 +1,141 @@
+"""Nsight Compute counters of the ternary kernels and of bf16 cuBLAS on chosen (N x K, M) cases.
+
+    bash benchmarks/gpu_checklist.sh ncu        # profiles the default cases, prints the table
+
+Issue 4 asks, for every missed target, for "the profile that shows it": the CUDA-graph timings say
+how long a kernel takes, these counters say what bounds it (DRAM throughput against the SMs',
+issue-slot use, occupancy, the top warp stall reasons).
+
+Two modes:
+- ``run``: warms every case up outside any NVTX range (autotuning, compiles), then runs each
+  case's ``pt2pass::ternary_linear`` and ``F.linear`` once inside the range ``prof``, each case
+  led by a ``torch.cuda._sleep`` marker launch (``spin_kernel``) so that the rows of the report
+  can be matched to the cases. Meant to run under
+  ``ncu --nvtx --nvtx-include "prof/" --clock-control none --section ... -o REPORT``;
+  ncu flushes the caches before each replayed pass, so every kernel reads its weight from DRAM.
+- ``summary RAW.csv``: reads ``ncu --import REPORT --csv --page raw`` and prints one line per
+  profiled kernel (case, time, DRAM and SM throughput, registers, occupancy, issue use, the
+  three largest stall reasons).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+
+DEFAULT_CASES = ["28672x8192:1", "4096x4096:1", "11008x4096:1", "28672x8192:4", "28672x8192:16",
+                 "11008x4096:16", "4096x4096:16", "11008x4096:64", "28672x8192:256", "4096x4096:256",
+                 "4096x4096:2048"]
+STALL_PREFIX = "smsp__average_warps_issue_stalled_"
+STALL_SUFFIX = "_per_issue_active.ratio"
+MARKER = "spin_kernel"
+
+
+def parse_case(s: str):
+    shape, m = s.split(":")
+    n, k = (int(v) for v in shape.lower().split("x"))
+    return n, k, int(m)
+
+
+def run(cases):
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+    import pt2pass  # noqa: F401  (registers the op)
+    from pt2pass.bench import random_ternary_layer, rel_err
+    from pt2pass.lowering.format import dequantize
+
+    dev = torch.device("cuda")
+    op = torch.ops.pt2pass.ternary_linear
+    torch.manual_seed(0)
+    prepared = []
+    for n, k, m in cases:
+        _, packed, alpha, mu = random_ternary_layer(n, k, dev)
+        w = dequantize(packed, alpha.double(), mu.double(), dtype=torch.float64)
+        x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+        err = rel_err(op(x, packed, alpha, mu), x.double() @ w.T)  # also autotunes, outside the range
+        w16 = w.to(torch.bfloat16)
+        del w
+        F.linear(x, w16)
+        print(f"case {n}x{k} M={m}: rel err {err:.1e}", flush=True)
+        if not err < 1e-2:
+            raise SystemExit(f"FAIL: {n}x{k} M={m} rel err {err:.3e}")
+        prepared.append((x, packed, alpha, mu, w16))
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_push("prof")
+    for x, packed, alpha, mu, w16 in prepared:
+        torch.cuda._sleep(1000)
+        op(x, packed, alpha, mu)
+        F.linear(x, w16)
+    torch.cuda.synchronize()
+    torch.cuda.nvtx.range_pop()
+
+
+def _num(v: str):
+    try:
+        return float(v.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def summary(path: str, cases):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    # ncu's raw CSV: a header row of metric names, a row of units, then one row per kernel
+    head, units, body = rows[0], rows[1], rows[2:]
+    col = {name: i for i, name in enumerate(head)}
+
+    def get(r, name):
+        i = col.get(name)
+        return _num(r[i]) if i is not None and i < len(r) else None
+
+    stalls = [h for h in head if h.startswith(STALL_PREFIX) and h.endswith(STALL_SUFFIX)
+              and "not_issued" not in h]
+    dur_unit = units[col["gpu__time_duration.sum"]] if "gpu__time_duration.sum" in col else "?"
+    print(f"{'case':<17} {'kernel':<34} {'grid':>13} {'blk':>5} {'time':>8} {'DRAM%':>6} {'SM%':>5} "
+          f"{'GB/s':>6} {'regs':>4} {'occ%':>5} {'issue%':>6}  top stalls (warps per issued instr)")
+    case_i = -1
+    for r in body:
+        name = r[col["Kernel Name"]]
+        if name.startswith(MARKER):
+            case_i += 1
+            continue
+        n, k, m = cases[case_i] if 0 <= case_i < len(cases) else (0, 0, 0)
+        t = get(r, "gpu__time_duration.sum")
+        t_us = t / 1e3 if t is not None and dur_unit in ("nsecond", "ns") else t
+        rd, wr = get(r, "dram__bytes_read.sum"), get(r, "dram__bytes_write.sum")
+        gbps = ((rd or 0) + (wr or 0)) / (t_us * 1e3) if t_us else None
+        top = sorted(((get(r, s) or 0.0, s[len(STALL_PREFIX):-len(STALL_SUFFIX)]) for s in stalls), reverse=True)[:3]
+
+        def fmt(v, spec):
+            return format(v, spec) if v is not None else "-"
+        print(f"{f'{n}x{k} M={m}':<17} {name[:34]:<34} {r[col['Grid Size']] if 'Grid Size' in col else '-':>13} "
+              f"{r[col['Block Size']] if 'Block Size' in col else '-':>5} {fmt(t_us, '8.1f')} "
+              f"{fmt(get(r, 'dram__throughput.avg.pct_of_peak_sustained_elapsed'), '6.1f')} "
+              f"{fmt(get(r, 'sm__throughput.avg.pct_of_peak_sustained_elapsed'), '5.1f')} {fmt(gbps, '6.0f')} "
+              f"{fmt(get(r, 'launch__registers_per_thread'), '4.0f')} "
+              f"{fmt(get(r, 'sm__warps_active.avg.pct_of_peak_sustained_active'), '5.1f')} "
+              f"{fmt(get(r, 'smsp__issue_active.avg.pct_of_peak_sustained_active'), '6.1f')}  "
+              + " ".join(f"{s} {v:.1f}" for v, s in top))
+    print(f"(time in us; GB/s = DRAM bytes read + written over the kernel's time; {len(stalls)} stall reasons)")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["run", "summary"])
+    ap.add_argument("csv", nargs="?", help="summary: ncu's raw CSV export")
+    ap.add_argument("--cases", nargs="+", default=DEFAULT_CASES, metavar="NxK:M")
+    args = ap.parse_args()
+    cases = [parse_case(c) for c in args.cases]
+    if args.mode == "run":
+        run(cases)
+    else:
+        if not args.csv:
+            ap.error("summary needs the CSV path")
+        summary(args.csv, cases)
+
+
+if __name__ == "__main__":
+    main()
