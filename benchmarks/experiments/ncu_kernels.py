@@ -25,8 +25,7 @@ import os
 import sys
 
 DEFAULT_CASES = ["28672x8192:1", "4096x4096:1", "11008x4096:1", "28672x8192:4", "28672x8192:16",
-                 "11008x4096:16", "4096x4096:16", "11008x4096:64", "28672x8192:256", "4096x4096:256",
-                 "4096x4096:2048"]
+                 "4096x4096:16", "28672x8192:256", "4096x4096:256", "4096x4096:2048"]
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"
 STALL_SUFFIX = "_per_issue_active.ratio"
 MARKER = "spin_kernel"

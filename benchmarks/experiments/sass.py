@@ -126,7 +126,7 @@ def decode_kernel_builds(quick: bool):
         for r, w, nbt in imma:
             builds.append((f"ternary_gemv_imma_kernel R={r} WARPS={w} NBT={nbt} TILES={tiles}",
                            gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
-                           dict(R=r, WARPS=w, NBT=nbt, TILES=tiles, STAGES=1, USE_ASM=True, HAS_BIAS=True,
+                           dict(R=r, WARPS=w, NBT=nbt, TILES=tiles, STAGES=1, USE_TMA=False, USE_ASM=True, HAS_BIAS=True,
                                 SPLIT_OUT=False), w))
     builds.append(("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel, {**_QUANT_TYPES, "xf_ptr": "*i32"},
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))

@@ -34,9 +34,9 @@ CONFIGS = [dict(R=r, WARPS=w, NBT=nbt, num_warps=w) for r, w, nbt in IMMA_SHAPES
 
 
 def parse_config(s: str) -> dict:
-    """'R,WARPS,NBT[,STAGES]' -> a fixed config of ternary_gemv_imma."""
-    r, w, nbt, *st = (int(v) for v in s.split(","))
-    return dict(R=r, WARPS=w, NBT=nbt, num_warps=w, STAGES=st[0] if st else 1)
+    """'R,WARPS,NBT[,STAGES[,TMA]]' -> a fixed config of ternary_gemv_imma (TMA 1: words by TMA)."""
+    r, w, nbt, st, tma = [int(v) for v in s.split(",")] + [1, 0][len(s.split(",")) - 3:]
+    return dict(R=r, WARPS=w, NBT=nbt, num_warps=w, STAGES=st, USE_TMA=bool(tma))
 
 
 def where_wrong(out, ref) -> str:
@@ -86,7 +86,7 @@ def main():
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--tuned-only", action="store_true",
                         help="check and time only the autotuned launcher (prints its pick), not every config")
-    parser.add_argument("--configs", nargs="+", metavar="R,WARPS,NBT[,STAGES]",
+    parser.add_argument("--configs", nargs="+", metavar="R,WARPS,NBT[,STAGES[,TMA]]",
                         help="these configs instead of the autotune list's (STAGES > 1: pipelined block loop)")
     parser.add_argument("--shapes", nargs="+", metavar="NxK", help="subset of the shapes (default: all seven)")
     args = parser.parse_args()
