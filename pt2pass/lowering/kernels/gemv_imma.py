@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import (INTERPRET, PREPACK, autotune, ensure_scratch_allocator, launch, launch_args, launch_tuned,
-                     splitk_reduce)
+                     splitk_reduce, tma_supported)
 from .gemv import gemv_split
 from .imma import FRAGMENT_WORDS, block_products, quantize_fragments
 
@@ -165,9 +165,26 @@ def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr,
 # (1, 4, 2) at M = 16 (two x tiles: 178 registers with NBT = 4); R = 2 never in the top three.
 # (1, 8, 4), (1, 2, 4) and (1, 4, 8) (more words in flight per SM) were added untimed.
 IMMA_SHAPES = [(1, 4, 4), (1, 2, 2), (1, 4, 2), (1, 8, 2), (1, 8, 4), (1, 2, 4), (1, 4, 8)]
-_IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt, "STAGES": 1, "USE_TMA": False}, num_warps=w,
-                                 num_stages=1)
-                  for r, w, nbt in IMMA_SHAPES], ["m_bucket", "N", "KW2", "blocks_per_split"])(ternary_gemv_imma_kernel)
+# (R, warps, blocks per iteration, pipeline stages) with the words by TMA: candidates built offline
+# (no spills, the MMA operands one element per lane) and checked in the interpreter, NOT yet run on
+# a GPU, so the dispatcher's autotuner does not get them (TMA_IN_DISPATCH) until a GPU run of
+# benchmarks/experiments/sweep_gemv_imma.py has checked and timed them.
+IMMA_TMA_SHAPES = [(1, 4, 4, 3), (1, 4, 2, 3), (1, 8, 2, 3), (2, 4, 2, 3)]
+TMA_IN_DISPATCH = False
+_KEY = ["m_bucket", "N", "KW2", "blocks_per_split"]
+
+
+def imma_configs(tma: bool) -> list:
+    """The plain-load configs, and with ``tma`` the TMA ones too (the autotuner picks per shape)."""
+    configs = [triton.Config({"R": r, "WARPS": w, "NBT": nbt, "STAGES": 1, "USE_TMA": False}, num_warps=w,
+                             num_stages=1) for r, w, nbt in IMMA_SHAPES]
+    if tma:
+        configs += [triton.Config({"R": r, "WARPS": w, "NBT": nbt, "STAGES": st, "USE_TMA": True}, num_warps=w,
+                                  num_stages=1) for r, w, nbt, st in IMMA_TMA_SHAPES]
+    return configs
+
+
+_IMMA = {tma: autotune(imma_configs(tma), _KEY)(ternary_gemv_imma_kernel) for tma in (False, True)}
 _FIXED = ({"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1} if INTERPRET
           else {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4})
 
@@ -182,10 +199,11 @@ def imma_split(n: int, nb: int, sms: int) -> int:
 
 
 def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-                      bias, perm, out: torch.Tensor, split: int = 1, config=None) -> torch.Tensor:
+                      bias, perm, out: torch.Tensor, split: int = 1, config=None, tma=None) -> torch.Tensor:
     """y = x[:, perm] @ W^T + bias into ``out`` (M, N), x bf16/fp16 (M <= 16, K). ``config``: a
-    fixed {"R", "WARPS", "NBT", "num_warps"[, "STAGES"]} (experiments, tests), else autotuned / the
-    default."""
+    fixed {"R", "WARPS", "NBT", "num_warps"[, "STAGES", "USE_TMA"]} (experiments, tests), else
+    autotuned / the default (plain loads). ``tma``: let the autotuner try the TMA configs (default:
+    where :func:`tma_supported` once TMA_IN_DISPATCH)."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"ternary_gemv_imma takes bf16/fp16 activations, got {x.dtype}")
     if not 1 <= x.shape[0] <= MAX_M:
@@ -201,9 +219,10 @@ def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, TILES=xf.shape[0])
     base = {"STAGES": 1, "USE_TMA": False}
     fixed, config = {**base, **_FIXED}, (None if config is None else {**base, **config})
-    if config is not None and config["USE_TMA"] and packed.is_cuda:
+    tma = (TMA_IN_DISPATCH and tma_supported(packed)) if tma is None else tma
+    if (tma or (config or fixed)["USE_TMA"]) and packed.is_cuda:
         ensure_scratch_allocator()
-    launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), fixed, config, *args,
+    launch_tuned(_IMMA[tma], lambda rows: (triton.cdiv(n, rows), split), fixed, config, *args,
                  program_rows=program_rows, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)
