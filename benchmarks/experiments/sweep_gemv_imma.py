@@ -110,8 +110,8 @@ def main():
             t_op = time_graph([lambda p=p: OP(x, *p) for p in tern], reps)
             times = {str(c): time_graph([lambda p=p, c=c: ternary_gemv_imma(x, *p, None, None, out, split, c)
                                          for p in tern], reps) for c in configs}
-            t_tuned = time_graph([lambda p=p: ternary_gemv_imma(x, *p, None, None, out, split, tma=args.tma) for p in tern],
-                                 reps)
+            t_tuned = time_graph([lambda p=p: ternary_gemv_imma(x, *p, None, None, out, split, tma=args.tma)
+                                  for p in tern], reps)
             t_best = min(times.values()) if times else t_tuned
             times = times or {f"tuned: {picked(m, n, k, split)}": t_tuned}
             for name, t in (("dispatcher", t_op), ("imma best", t_best), ("imma tuned", t_tuned)):
