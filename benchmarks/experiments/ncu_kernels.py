@@ -72,6 +72,11 @@ def run(cases):
     torch.cuda.nvtx.range_pop()
 
 
+_SCALE = {"byte": 1, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "nsecond": 1e-3, "usecond": 1, "us": 1,
+          "msecond": 1e3, "ms": 1e3, "ns": 1e-3}
+PIPES = ("alu", "fma", "fmaheavy", "shared", "tensor_op_hmma", "tensor_op_imma", "tma")
+
+
 def _num(v: str):
     try:
         return float(v.replace(",", ""))
@@ -86,39 +91,42 @@ def summary(path: str, cases):
     head, units, body = rows[0], rows[1], rows[2:]
     col = {name: i for i, name in enumerate(head)}
 
-    def get(r, name):
+    def get(r, name, scaled=False):
         i = col.get(name)
-        return _num(r[i]) if i is not None and i < len(r) else None
+        v = _num(r[i]) if i is not None and i < len(r) else None
+        return v * _SCALE.get(units[i], 1) if scaled and v is not None else v
+
+    def fmt(v, spec):
+        return format(v, spec) if v is not None else "-"
 
     stalls = [h for h in head if h.startswith(STALL_PREFIX) and h.endswith(STALL_SUFFIX)
               and "not_issued" not in h]
-    dur_unit = units[col["gpu__time_duration.sum"]] if "gpu__time_duration.sum" in col else "?"
-    print(f"{'case':<17} {'kernel':<34} {'grid':>13} {'blk':>5} {'time':>8} {'DRAM%':>6} {'SM%':>5} "
-          f"{'GB/s':>6} {'regs':>4} {'occ%':>5} {'issue%':>6}  top stalls (warps per issued instr)")
+    print(f"{'case':<17} {'kernel':<30} {'grid':>13} {'blk':>5} {'us':>7} {'GB/s':>6} {'DRAM%':>5} {'SM%':>5} "
+          f"{'regs':>4} {'occ%':>5} {'issue%':>6} {'busiest pipe':>16}  top stalls (warps per issued instr)")
     case_i = -1
     for r in body:
         name = r[col["Kernel Name"]]
-        if name.startswith(MARKER):
+        if MARKER in name:
             case_i += 1
             continue
         n, k, m = cases[case_i] if 0 <= case_i < len(cases) else (0, 0, 0)
-        t = get(r, "gpu__time_duration.sum")
-        t_us = t / 1e3 if t is not None and dur_unit in ("nsecond", "ns") else t
-        rd, wr = get(r, "dram__bytes_read.sum"), get(r, "dram__bytes_write.sum")
-        gbps = ((rd or 0) + (wr or 0)) / (t_us * 1e3) if t_us else None
+        t_us = get(r, "gpu__time_duration.sum", scaled=True)
+        moved = (get(r, "dram__bytes_read.sum", scaled=True) or 0) + (get(r, "dram__bytes_write.sum", scaled=True) or 0)
+        gbps = moved / (t_us * 1e3) if t_us else None
+        pipes = [(get(r, f"sm__pipe_{p}_cycles_active.avg.pct_of_peak_sustained_active") or 0.0, p) for p in PIPES]
+        pipe_v, pipe = max(pipes)
         top = sorted(((get(r, s) or 0.0, s[len(STALL_PREFIX):-len(STALL_SUFFIX)]) for s in stalls), reverse=True)[:3]
-
-        def fmt(v, spec):
-            return format(v, spec) if v is not None else "-"
-        print(f"{f'{n}x{k} M={m}':<17} {name[:34]:<34} {r[col['Grid Size']] if 'Grid Size' in col else '-':>13} "
-              f"{r[col['Block Size']] if 'Block Size' in col else '-':>5} {fmt(t_us, '8.1f')} "
-              f"{fmt(get(r, 'dram__throughput.avg.pct_of_peak_sustained_elapsed'), '6.1f')} "
-              f"{fmt(get(r, 'sm__throughput.avg.pct_of_peak_sustained_elapsed'), '5.1f')} {fmt(gbps, '6.0f')} "
+        short = name.split("(")[0].replace("void ", "")[-30:]
+        print(f"{f'{n}x{k} M={m}':<17} {short:<30} {r[col['Grid Size']]:>13} {r[col['Block Size']]:>5} "
+              f"{fmt(t_us, '7.1f')} {fmt(gbps, '6.0f')} "
+              f"{fmt(get(r, 'gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed'), '5.1f')} "
+              f"{fmt(get(r, 'sm__throughput.avg.pct_of_peak_sustained_elapsed'), '5.1f')} "
               f"{fmt(get(r, 'launch__registers_per_thread'), '4.0f')} "
               f"{fmt(get(r, 'sm__warps_active.avg.pct_of_peak_sustained_active'), '5.1f')} "
-              f"{fmt(get(r, 'smsp__issue_active.avg.pct_of_peak_sustained_active'), '6.1f')}  "
-              + " ".join(f"{s} {v:.1f}" for v, s in top))
-    print(f"(time in us; GB/s = DRAM bytes read + written over the kernel's time; {len(stalls)} stall reasons)")
+              f"{fmt(get(r, 'smsp__issue_active.avg.pct_of_peak_sustained_active'), '6.1f')} "
+              f"{f'{pipe} {pipe_v:.0f}%':>16}  " + " ".join(f"{s} {v:.1f}" for v, s in top))
+    print("(us: kernel duration; GB/s: DRAM bytes read + written over it; DRAM%, SM%: of peak, elapsed; "
+          "occ%: achieved warps of the maximum; busiest pipe: % of its peak while active)")
 
 
 def main():

@@ -121,15 +121,12 @@ def decode_kernel_builds(quick: bool):
         for norm in (False, True):  # NORM: the add + RMSNorm fused into the quantize launch (norm_group.py)
             builds.append((f"ternary_gemv_group_kernel {tag} NORM={norm}", gemv_group.ternary_gemv_group_kernel,
                            _GROUP_TYPES, dict(kw, X_PER_MEMBER=1, HAS_BIAS=True, NORM=norm, NB_P2=32), c.num_warps))
-    imma = [c for c in gemv_imma.imma_configs(tma=True)]
-    if quick:
-        imma = [imma[0], imma[len(gemv_imma.IMMA_SHAPES)]]
+    imma = gemv_imma.IMMA_SHAPES if not quick else gemv_imma.IMMA_SHAPES[:1]
     for tiles in (1, 2):
-        for c in imma:
-            kw = dict(c.kwargs)
-            builds.append((f"ternary_gemv_imma_kernel R={kw['R']} WARPS={kw['WARPS']} NBT={kw['NBT']} TILES={tiles} "
-                           f"STAGES={kw['STAGES']} TMA={kw['USE_TMA']}", gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
-                           dict(kw, TILES=tiles, USE_ASM=True, HAS_BIAS=True, SPLIT_OUT=False), c.num_warps))
+        for r, w, nbt in imma:
+            builds.append((f"ternary_gemv_imma_kernel R={r} WARPS={w} NBT={nbt} TILES={tiles}",
+                           gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
+                           dict(R=r, WARPS=w, NBT=nbt, TILES=tiles, USE_ASM=True, HAS_BIAS=True, SPLIT_OUT=False), w))
     builds.append(("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel, {**_QUANT_TYPES, "xf_ptr": "*i32"},
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     builds.append(("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES,

@@ -34,9 +34,9 @@ CONFIGS = [dict(R=r, WARPS=w, NBT=nbt, num_warps=w) for r, w, nbt in IMMA_SHAPES
 
 
 def parse_config(s: str) -> dict:
-    """'R,WARPS,NBT[,STAGES[,TMA]]' -> a fixed config of ternary_gemv_imma (TMA 1: words by TMA)."""
-    r, w, nbt, st, tma = [int(v) for v in s.split(",")] + [1, 0][len(s.split(",")) - 3:]
-    return dict(R=r, WARPS=w, NBT=nbt, num_warps=w, STAGES=st, USE_TMA=bool(tma))
+    """'R,WARPS,NBT' -> a fixed config of ternary_gemv_imma."""
+    r, w, nbt = (int(v) for v in s.split(","))
+    return dict(R=r, WARPS=w, NBT=nbt, num_warps=w)
 
 
 def where_wrong(out, ref) -> str:
@@ -50,12 +50,11 @@ def where_wrong(out, ref) -> str:
 
 def picked(m, n, k, split) -> str:
     """The autotuner's config for this call (its cache key: m bucket, N, K / 32, blocks per split)."""
-    tuner = _IMMA[True] if hasattr(_IMMA[True], "cache") and _IMMA[True].cache else _IMMA[False]
-    if not hasattr(tuner, "cache"):
+    if not hasattr(_IMMA, "cache"):
         return "fixed"
     nb = k // 128
-    key = next((key for key in tuner.cache if tuple(key[:4]) == (m_bucket(m), n, k // 32, triton.cdiv(nb, split))), None)
-    return str(tuner.cache[key].kwargs) if key is not None else "?"
+    key = next((key for key in _IMMA.cache if tuple(key[:4]) == (m_bucket(m), n, k // 32, triton.cdiv(nb, split))), None)
+    return str(_IMMA.cache[key].kwargs) if key is not None else "?"
 
 
 def check(dev, configs) -> bool:
@@ -87,10 +86,9 @@ def main():
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--tuned-only", action="store_true",
                         help="check and time only the autotuned launcher (prints its pick), not every config")
-    parser.add_argument("--configs", nargs="+", metavar="R,WARPS,NBT[,STAGES[,TMA]]",
-                        help="these configs instead of the autotune list's (STAGES > 1: pipelined block loop)")
+    parser.add_argument("--configs", nargs="+", metavar="R,WARPS,NBT",
+                        help="these configs instead of the autotune list's")
     parser.add_argument("--shapes", nargs="+", metavar="NxK", help="subset of the shapes (default: all seven)")
-    parser.add_argument("--tma", action="store_true", help="the autotuned launch may pick the TMA configs too")
     args = parser.parse_args()
     configs = [] if args.tuned_only else [parse_config(c) for c in args.configs] if args.configs else CONFIGS
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes else SHAPES
@@ -110,8 +108,7 @@ def main():
             t_op = time_graph([lambda p=p: OP(x, *p) for p in tern], reps)
             times = {str(c): time_graph([lambda p=p, c=c: ternary_gemv_imma(x, *p, None, None, out, split, c)
                                          for p in tern], reps) for c in configs}
-            t_tuned = time_graph([lambda p=p: ternary_gemv_imma(x, *p, None, None, out, split, tma=args.tma)
-                                  for p in tern], reps)
+            t_tuned = time_graph([lambda p=p: ternary_gemv_imma(x, *p, None, None, out, split) for p in tern], reps)
             t_best = min(times.values()) if times else t_tuned
             times = times or {f"tuned: {picked(m, n, k, split)}": t_tuned}
             for name, t in (("dispatcher", t_op), ("imma best", t_best), ("imma tuned", t_tuned)):

@@ -19,8 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, PREPACK, autotune, ensure_scratch_allocator, launch, launch_args, launch_tuned,
-                     splitk_reduce, tma_supported)
+from .common import INTERPRET, PREPACK, autotune, launch, launch_args, launch_tuned, splitk_reduce
 from .gemv import gemv_split
 from .imma import FRAGMENT_WORDS, block_products, quantize_fragments
 
@@ -51,14 +50,6 @@ def quantize_x_imma(x: torch.Tensor, perm) -> tuple:
     launch(_quantize_x_imma_kernel, (triton.cdiv(nb, PREPACK["NBT"]), rows), x, perm if perm is not None else xf,
            xf, xscale, xint, xs, m, nb, x.stride(0), HAS_PERM=perm is not None, **PREPACK)
     return xf, xscale, xint, xs
-
-
-@triton.jit
-def _lane_words(tile, R: tl.constexpr, WARPS: tl.constexpr):
-    """A (16 R WARPS, 4) tile of one block's word pairs (row (r WARPS + w) 16 + 8 h + g, pair t)
-    -> the pairs of the top (h = 0) and bottom rows as (R, 32 WARPS), element (r, 32 w + 4 g + t)."""
-    v = tl.permute(tl.reshape(tile, (R, WARPS, 2, 8, 4)), (0, 1, 3, 4, 2))
-    return tl.split(tl.reshape(v, (R, 32 * WARPS, 2)))
 
 
 @triton.jit
@@ -111,13 +102,9 @@ def _store_tile(out_ptr, bias_ptr, y0, y1, y2, y3, tile, t, rows, M, N, pid_k,
 def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
                              M, N, KW2, NB, blocks_per_split, m_bucket,
                              HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
-                             TILES: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr, NBT: tl.constexpr,
-                             STAGES: tl.constexpr, USE_TMA: tl.constexpr):
+                             TILES: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr, NBT: tl.constexpr):
     """16 R WARPS rows of W (int64 word pairs, KW2 per row) per program, K blocks of split
-    program_id(1), all TILES 8-row tiles of x. STAGES > 1: Triton's software pipelining of the
-    block loop (its loads copied asynchronously STAGES - 1 iterations ahead). USE_TMA: each
-    block's words come as one (16 R WARPS, 4) tile through a tensor descriptor built here (bulk
-    copies into shared memory), then to the lanes (:func:`_lane_words`)."""
+    program_id(1), all TILES 8-row tiles of x."""
     pid_k = tl.program_id(1)
     e = tl.arange(0, 32 * WARPS)[None, :]
     g = (e % 32) // 4
@@ -132,20 +119,12 @@ def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr,
     zero = tl.zeros((R, 32 * WARPS), tl.float32)
     y0, y1, y2, y3 = zero, zero, zero, zero
     v0, v1, v2, v3 = zero, zero, zero, zero
-    if USE_TMA:
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, KW2], strides=[KW2, 1],
-                                           block_shape=[16 * R * WARPS, 4])
-    for b0 in tl.range(b_lo, b_hi, NBT, num_stages=STAGES):
+    for b0 in range(b_lo, b_hi, NBT):
         for u in tl.static_range(NBT):
             b = b0 + u
             b_ok = b < b_hi
-            if USE_TMA:
-                # rows past N and words past KW2 read 0; a block past b_hi (the next split's) meets
-                # zero scales below
-                wt, wb = _lane_words(w_desc.load([tl.program_id(0) * (16 * R * WARPS), 4 * b]), R, WARPS)
-            else:
-                wt = tl.load(w_top + 4 * b, mask=ok_top & b_ok, other=0)
-                wb = tl.load(w_bot + 4 * b, mask=ok_bot & b_ok, other=0)
+            wt = tl.load(w_top + 4 * b, mask=ok_top & b_ok, other=0)
+            wb = tl.load(w_bot + 4 * b, mask=ok_bot & b_ok, other=0)
             at = tl.load(a_ptr + rows * NB + b, mask=ok_top & b_ok, other=0.0).to(tl.float32)
             mt = tl.load(mu_ptr + rows * NB + b, mask=ok_top & b_ok, other=0.0).to(tl.float32)
             ab = tl.load(a_ptr + (rows + 8) * NB + b, mask=ok_bot & b_ok, other=0.0).to(tl.float32)
@@ -165,28 +144,9 @@ def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr,
 # (1, 4, 2) at M = 16 (two x tiles: 178 registers with NBT = 4); R = 2 never in the top three.
 # (1, 8, 4), (1, 2, 4) and (1, 4, 8) (more words in flight per SM) were added untimed.
 IMMA_SHAPES = [(1, 4, 4), (1, 2, 2), (1, 4, 2), (1, 8, 2), (1, 8, 4), (1, 2, 4), (1, 4, 8)]
-# (R, warps, blocks per iteration, pipeline stages) with the words by TMA: candidates built offline
-# (no spills, the MMA operands one element per lane) and checked in the interpreter, NOT yet run on
-# a GPU, so the dispatcher's autotuner does not get them (TMA_IN_DISPATCH) until a GPU run of
-# benchmarks/experiments/sweep_gemv_imma.py has checked and timed them.
-IMMA_TMA_SHAPES = [(1, 4, 4, 3), (1, 4, 2, 3), (1, 8, 2, 3), (2, 4, 2, 3)]
-TMA_IN_DISPATCH = False
-_KEY = ["m_bucket", "N", "KW2", "blocks_per_split"]
-
-
-def imma_configs(tma: bool) -> list:
-    """The plain-load configs, and with ``tma`` the TMA ones too (the autotuner picks per shape)."""
-    configs = [triton.Config({"R": r, "WARPS": w, "NBT": nbt, "STAGES": 1, "USE_TMA": False}, num_warps=w,
-                             num_stages=1) for r, w, nbt in IMMA_SHAPES]
-    if tma:
-        configs += [triton.Config({"R": r, "WARPS": w, "NBT": nbt, "STAGES": st, "USE_TMA": True}, num_warps=w,
-                                  num_stages=1) for r, w, nbt, st in IMMA_TMA_SHAPES]
-    return configs
-
-
-_IMMA = {tma: autotune(imma_configs(tma), _KEY)(ternary_gemv_imma_kernel) for tma in (False, True)}
-_FIXED = ({"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1} if INTERPRET
-          else {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4})
+_IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt}, num_warps=w, num_stages=1)
+                  for r, w, nbt in IMMA_SHAPES], ["m_bucket", "N", "KW2", "blocks_per_split"])(ternary_gemv_imma_kernel)
+_FIXED = {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1} if INTERPRET else {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4}
 
 
 def program_rows(cfg: dict) -> int:
@@ -199,11 +159,9 @@ def imma_split(n: int, nb: int, sms: int) -> int:
 
 
 def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
-                      bias, perm, out: torch.Tensor, split: int = 1, config=None, tma=None) -> torch.Tensor:
+                      bias, perm, out: torch.Tensor, split: int = 1, config=None) -> torch.Tensor:
     """y = x[:, perm] @ W^T + bias into ``out`` (M, N), x bf16/fp16 (M <= 16, K). ``config``: a
-    fixed {"R", "WARPS", "NBT", "num_warps"[, "STAGES", "USE_TMA"]} (experiments, tests), else
-    autotuned / the default (plain loads). ``tma``: let the autotuner try the TMA configs (default:
-    where :func:`tma_supported` once TMA_IN_DISPATCH)."""
+    fixed {"R", "WARPS", "NBT", "num_warps"} (experiments, tests), else autotuned / the default."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"ternary_gemv_imma takes bf16/fp16 activations, got {x.dtype}")
     if not 1 <= x.shape[0] <= MAX_M:
@@ -217,12 +175,7 @@ def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     args = (xf, xscale, xint, xs, packed.view(torch.int64), alpha, mu, bias_arg, target, m, n, kw // 2, nb,
             bps, bucket)
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, TILES=xf.shape[0])
-    base = {"STAGES": 1, "USE_TMA": False}
-    fixed, config = {**base, **_FIXED}, (None if config is None else {**base, **config})
-    tma = (TMA_IN_DISPATCH and tma_supported(packed)) if tma is None else tma
-    if (tma or (config or fixed)["USE_TMA"]) and packed.is_cuda:
-        ensure_scratch_allocator()
-    launch_tuned(_IMMA[tma], lambda rows: (triton.cdiv(n, rows), split), fixed, config, *args,
+    launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), _FIXED, config, *args,
                  program_rows=program_rows, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)
