@@ -15,11 +15,12 @@
 # M = 256 (0.58x) and 1-2048: session 15, H100; e2e7b with compiled prefill, padded: session 16,
 # H100; fusenorm (correct, 3 % slower: stays opt-in), pdl (no gain for ternary), kernels with
 # gemlite (42 rows over two calls), e2e8b decode at batch 1 (prefill cut by the timeout): session
-# 17, H100). Owed: e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention), e2e8b's prefill and
+# 17, H100; ncu (every path's counters, fixed configs) and three integer-MMA variants, all slower: session
+# 18, H200). Owed: e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention), e2e8b's prefill and
 # ternary peak memory, profile on the 8B shape (profile_decode.py --shape llama3-8b ...
 # --log-autotune: session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the
 # autotuned kernel on all 7 shapes; its correctness checks alone outlasted 230 s in session 13),
-# quant7b on the H200. The kernels step needs the gemlite wheel carried (.whl is git-ignored;
+# quant7b on the H200, the integer-MMA GEMV with fewer L1 wavefronts (results.md, session 18). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
 # benchmarks/README.md says how to build it) and outlasts one call (split it with --shapes). Each
 # profile_decode setting needs ~100-290 s (model build, rtn codes,
 # compile with autotuning): one or two per call. A fresh machine took ~3-5 minutes to start.
