@@ -174,3 +174,27 @@ def test_sensitivity_perturbation_and_codes_in_original_order():
     assert module.codes(Result()).tolist() == [[11, 13, 10, 12]]
     Result.perm = None
     assert module.codes(Result()).tolist() == [[10, 11, 12, 13]]
+
+
+def test_ncu_summary_reads_units_and_matches_kernels_to_cases(tmp_path, capsys):
+    """ncu_kernels.py summary: ncu's raw CSV (a metric-name row, a unit row, one row per kernel)
+    is read with its units, and the kernels after the k-th marker launch belong to case k."""
+    module = _script("experiments/ncu_kernels.py")
+    head = ["ID", "Kernel Name", "Block Size", "Grid Size", "gpu__time_duration.sum", "dram__bytes_read.sum",
+            "dram__bytes_write.sum", "smsp__average_warps_issue_stalled_wait_per_issue_active.ratio",
+            "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio"]
+    units = ["", "", "", "", "usecond", "Mbyte", "Kbyte", "inst", "inst"]
+    rows = [["0", "at::<unnamed>::spin_kernel(long)", "(1, 1, 1)", "(1, 1, 1)", "2.1", "0", "0", "4", "0"],
+            ["1", "ternary_gemv_dp2a_kernel", "(64, 1, 1)", "(1792, 1, 1)", "25", "50", "1,000", "0.5", "1.5"],
+            ["2", "at::<unnamed>::spin_kernel(long)", "(1, 1, 1)", "(1, 1, 1)", "2.1", "0", "0", "4", "0"],
+            ["3", "nvjet_gemv", "(384, 1, 1)", "(2, 66, 1)", "100", "400", "0", "1", "20"]]
+    path = tmp_path / "raw.csv"
+    path.write_text("\n".join(",".join(f'"{v}"' for v in row) for row in [head, units, *rows]) + "\n")
+    module.summary(str(path), [module.parse_case("28672x8192:1"), module.parse_case("4096x4096:16")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "M=" in line]
+    assert len(lines) == 2  # the markers are not rows
+    assert lines[0].startswith("28672x8192 M=1") and "ternary_gemv_dp2a_kernel" in lines[0]
+    assert lines[1].startswith("4096x4096 M=16") and "nvjet_gemv" in lines[1]
+    # 51 MB (50 Mbyte read + 1,000 Kbyte written) in 25 us = 2040 GB/s; stalls largest first
+    assert " 2040 " in lines[0] and lines[0].endswith("long_scoreboard 1.5 wait 0.5")
+    assert " 4000 " in lines[1]
