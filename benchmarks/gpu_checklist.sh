@@ -20,7 +20,8 @@
 # ternary peak memory, profile on the 8B shape (profile_decode.py --shape llama3-8b ...
 # --log-autotune: session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the
 # autotuned kernel on all 7 shapes; its correctness checks alone outlasted 230 s in session 13),
-# quant7b on the H200, the integer-MMA GEMV with fewer L1 wavefronts (results.md, session 18). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
+# quant7b on the H200; FIRST: session 18's block-major x statistics in the integer-MMA GEMV (never run on a
+# GPU: lowering + fuzz for correctness, then the imma sweep, e.g. --ms 4 16 --shapes 28672x8192 11008x4096). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
 # benchmarks/README.md says how to build it) and outlasts one call (split it with --shapes). Each
 # profile_decode setting needs ~100-290 s (model build, rtn codes,
 # compile with autotuning): one or two per call. A fresh machine took ~3-5 minutes to start.

@@ -50,7 +50,8 @@ def test_quantize_writes_the_dp2a_integers_as_fragments(m, perm):
     p = torch.randperm(k, generator=torch.Generator().manual_seed(4)) if perm else None
     xf, scale, xint, xs = quantize_x_imma(x, p)
     rows = 8 * ((m + 7) // 8)
-    assert xf.shape == (rows // 8, k // 128, 512) and scale.shape == (rows, k // 128)
+    assert xf.shape == (rows // 8, k // 128, 512) and scale.shape == (k // 128, rows)  # statistics block-major
+    scale, xint, xs = scale.T, xint.T, xs.T
     xp_ref, scale_ref, xint_ref, xs_ref = quantize_x(x, p)  # the dp2a GEMV's quantization
     assert torch.equal(scale[:m], scale_ref) and torch.equal(xint[:m], xint_ref) and torch.equal(xs[:m], xs_ref)
     x_int = _fragment_ints(xf, rows, k)

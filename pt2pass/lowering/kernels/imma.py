@@ -125,12 +125,13 @@ def block_products(w_top, w_bot, xf, USE_ASM: tl.constexpr, R: tl.constexpr, WAR
 
 
 @triton.jit
-def quantize_fragments(x_row, perm_ptr, xf_lane, xscale_row, xint_row, xs_row, NB, row_ok,
+def quantize_fragments(x_row, perm_ptr, xf_lane, xscale_row, xint_row, xs_row, NB, STAT_STRIDE, row_ok,
                        HAS_PERM: tl.constexpr, NBT: tl.constexpr):
     """One x row (gathered through ``perm_ptr``; zeros where not ``row_ok``), this program's NBT
-    blocks: dp2a.py's s_b, X_b = sum x_int, sum(x), and the B fragment words at ``xf_lane`` (the
-    row's tile, offset by its lane base 4 g): word (4 s + 2 h + reg) * 32 + t of a block holds the
-    bytes h (0: high, signed; 1: low) of x_int at the columns of step s, register reg, lane t."""
+    blocks: dp2a.py's s_b, X_b = sum x_int, sum(x) (block b's at ``*_row + b * STAT_STRIDE``), and
+    the B fragment words at ``xf_lane`` (the row's tile, offset by its lane base 4 g): word
+    (4 s + 2 h + reg) * 32 + t of a block holds the bytes h (0: high, signed; 1: low) of x_int at
+    the columns of step s, register reg, lane t."""
     blk = tl.program_id(0) * NBT + tl.arange(0, NBT)
     bok = (blk < NB) & row_ok
     ij = tl.arange(0, 8)
@@ -156,6 +157,6 @@ def quantize_fragments(x_row, perm_ptr, xf_lane, xscale_row, xint_row, xs_row, N
     tl.store(xf_lane + dst, hi, mask=wok)
     tl.store(xf_lane + dst + 64, lo, mask=wok)
     nb_ok = blk < NB
-    tl.store(xscale_row + blk, scale, mask=nb_ok)
-    tl.store(xint_row + blk, tl.sum(xi, axis=1), mask=nb_ok)
-    tl.store(xs_row + blk, xsum, mask=nb_ok)
+    tl.store(xscale_row + blk * STAT_STRIDE, scale, mask=nb_ok)
+    tl.store(xint_row + blk * STAT_STRIDE, tl.sum(xi, axis=1), mask=nb_ok)
+    tl.store(xs_row + blk * STAT_STRIDE, xsum, mask=nb_ok)
