@@ -15,7 +15,7 @@ Two modes:
   ncu flushes the caches before each replayed pass, so every kernel reads its weight from DRAM.
 - ``summary RAW.csv``: reads ``ncu --import REPORT --csv --page raw`` and prints one line per
   profiled kernel (case, time, DRAM and SM throughput, registers, occupancy, issue use, the
-  three largest stall reasons).
+  busiest pipe, the three largest stall reasons).
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def summary(path: str, cases):
             continue
         n, k, m = cases[case_i] if 0 <= case_i < len(cases) else (0, 0, 0)
         t_us = get(r, "gpu__time_duration.sum", scaled=True)
-        moved = (get(r, "dram__bytes_read.sum", scaled=True) or 0) + (get(r, "dram__bytes_write.sum", scaled=True) or 0)
+        moved = sum(get(r, f"dram__bytes_{d}.sum", scaled=True) or 0 for d in ("read", "write"))
         gbps = moved / (t_us * 1e3) if t_us else None
         pipes = [(get(r, f"sm__pipe_{p}_cycles_active.avg.pct_of_peak_sustained_active") or 0.0, p) for p in PIPES]
         pipe_v, pipe = max(pipes)
