@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh fusenorm | pdl | attention | attn_ab | imma | lowering | fuzz | e2e7b | e2e8b | e2e7b8
+#   bash benchmarks/gpu_checklist.sh fusenorm | pdl | attention | attn_ab | imma | imma18 | lowering | fuzz | e2e7b | e2e8b | e2e7b8
 #                                    | e2e7b8bf16 | kernels | swap | profile | quant7b | prefill7b | group
 #                                    | rows | pipelined | tma_ab | ncu [--cases NxK:M ...]
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
@@ -20,8 +20,8 @@
 # ternary peak memory, profile on the 8B shape (profile_decode.py --shape llama3-8b ...
 # --log-autotune: session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the
 # autotuned kernel on all 7 shapes; its correctness checks alone outlasted 230 s in session 13),
-# quant7b on the H200; FIRST: session 18's block-major x statistics in the integer-MMA GEMV (never run on a
-# GPU: lowering + fuzz for correctness, then the imma sweep, e.g. --ms 4 16 --shapes 28672x8192 11008x4096). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
+# quant7b on the H200; FIRST: imma18 (session 18's block-major x statistics in the integer-MMA GEMV, never
+# run on a GPU). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
 # benchmarks/README.md says how to build it) and outlasts one call (split it with --shapes). Each
 # profile_decode setting needs ~100-290 s (model build, rtn codes,
 # compile with autotuning): one or two per call. A fresh machine took ~3-5 minutes to start.
@@ -53,6 +53,12 @@ case "${1:-}" in
   attn_ab)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b \
               --env PT2PASS_DECODE_ATTENTION=0 PT2PASS_DECODE_ATTENTION=1 ;;  # ~5 min
   imma)     python3 benchmarks/experiments/sweep_gemv_imma.py --tuned-only --ms 2 4 8 16 ;;     # compiles ~4 min
+  imma18)   # session 18's block-major x statistics, never run on a GPU: correctness through Inductor, then
+            # the sweep (its own float64 check first) against session 18's H200 numbers at 3e723d9:
+            # 28672x8192 (1, 4, 4) 60.9 / 100.3 us, (1, 4, 2) 83.3 / 91.4 us at M = 4 / 16; ~4 min
+            PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels
+            PT2PASS_AUTOTUNE=0 python3 benchmarks/experiments/sweep_gemv_imma.py --ms 4 16 \
+              --shapes 28672x8192 11008x4096 --configs 1,4,4 1,4,2 ;;
   kernels)  # needs the gemlite wheel carried in .whl/ (see docs/results.md#kernels); ~6.5 min
             python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/gemlite-*.whl
             PYTHONPATH=$PYTHONPATH:/tmp/site python3 benchmarks/bench_kernels.py ;;
@@ -68,5 +74,5 @@ case "${1:-}" in
             "$NCU" --import "$R.ncu-rep" --csv --page raw > "$R.raw.csv"
             "$NCU" --import "$R.ncu-rep" --csv --page details > "$R.details.csv"
             python3 benchmarks/experiments/ncu_kernels.py summary "$R.raw.csv" "${@:2}" ;;
-  *) echo "usage: $0 fusenorm|pdl|attention|attn_ab|imma|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|ncu|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
+  *) echo "usage: $0 fusenorm|pdl|attention|attn_ab|imma|imma18|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|ncu|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
 esac
