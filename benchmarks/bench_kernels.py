@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import pt2pass  # noqa: E402,F401  (registers the op)
-from pt2pass.bench import ROTATE_BYTES, rel_err, time_graph  # noqa: E402
+from pt2pass.bench import ROTATE_BYTES, parse_shape, rel_err, time_graph  # noqa: E402
 from pt2pass.bench import random_ternary_layer as make_layer  # noqa: E402
 from pt2pass.bench import rotating_copies as copies  # noqa: E402
 from pt2pass.lowering.format import dequantize  # noqa: E402
@@ -156,7 +156,7 @@ def main():
         path_timings(dev, log)
     shapes = SHAPES[:3] if args.quick else SHAPES
     if args.shapes:
-        shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes]
+        shapes = [parse_shape(s) for s in args.shapes]
     rows = []
     for n, k in shapes:
         rows += measure_shape(n, k, args.ms, dev, not args.no_gemlite, log)

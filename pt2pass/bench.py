@@ -27,6 +27,14 @@ SCALE_BLOCK = 128     # columns per (alpha, mu) block of the random layers
 MAX_REL_ERR = 1e-2    # bf16 output rounding is ~2e-3; a wrong kernel is far above this
 
 
+def parse_shape(text: str) -> Tuple[int, int]:
+    """'NxK' (the benchmarks' --shapes) -> (N, K)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise ValueError(f"a shape is N x K written NxK, e.g. 4096x11008, got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error of ``out`` against a float64 reference."""
     return ((out.double() - ref).norm() / ref.norm()).item()

@@ -1,4 +1,5 @@
 """The shared set-up of the GPU kernel experiments (pt2pass/bench.py), checked on CPU."""
+import pytest
 import torch
 
 from pt2pass.bench import ROTATE_BYTES, gemv_check_case, rel_err, rotating_layers
@@ -51,3 +52,12 @@ def test_attention_case_hides_the_slots_its_mask_hides_and_the_reference_ignores
     seen = torch.nn.functional.scaled_dot_product_attention(
         q[:1].double(), k[:1, :, :3].double().repeat_interleave(2, 1), v[:1, :, :3].double().repeat_interleave(2, 1))
     assert torch.isfinite(ref).all() and torch.allclose(ref[:1], seen)
+
+
+def test_parse_shape_reads_nxk_and_names_bad_input():
+    from pt2pass.bench import parse_shape
+
+    assert parse_shape("4096x11008") == (4096, 11008) and parse_shape("28672X8192") == (28672, 8192)
+    for bad in ("4096", "4096x", "4096x11008x2", "ax4"):
+        with pytest.raises(ValueError, match="NxK"):
+            parse_shape(bad)

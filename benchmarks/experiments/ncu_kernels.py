@@ -24,6 +24,9 @@ import csv
 import os
 import sys
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from pt2pass.bench import parse_shape  # noqa: E402
+
 DEFAULT_CASES = ["28672x8192:1", "4096x4096:1", "11008x4096:1", "28672x8192:4", "28672x8192:16",
                  "4096x4096:16", "28672x8192:256", "4096x4096:256", "4096x4096:2048"]
 STALL_PREFIX = "smsp__average_warps_issue_stalled_"
@@ -32,16 +35,15 @@ MARKER = "spin_kernel"
 
 
 def parse_case(s: str):
+    """'NxK:M' -> (N, K, M)."""
     shape, m = s.split(":")
-    n, k = (int(v) for v in shape.lower().split("x"))
-    return n, k, int(m)
+    return (*parse_shape(shape), int(m))
 
 
 def run(cases):
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
     import pt2pass  # noqa: F401  (registers the op)
     from pt2pass.bench import random_ternary_layer, rel_err
     from pt2pass.lowering.format import dequantize

@@ -23,7 +23,8 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import pt2pass  # noqa: E402,F401
-from pt2pass.bench import checked_gpu_run, gemv_check_case, rel_err, rotating_layers, time_graph  # noqa: E402
+from pt2pass.bench import (checked_gpu_run, gemv_check_case, parse_shape, rel_err, rotating_layers,  # noqa: E402
+                           time_graph)
 from pt2pass.lowering.kernels.dispatch import _num_sms  # noqa: E402
 from pt2pass.lowering.kernels.common import m_bucket  # noqa: E402
 from pt2pass.lowering.kernels.gemv_imma import _IMMA, IMMA_SHAPES, imma_split, ternary_gemv_imma  # noqa: E402
@@ -91,7 +92,7 @@ def main():
     parser.add_argument("--shapes", nargs="+", metavar="NxK", help="subset of the shapes (default: all seven)")
     args = parser.parse_args()
     configs = [] if args.tuned_only else [parse_config(c) for c in args.configs] if args.configs else CONFIGS
-    shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes] if args.shapes else SHAPES
+    shapes = [parse_shape(s) for s in args.shapes] if args.shapes else SHAPES
     dev = "cuda"
     t0 = checked_gpu_run(lambda d: check(d, configs), dev)
     sms = _num_sms(torch.device(dev))
