@@ -209,18 +209,19 @@ def splitk_reduce(ws: torch.Tensor, bias, out: torch.Tensor) -> None:
 
 
 def launch_args(name: str, x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
-                mu: torch.Tensor, bias, perm, out: torch.Tensor, split: int):
+                mu: torch.Tensor, bias, perm, out: torch.Tensor, split: int, block_multiple: int = 1):
     """Shared argument checks and kernel arguments of the GEMV and GEMM launchers.
 
-    Returns (args, split, target): ``split`` rounded so no program gets an empty K range, and
-    ``target`` the fp32 (split, M, N) workspace when K is split (``out`` otherwise)."""
+    Returns (args, split, target): ``split`` rounded so no program gets an empty K range (and,
+    with ``block_multiple``, so every split's blocks start at a multiple of it), and ``target`` the
+    fp32 (split, M, N) workspace when K is split (``out`` otherwise)."""
     m, k = x.shape
     n, kw = packed.shape
     nb = k // BLOCK
     if k % BLOCK or kw * 16 != k or alpha.shape != (n, nb) or x.stride(1) != 1:
         raise ValueError(f"{name} needs K % {BLOCK} == 0, 128-blocks and unit-stride x; got x "
                          f"{tuple(x.shape)}, packed {tuple(packed.shape)}, alpha {tuple(alpha.shape)}")
-    bps = triton.cdiv(nb, split)
+    bps = triton.cdiv(triton.cdiv(nb, split), block_multiple) * block_multiple
     split = triton.cdiv(nb, bps)
     target = out if split == 1 else torch.empty((split, m, n), device=x.device, dtype=torch.float32)
     args = (x, packed, alpha, mu, bias if bias is not None else alpha,

@@ -24,6 +24,7 @@ from .gemv import gemv_split
 from .imma import FRAGMENT_WORDS, block_products, quantize_fragments
 
 MAX_M = 16  # two 8-row tiles of x per MMA pair
+SCALE_VECTOR = 8  # the largest NBT: with K / 128 and the split multiples of it, the scale vectors are aligned
 
 
 @triton.jit
@@ -105,10 +106,27 @@ def _store_tile(out_ptr, bias_ptr, y0, y1, y2, y3, tile, t, rows, M, N, pid_k,
 
 
 @triton.jit
+def _block_scales(a_ptr, mu_ptr, offsets, mask):
+    """alpha and mu (R, 32 WARPS, NBT) float32 at ``offsets``: one vector load per lane for the
+    NBT blocks of an iteration (NBT loads of one element each touched as many cache lines)."""
+    return (tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32),
+            tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
+
+
+@triton.jit
+def _pick(v, u: tl.constexpr):
+    """v[:, :, u] of an (R, L, NBT) tensor held in one thread per (r, l): a sum whose other terms
+    are -0.0, which the compiler folds away exactly (x + -0.0 == x for every x)."""
+    nbt: tl.constexpr = v.shape[2]
+    return tl.sum(tl.where(tl.arange(0, nbt)[None, None, :] == u, v, -0.0), axis=2)
+
+
+@triton.jit
 def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
                              M, N, KW2, NB, blocks_per_split, m_bucket,
                              HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
-                             TILES: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr, NBT: tl.constexpr):
+                             ALIGNED: tl.constexpr, TILES: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr,
+                             NBT: tl.constexpr):
     """16 R WARPS rows of W (int64 word pairs, KW2 per row) per program, K blocks of split
     program_id(1), all TILES 8-row tiles of x."""
     pid_k = tl.program_id(1)
@@ -125,16 +143,27 @@ def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr,
     zero = tl.zeros((R, 32 * WARPS), tl.float32)
     y0, y1, y2, y3 = zero, zero, zero, zero
     v0, v1, v2, v3 = zero, zero, zero, zero
+    if ALIGNED:
+        a_top = rows[:, :, None] * NB + tl.arange(0, NBT)[None, None, :]
+        a_bot = a_top + 8 * NB
     for b0 in range(b_lo, b_hi, NBT):
+        if ALIGNED:  # the NBT blocks' alpha and mu in one vector load per lane (module doc)
+            # what the launcher guarantees (b0, b_hi and NB multiples of NBT), for the vectorizer
+            blk_ok = tl.max_constancy(b0 + tl.arange(0, NBT) < b_hi, [NBT])[None, None, :]
+            at3, mt3 = _block_scales(a_ptr, mu_ptr, tl.multiple_of(a_top + b0, [1, 1, NBT]),
+                                     ok_top[:, :, None] & blk_ok)
+            ab3, mb3 = _block_scales(a_ptr, mu_ptr, tl.multiple_of(a_bot + b0, [1, 1, NBT]),
+                                     ok_bot[:, :, None] & blk_ok)
         for u in tl.static_range(NBT):
             b = b0 + u
             b_ok = b < b_hi
             wt = tl.load(w_top + 4 * b, mask=ok_top & b_ok, other=0)
             wb = tl.load(w_bot + 4 * b, mask=ok_bot & b_ok, other=0)
-            at = tl.load(a_ptr + rows * NB + b, mask=ok_top & b_ok, other=0.0).to(tl.float32)
-            mt = tl.load(mu_ptr + rows * NB + b, mask=ok_top & b_ok, other=0.0).to(tl.float32)
-            ab = tl.load(a_ptr + (rows + 8) * NB + b, mask=ok_bot & b_ok, other=0.0).to(tl.float32)
-            mb = tl.load(mu_ptr + (rows + 8) * NB + b, mask=ok_bot & b_ok, other=0.0).to(tl.float32)
+            if ALIGNED:
+                at, mt, ab, mb = _pick(at3, u), _pick(mt3, u), _pick(ab3, u), _pick(mb3, u)
+            else:
+                at, mt = _block_scales(a_ptr, mu_ptr, rows * NB + b, ok_top & b_ok)
+                ab, mb = _block_scales(a_ptr, mu_ptr, (rows + 8) * NB + b, ok_bot & b_ok)
             y0, y1, y2, y3 = _block_update(y0, y1, y2, y3, wt, wb, xf_ptr, xscale_ptr, xint_ptr, xs_ptr, 0, b,
                                            b_ok, NB, t, at, mt, ab, mb, USE_ASM, R, WARPS, TILES)
             if TILES == 2:
@@ -175,12 +204,16 @@ def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     if packed.storage_offset() % 2:
         raise ValueError("ternary_gemv_imma reads the packed words in 8-byte pairs: the packed "
                          "tensor's storage offset must be even")
-    args, split, target = launch_args("ternary_gemv_imma", x, packed, alpha, mu, bias, perm, out, split)
+    # every block count a multiple of 8 (the largest NBT): each program's alpha / mu vectors are aligned
+    aligned = (x.shape[1] // 128) % SCALE_VECTOR == 0 and (config is None or SCALE_VECTOR % config["NBT"] == 0)
+    args, split, target = launch_args("ternary_gemv_imma", x, packed, alpha, mu, bias, perm, out, split,
+                                      block_multiple=SCALE_VECTOR if aligned else 1)
     _, _, _, _, bias_arg, _, target, m, n, kw, nb, _, bps, _, bucket = args
     xf, xscale, xint, xs = quantize_x_imma(x, perm)
     args = (xf, xscale, xint, xs, packed.view(torch.int64), alpha, mu, bias_arg, target, m, n, kw // 2, nb,
             bps, bucket)
-    meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, TILES=xf.shape[0])
+    meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, ALIGNED=aligned,
+                TILES=xf.shape[0])
     launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), _FIXED, config, *args,
                  program_rows=program_rows, **meta)
     if split > 1:
