@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh fusenorm | pdl | attention | attn_ab | imma | imma18 | lowering | fuzz | e2e7b | e2e8b | e2e7b8
+#   bash benchmarks/gpu_checklist.sh fusenorm | pdl | attention | attn_ab | imma | imma7 | imma18 | kernels16 | lowering | fuzz | e2e7b | e2e8b | e2e7b8
 #                                    | e2e7b8bf16 | kernels | swap | profile | quant7b | prefill7b | group
 #                                    | rows | pipelined | tma_ab | ncu [--cases NxK:M ...]
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
@@ -16,12 +16,14 @@
 # H100; fusenorm (correct, 3 % slower: stays opt-in), pdl (no gain for ternary), kernels with
 # gemlite (42 rows over two calls), e2e8b decode at batch 1 (prefill cut by the timeout): session
 # 17, H100; ncu (every path's counters, fixed configs) and three integer-MMA variants, all slower: session
-# 18, H200). Owed: e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention), e2e8b's prefill and
+# 18, H200; imma18 (opcheck + compile PASS, block-major statistics -10 % at M = 4-16 on 28672x8192) and
+# the vector scales: session 19, H100). Owed: FIRST imma7 (all 7 integer-MMA configs at M = 4 / 16:
+# (1, 4, 2) lost 15-60 % with the block-major statistics, so the autotune list and the fixed config
+# may want a change), then kernels16 (the issue table's M = 16 row on all 7 shapes after both changes),
+# e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention), e2e8b's prefill and
 # ternary peak memory, profile on the 8B shape (profile_decode.py --shape llama3-8b ...
-# --log-autotune: session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces), imma (the
-# autotuned kernel on all 7 shapes; its correctness checks alone outlasted 230 s in session 13),
-# quant7b on the H200; FIRST: imma18 (session 18's block-major x statistics in the integer-MMA GEMV, never
-# run on a GPU). The kernels step needs the gemlite wheel carried (.whl is git-ignored;
+# --log-autotune: session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces),
+# quant7b on the H200. The kernels step needs the gemlite wheel carried (.whl is git-ignored;
 # benchmarks/README.md says how to build it) and outlasts one call (split it with --shapes). Each
 # profile_decode setting needs ~100-290 s (model build, rtn codes,
 # compile with autotuning): one or two per call. A fresh machine took ~3-5 minutes to start.
@@ -53,6 +55,10 @@ case "${1:-}" in
   attn_ab)  python3 benchmarks/experiments/profile_decode.py --shape llama2-7b \
               --env PT2PASS_DECODE_ATTENTION=0 PT2PASS_DECODE_ATTENTION=1 ;;  # ~5 min
   imma)     python3 benchmarks/experiments/sweep_gemv_imma.py --tuned-only --ms 2 4 8 16 ;;     # compiles ~4 min
+  imma7)    # every config of the autotune list, fixed, on the largest shape: which to keep, which is the default; ~2 min
+            PT2PASS_AUTOTUNE=0 python3 benchmarks/experiments/sweep_gemv_imma.py --ms 4 16 --shapes 28672x8192 \
+              --configs 1,4,4 1,2,2 1,4,2 1,8,2 1,8,4 1,2,4 1,4,8 ;;
+  kernels16) python3 benchmarks/bench_kernels.py --no-gemlite --ms 16 ;;                 # ~5.5 min (autotuning)
   imma18)   # session 18's block-major x statistics, never run on a GPU: correctness through Inductor, then
             # the sweep (its own float64 check first) against session 18's H200 numbers at 3e723d9:
             # 28672x8192 (1, 4, 4) 60.9 / 100.3 us, (1, 4, 2) 83.3 / 91.4 us at M = 4 / 16; ~4 min
@@ -74,5 +80,5 @@ case "${1:-}" in
             "$NCU" --import "$R.ncu-rep" --csv --page raw > "$R.raw.csv"
             "$NCU" --import "$R.ncu-rep" --csv --page details > "$R.details.csv"
             python3 benchmarks/experiments/ncu_kernels.py summary "$R.raw.csv" "${@:2}" ;;
-  *) echo "usage: $0 fusenorm|pdl|attention|attn_ab|imma|imma18|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|ncu|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
+  *) echo "usage: $0 fusenorm|pdl|attention|attn_ab|imma|imma7|imma18|kernels16|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|ncu|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
 esac
