@@ -19,7 +19,9 @@
 # 18, H200; imma18 (opcheck + compile PASS, block-major statistics -10 % at M = 4-16 on 28672x8192) and
 # the vector scales: session 19, H100). Owed: FIRST imma7 (all 7 integer-MMA configs at M = 4 / 16:
 # (1, 4, 2) lost 15-60 % with the block-major statistics, so the autotune list and the fixed config
-# may want a change), then kernels16 (the issue table's M = 16 row after both changes: session 19 has 4 of 7),
+# may want a change), then `ncu --cases 28672x8192:4 28672x8192:16` (what bounds the integer-MMA GEMV now:
+# session 19's changes cut its L1 wavefronts by ~48 % and its time by 10-12 %), kernels16 (the issue table's
+# M = 16 row after both changes: session 19 has 4 of 7),
 # e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention), e2e8b's prefill and
 # ternary peak memory, profile on the 8B shape (profile_decode.py --shape llama3-8b ...
 # --log-autotune: session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces),
