@@ -9,7 +9,7 @@ import triton.language as tl
 from conftest import gemv_vs_reference, random_ternary_layer_cpu, rel_err
 
 from pt2pass.lowering.format import pack_ternary
-from pt2pass.lowering.kernels import dispatch
+from pt2pass.lowering.kernels import dispatch, gemv_imma
 from pt2pass.lowering.kernels.common import INTERPRET
 from pt2pass.lowering.kernels.gemv_dp2a import quantize_x
 from pt2pass.lowering.kernels.gemv_imma import quantize_x_imma, ternary_gemv_imma
@@ -171,3 +171,27 @@ def test_dispatcher_sends_small_m_here_unless_the_words_are_misaligned():
     x = _x(4, 128, seed=0)
     y = dispatch.ternary_linear_triton(x, odd, alpha, mu)  # the GEMM instead, same result
     assert rel_err(y, dispatch.ternary_linear_triton(x, packed, alpha, mu).double()) < 1e-2
+
+
+@pytest.mark.parametrize("k,split,config,aligned,bps", [
+    (2048, 3, None, True, 8),        # 16 blocks: 6 per split rounded up to 8 (2 splits)
+    (1024, 5, None, True, 8),        # 8 blocks: one split of 8
+    (4096, 3, {"R": 1, "WARPS": 1, "NBT": 4, "num_warps": 1}, True, 16),
+    (2048, 3, {"R": 1, "WARPS": 1, "NBT": 3, "num_warps": 1}, False, 6),  # NBT 3 does not divide 8
+    (1152, 2, None, False, 5),       # 9 blocks: scalar scale loads, the split as asked
+])
+def test_scale_vectors_only_where_every_split_starts_on_a_whole_vector(monkeypatch, k, split, config, aligned, bps):
+    # the vector loads' alignment is a hint to the GPU compiler (the interpreter ignores it), so
+    # the launcher's guarantee is checked here: K / 128 and the blocks per split multiples of 8
+    seen = {}
+
+    def spy(kernel, grid, fixed, cfg, *args, program_rows, **meta):
+        seen.update(nb=args[12], bps=args[13], aligned=meta["ALIGNED"], target=args[8].shape)
+
+    monkeypatch.setattr(gemv_imma, "launch_tuned", spy)
+    packed, alpha, mu, _, _ = random_ternary_layer_cpu(16, k, 0, False, False, torch.bfloat16)
+    ternary_gemv_imma(_x(2, k, seed=1), packed, alpha, mu, None, None, torch.empty(2, 16, dtype=torch.bfloat16),
+                      split=split, config=config)
+    splits = triton.cdiv(k // 128, bps)
+    assert (seen["aligned"], seen["bps"]) == (aligned, bps)
+    assert seen["target"] == ((splits, 2, 16) if splits > 1 else (2, 16))
