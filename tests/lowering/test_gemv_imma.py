@@ -186,7 +186,7 @@ def test_scale_vectors_only_where_every_split_starts_on_a_whole_vector(monkeypat
     seen = {}
 
     def spy(kernel, grid, fixed, cfg, *args, program_rows, **meta):
-        seen.update(nb=args[12], bps=args[13], aligned=meta["ALIGNED"], target=args[8].shape)
+        seen.update(bps=args[13], aligned=meta["ALIGNED"], target=args[8].shape)
 
     monkeypatch.setattr(gemv_imma, "launch_tuned", spy)
     packed, alpha, mu, _, _ = random_ternary_layer_cpu(16, k, 0, False, False, torch.bfloat16)

@@ -12,9 +12,9 @@ row of x* for the dp2a GEMV and an unpack through shared memory for the GEMM.
 Where K/128 is a multiple of 8 (ALIGNED; the launcher then rounds the K split to 8 blocks), each
 lane loads alpha and mu of an iteration's NBT blocks as one vector per row (they are adjacent in a
 row) and picks block u out of it in registers: 4 instead of 4 NBT scale loads per iteration, each
-touching the 8 rows' cache lines. The kernel is bound by L1 throughput (Nsight Compute, session 18),
-so the loads, not the bytes, set its time (H100, session 19, 28672x8192 at 16 rows: 91.7 -> 89.1
-us with the fixed config, 69.8 autotuned).
+touching the 8 rows' cache lines. The kernel was bound by L1 throughput (Nsight Compute, session
+18), so loads, not bytes, were the cost; with the x statistics block-major as well, the fixed
+config's time fell 10-12 % on 28672x8192 (H100, session 19), less than the loads did.
 
 Tensors in the kernel are (R, 32 WARPS): element (r, 32 w + lane) lives in lane ``lane`` of warp
 w, which the MMA's fragment layout relies on (checked offline by tests/lowering/test_sm90_build.py
@@ -189,6 +189,8 @@ IMMA_SHAPES = [(1, 4, 4), (1, 2, 2), (1, 4, 2), (1, 8, 2), (1, 8, 4), (1, 2, 4),
 _IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt}, num_warps=w, num_stages=1)
                   for r, w, nbt in IMMA_SHAPES], ["m_bucket", "N", "KW2", "blocks_per_split"])(ternary_gemv_imma_kernel)
 _FIXED = {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1} if INTERPRET else {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4}
+# the launcher turns the scale vectors on for every autotuned or fixed launch: each NBT must divide them
+assert all(SCALE_VECTOR % nbt == 0 for _, _, nbt in IMMA_SHAPES) and SCALE_VECTOR % _FIXED["NBT"] == 0
 
 
 def program_rows(cfg: dict) -> int:
@@ -211,7 +213,7 @@ def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     if packed.storage_offset() % 2:
         raise ValueError("ternary_gemv_imma reads the packed words in 8-byte pairs: the packed "
                          "tensor's storage offset must be even")
-    # block counts multiples of 8 (every NBT divides it): each program's alpha / mu vectors are aligned
+    # block counts multiples of 8 (every listed NBT divides it): each program's scale vectors are aligned
     aligned = (x.shape[1] // 128) % SCALE_VECTOR == 0
     aligned &= config is None or SCALE_VECTOR % config["NBT"] == 0
     args, split, target = launch_args("ternary_gemv_imma", x, packed, alpha, mu, bias, perm, out, split,
