@@ -51,11 +51,24 @@ def build(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages:
 def lane_per_element(ttgir: str, num_warps: int) -> bool:
     """Whether every inline-asm op of a (R, 32 warps) kernel works on tensors laid out one element
     per thread, element (r, 32 w + lane) in lane ``lane`` of warp w: what gemv_imma's MMA fragments
-    rely on (the compiler may pick other layouts for elementwise ops)."""
-    layouts = dict(re.findall(r"^(#blocked\d*) = #ttg\.blocked<\{(.*)\}>", ttgir, flags=re.M))
-    want = f"sizePerThread = [1, 1], threadsPerWarp = [1, 32], warpsPerCTA = [1, {num_warps}], order = [1, 0]"
+    rely on (the compiler may pick other layouts for elementwise ops). A slice of a 3-D layout along
+    its last dimension (what a pick out of a vector load gives) counts by its two other dimensions."""
+    blocked = {name: {k: [int(v) for v in vals.split(",")] for k, vals in
+                      re.findall(r"(\w+) = \[([\d, ]+)\]", body)}
+               for name, body in re.findall(r"^(#blocked\d*) = #ttg\.blocked<\{(.*)\}>", ttgir, flags=re.M)}
+    want = {"sizePerThread": [1, 1], "threadsPerWarp": [1, 32], "warpsPerCTA": [1, num_warps]}
+
+    def fits(layout: str) -> bool:
+        sliced = re.fullmatch(r"#ttg\.slice<\{dim = (\d+), parent = (#blocked\d*)\}>", layout)
+        dim, name = (int(sliced.group(1)), sliced.group(2)) if sliced else (None, layout)
+        if name not in blocked:
+            return False
+        kept = {k: [v for i, v in enumerate(blocked[name][k]) if i != dim] for k in want}
+        return kept == want and (dim is None or dim == len(blocked[name]["order"]) - 1)
+
     asm = [line for line in ttgir.splitlines() if "elementwise_inline_asm" in line]
-    return bool(asm) and all(layouts.get(name) == want for line in asm for name in re.findall(r"#blocked\d*", line))
+    layouts = [lay for line in asm for lay in re.findall(r"tensor<[^,]+, (#ttg\.slice<\{[^}]*\}>|#blocked\d*)>", line)]
+    return bool(asm) and bool(layouts) and all(fits(lay) for lay in layouts)
 
 
 def sass_report(kernel, types: dict, constexprs: dict, num_warps: int = 4, num_stages: int = 1,
@@ -97,7 +110,7 @@ _QUANT_TYPES = {"x_ptr": "*bf16", "perm_ptr": "*i64", "xp_ptr": "*i32", "xint_pt
                 "xs_ptr": "*fp32", **{f"perm{i}": "*i64" for i in range(3)}}
 
 
-_IMMA_TYPES = {"xf_ptr": "*i32", "xscale_ptr": "*fp32", "xint_ptr": "*i32", "xs_ptr": "*fp32", "w_ptr": "*i64",
+_IMMA_TYPES = {"xf_ptr": "*i32", "xstat_ptr": "*fp32", "w_ptr": "*i64",
                "a_ptr": "*bf16", "mu_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16"}
 
 
@@ -128,7 +141,7 @@ def decode_kernel_builds(quick: bool):
                            gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
                            dict(R=r, WARPS=w, NBT=nbt, TILES=tiles, USE_ASM=True, HAS_BIAS=True, SPLIT_OUT=False,
                                 ALIGNED=True), w))
-    builds.append(("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel, {**_QUANT_TYPES, "xf_ptr": "*i32"},
+    builds.append(("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel, {**_QUANT_TYPES, "xf_ptr": "*i32", "xstat_ptr": "*fp32"},
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     builds.append(("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES,
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))

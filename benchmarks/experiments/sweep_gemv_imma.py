@@ -90,11 +90,14 @@ def main():
     parser.add_argument("--configs", nargs="+", metavar="R,WARPS,NBT",
                         help="these configs instead of the autotune list's")
     parser.add_argument("--shapes", nargs="+", metavar="NxK", help="subset of the shapes (default: all seven)")
+    parser.add_argument("--top", type=int, default=3, help="print the times of this many fastest configs")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip the correctness check (an A/B baseline already checked elsewhere)")
     args = parser.parse_args()
     configs = [] if args.tuned_only else [parse_config(c) for c in args.configs] if args.configs else CONFIGS
     shapes = [parse_shape(s) for s in args.shapes] if args.shapes else SHAPES
     dev = "cuda"
-    t0 = checked_gpu_run(lambda d: check(d, configs), dev)
+    t0 = checked_gpu_run(lambda d: args.no_check or check(d, configs), dev)
     sms = _num_sms(torch.device(dev))
     ratios = {m: {"dispatcher": [], "imma best": [], "imma tuned": []} for m in args.ms}
     for n, k in shapes:
@@ -114,7 +117,7 @@ def main():
             times = times or {f"tuned: {picked(m, n, k, split)}": t_tuned}
             for name, t in (("dispatcher", t_op), ("imma best", t_best), ("imma tuned", t_tuned)):
                 ratios[m][name].append(t_bf16 / t)
-            top = sorted(times.items(), key=lambda kv: kv[1])[:3]
+            top = sorted(times.items(), key=lambda kv: kv[1])[:args.top]
             print(f"{n:6d}x{k:<6d} M={m:2d} bf16 {t_bf16 * 1e6:7.1f} us  dispatcher {t_op * 1e6:6.1f} "
                   f"({t_bf16 / t_op:.2f}x)  imma best {t_best * 1e6:6.1f} ({t_bf16 / t_best:.2f}x, "
                   f"{nbytes / t_best / 1e9:.0f} GB/s)  tuned {t_tuned * 1e6:6.1f}  split {split}  top "

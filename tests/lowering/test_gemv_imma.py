@@ -25,8 +25,8 @@ def _x(m, k, seed, dtype=torch.bfloat16):
 
 
 def _fragment_ints(xf, m, k):
-    """x_int (m, k) back from the fragment words: word (4 s + 2 h + reg) * 32 + 4 g + t of block b in
-    tile m // 8 (g = m % 8) holds byte h of the x_int at column 128 b + 8 (r + 4 i) + j, byte i,
+    """x_int (m, k) back from the fragment words: word s * 128 + 4 (4 g + t) + 2 h + reg of block b
+    in tile m // 8 (g = m % 8) holds byte h of the x_int at column 128 b + 8 (r + 4 i) + j, byte i,
     r = 2 (s % 2) + reg, j = 2 t + s // 2 (imma.py's module doc)."""
     out = torch.zeros(m, k, dtype=torch.int64)
     for row in range(m):
@@ -34,7 +34,7 @@ def _fragment_ints(xf, m, k):
             for s in range(4):
                 for reg in range(2):
                     for t in range(4):
-                        words = [int(xf[row // 8, b, (4 * s + 2 * h + reg) * 32 + 4 * (row % 8) + t]) for h in (0, 1)]
+                        words = [int(xf[row // 8, b, s * 128 + 4 * (4 * (row % 8) + t) + 2 * h + reg]) for h in (0, 1)]
                         for i in range(4):
                             hi = ((words[0] >> 8 * i) & 0xFF) - (256 if (words[0] >> 8 * i) & 0x80 else 0)
                             lo = (words[1] >> 8 * i) & 0xFF
@@ -48,12 +48,13 @@ def test_quantize_writes_the_dp2a_integers_as_fragments(m, perm):
     k = 256
     x = _x(m, k, seed=m)
     p = torch.randperm(k, generator=torch.Generator().manual_seed(4)) if perm else None
-    xf, scale, xint, xs = quantize_x_imma(x, p)
+    xf, xstat = quantize_x_imma(x, p)
     rows = 8 * ((m + 7) // 8)
-    assert xf.shape == (rows // 8, k // 128, 512) and scale.shape == (k // 128, rows)  # statistics block-major
-    scale, xint, xs = scale.T, xint.T, xs.T
+    assert xf.shape == (rows // 8, k // 128, 512) and xstat.shape == (k // 128, rows, 4)  # statistics block-major
+    scale, xint, xs, pad = xstat.permute(2, 1, 0)
     xp_ref, scale_ref, xint_ref, xs_ref = quantize_x(x, p)  # the dp2a GEMV's quantization
-    assert torch.equal(scale[:m], scale_ref) and torch.equal(xint[:m], xint_ref) and torch.equal(xs[:m], xs_ref)
+    assert torch.equal(scale[:m], scale_ref) and torch.equal(xint[:m], xint_ref.float()) and torch.equal(xs[:m], xs_ref)
+    assert not pad.any()
     x_int = _fragment_ints(xf, rows, k)
     cols = (x[:, p] if perm else x).float()
     t = cols / scale_ref.repeat_interleave(128, dim=1)
@@ -186,7 +187,7 @@ def test_scale_vectors_only_where_every_split_starts_on_a_whole_vector(monkeypat
     seen = {}
 
     def spy(kernel, grid, fixed, cfg, *args, program_rows, **meta):
-        seen.update(bps=args[13], aligned=meta["ALIGNED"], target=args[8].shape)
+        seen.update(bps=args[11], aligned=meta["ALIGNED"], target=args[6].shape)
 
     monkeypatch.setattr(gemv_imma, "launch_tuned", spy)
     packed, alpha, mu, _, _ = random_ternary_layer_cpu(16, k, 0, False, False, torch.bfloat16)

@@ -38,3 +38,32 @@ def test_decode_kernels_build_for_sm90_without_spills_and_with_tma_loads():
     assert len(gemm) == 2 and all("SWAP=True" in row[1] for row in gemm)
     assert all(int(row[7]) > 0 and int(row[8]) <= 4 for row in gemm)
     assert run.stdout.rstrip().endswith("0 wrong builds")
+
+
+def _sass_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sass", ROOT / "benchmarks" / "experiments" / "sass.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lane_per_element_reads_plain_and_sliced_layouts():
+    # the check behind "whose inline-asm MMAs get one tensor element per lane": a 2-D layout with
+    # one element per lane passes, and so does the last-dimension slice of a 3-D one (a pick out of
+    # a per-lane vector load); a vector dimension spread over two lanes, or rows over lanes, fails
+    def ttgir(layout, operand):
+        return (f"#blocked = #ttg.blocked<{{{layout}}}>\n"
+                f'  %d:4 = tt.elementwise_inline_asm "mma" %a : tensor<1x128xi32, {operand}> -> x\n')
+
+    plain = "sizePerThread = [1, 1], threadsPerWarp = [1, 32], warpsPerCTA = [1, 4], order = [1, 0]"
+    vec = "sizePerThread = [1, 1, 4], threadsPerWarp = [1, 32, 1], warpsPerCTA = [1, 4, 1], order = [2, 1, 0]"
+    split = "sizePerThread = [1, 1, 4], threadsPerWarp = [1, 16, 2], warpsPerCTA = [1, 4, 1], order = [2, 1, 0]"
+    rows = "sizePerThread = [1, 1], threadsPerWarp = [2, 16], warpsPerCTA = [1, 4], order = [1, 0]"
+    sliced = "#ttg.slice<{dim = 2, parent = #blocked}>"
+    check = _sass_module().lane_per_element
+    assert check(ttgir(plain, "#blocked"), 4) and check(ttgir(vec, sliced), 4)
+    assert not check(ttgir(plain, "#blocked"), 2)  # warps
+    assert not check(ttgir(split, sliced), 4) and not check(ttgir(rows, "#blocked"), 4)
+    assert not check(ttgir(vec, "#ttg.slice<{dim = 1, parent = #blocked}>"), 4)

@@ -14,7 +14,11 @@ lane loads alpha and mu of an iteration's NBT blocks as one vector per row (they
 row) and picks block u out of it in registers: 4 instead of 4 NBT scale loads per iteration, each
 touching the 8 rows' cache lines. The kernel was bound by L1 throughput (Nsight Compute, session
 18), so loads, not bytes, were the cost; with the x statistics block-major as well, the fixed
-config's time fell 10-12 % on 28672x8192 (H100, session 19), less than the loads did.
+config's time fell 10-12 % on 28672x8192 (H100, session 19), less than the loads did. Since
+session 20 the x side is vector loads too (imma.py's layout): per block and x tile a lane issues
+4 16-byte fragment loads and 2 16-byte statistics records instead of 16 + 6 scalar loads; offline
+sm_90 build of (1, 4, 4): 600 -> 528 instructions (one x tile), 928 -> 784 and 134 -> 94
+registers (two).
 
 Tensors in the kernel are (R, 32 WARPS): element (r, 32 w + lane) lives in lane ``lane`` of warp
 w, which the MMA's fragment layout relies on (checked offline by tests/lowering/test_sm90_build.py
@@ -28,65 +32,63 @@ import triton.language as tl
 
 from .common import INTERPRET, PREPACK, autotune, launch, launch_args, launch_tuned, splitk_reduce
 from .gemv import gemv_split
-from .imma import FRAGMENT_WORDS, block_products, quantize_fragments
+from .imma import FRAGMENT_WORDS, STAT_WORDS, block_products, pick, quantize_fragments
 
 MAX_M = 16  # two 8-row tiles of x per MMA pair
 SCALE_VECTOR = 8  # the largest NBT: K / 128 and the split multiples of it align the scale vectors
 
 
 @triton.jit
-def _quantize_x_imma_kernel(x_ptr, perm_ptr, xf_ptr, xscale_ptr, xint_ptr, xs_ptr, M, NB, stride_xm,
+def _quantize_x_imma_kernel(x_ptr, perm_ptr, xf_ptr, xstat_ptr, M, NB, stride_xm,
                             HAS_PERM: tl.constexpr, NBT: tl.constexpr):
     """:func:`imma.quantize_fragments` of x row m = program_id(1) (zeros for the padding rows m >= M);
-    the statistics block-major, (K/128, rows)."""
+    the statistics block-major, (K/128, rows, STAT_WORDS)."""
     m = tl.program_id(1).to(tl.int64)
     rows = tl.num_programs(1)
     x_row = x_ptr + tl.minimum(m, M - 1) * stride_xm
-    xf_lane = xf_ptr + (m // 8) * NB * FRAGMENT_WORDS + (m % 8) * 4
-    quantize_fragments(x_row, perm_ptr, xf_lane, xscale_ptr + m, xint_ptr + m, xs_ptr + m, NB, rows,
+    xf_lane = xf_ptr + (m // 8) * NB * FRAGMENT_WORDS + (m % 8) * 16  # lanes 4 g .. 4 g + 3, 4 words each
+    quantize_fragments(x_row, perm_ptr, xf_lane, xstat_ptr + m * STAT_WORDS, NB, rows * STAT_WORDS,
                        m < M, HAS_PERM, NBT)
 
 
 def quantize_x_imma(x: torch.Tensor, perm) -> tuple:
-    """(xf int32 (tiles, K/128, 512), scale float32, X int32, sum float32 (K/128, 8 tiles)) of
+    """(xf int32 (tiles, K/128, 512), xstat float32 (K/128, 8 tiles, 4): s_b, X_b, sum(x), 0) of
     x[:, perm] (M <= 16 rows, padded with zero rows to 8 per tile). The statistics are block-major
-    so that the x rows a warp reads per block (2t, 2t + 1 for t = 0..3) share one cache line: in
-    the row-major layout each of those loads touched 4 lines, and the GEMV is bound by L1
-    throughput (Nsight Compute, session 18: L1 82-91 % busy, DRAM 13-25 %)."""
+    records so that the x rows a lane reads per block (2t, 2t + 1) are 32 adjacent bytes, two
+    vector loads, and a warp's 8 rows one cache line: the GEMV was bound by L1 throughput (Nsight
+    Compute, session 18: L1 82-91 % busy, DRAM 13-25 %), then by the loads it issues."""
     m, k = x.shape
     nb = k // 128
     rows = 8 * triton.cdiv(m, 8)
     xf = torch.empty((rows // 8, nb, FRAGMENT_WORDS.value), device=x.device, dtype=torch.int32)
-    xscale = torch.empty((nb, rows), device=x.device, dtype=torch.float32)
-    xint = torch.empty((nb, rows), device=x.device, dtype=torch.int32)
-    xs = torch.empty((nb, rows), device=x.device, dtype=torch.float32)
+    xstat = torch.empty((nb, rows, STAT_WORDS.value), device=x.device, dtype=torch.float32)
     launch(_quantize_x_imma_kernel, (triton.cdiv(nb, PREPACK["NBT"]), rows), x, perm if perm is not None else xf,
-           xf, xscale, xint, xs, m, nb, x.stride(0), HAS_PERM=perm is not None, **PREPACK)
-    return xf, xscale, xint, xs
+           xf, xstat, m, nb, x.stride(0), HAS_PERM=perm is not None, **PREPACK)
+    return xf, xstat
 
 
 @triton.jit
-def _block_update(y0, y1, y2, y3, w_top, w_bot, xf_ptr, xscale_ptr, xint_ptr, xs_ptr, tile, b, b_ok, NB,
+def _block_update(y0, y1, y2, y3, w_top, w_bot, xf_ptr, xstat_ptr, tile, b, b_ok, NB,
                   t, al_top, mu_top, al_bot, mu_bot, USE_ASM: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr,
                   TILES: tl.constexpr):
     """y0..y3 += block b's term for (top row, x row 2t), (top, 2t + 1), (bottom, 2t), (bottom, 2t + 1)
     of x-row tile ``tile``. Blocks past the split (not ``b_ok``) read zero codes and scales."""
     lane = tl.arange(0, 32 * WARPS)[None, :] % 32
     bc = tl.minimum(b, NB - 1)  # in bounds; its codes are masked to 0
-    p0, p1, p2, p3 = block_products(w_top, w_bot, xf_ptr + (tile * NB + bc) * FRAGMENT_WORDS + lane,
+    p0, p1, p2, p3 = block_products(w_top, w_bot, xf_ptr, (tile * NB + bc) * FRAGMENT_WORDS + 4 * lane,
                                     USE_ASM, R, WARPS)
-    x0 = bc * (8 * TILES) + tile * 8 + 2 * t  # block-major statistics (quantize_x_imma)
-    x1 = x0 + 1
-    s0 = tl.load(xscale_ptr + x0, mask=b_ok, other=0.0)
-    s1 = tl.load(xscale_ptr + x1, mask=b_ok, other=0.0)
-    i0 = tl.load(xint_ptr + x0, mask=b_ok, other=0)
-    i1 = tl.load(xint_ptr + x1, mask=b_ok, other=0)
-    z0 = tl.load(xs_ptr + x0, mask=b_ok, other=0.0)
-    z1 = tl.load(xs_ptr + x1, mask=b_ok, other=0.0)
-    y0 += al_top * s0 * (p0 - i0).to(tl.float32) + mu_top * z0
-    y1 += al_top * s1 * (p1 - i1).to(tl.float32) + mu_top * z1
-    y2 += al_bot * s0 * (p2 - i0).to(tl.float32) + mu_bot * z0
-    y3 += al_bot * s1 * (p3 - i1).to(tl.float32) + mu_bot * z1
+    # the records of x rows 2t and 2t + 1 (block-major, quantize_x_imma): one 16-byte load each
+    x0 = (bc * (8 * TILES) + tile * 8 + 2 * t) * STAT_WORDS
+    rec = xstat_ptr + tl.multiple_of(x0[:, :, None] + tl.arange(0, STAT_WORDS)[None, None, :], [1, 1, STAT_WORDS])
+    st0 = tl.load(rec, mask=b_ok, other=0.0)
+    st1 = tl.load(rec + STAT_WORDS, mask=b_ok, other=0.0)
+    s0, i0, z0 = pick(st0, 0), pick(st0, 1), pick(st0, 2)
+    s1, i1, z1 = pick(st1, 0), pick(st1, 1), pick(st1, 2)
+    # P and X are integers below 2^24, so P - X is exact in float32 (the dp2a GEMV's integers)
+    y0 += al_top * s0 * (p0.to(tl.float32) - i0) + mu_top * z0
+    y1 += al_top * s1 * (p1.to(tl.float32) - i1) + mu_top * z1
+    y2 += al_bot * s0 * (p2.to(tl.float32) - i0) + mu_bot * z0
+    y3 += al_bot * s1 * (p3.to(tl.float32) - i1) + mu_bot * z1
     return y0, y1, y2, y3
 
 
@@ -121,15 +123,7 @@ def _block_scales(a_ptr, mu_ptr, offsets, mask):
 
 
 @triton.jit
-def _pick(v, u: tl.constexpr):
-    """v[:, :, u] of an (R, L, NBT) tensor held in one thread per (r, l): a sum whose other terms
-    are -0.0, which the compiler folds away exactly (x + -0.0 == x for every x)."""
-    nbt: tl.constexpr = v.shape[2]
-    return tl.sum(tl.where(tl.arange(0, nbt)[None, None, :] == u, v, -0.0), axis=2)
-
-
-@triton.jit
-def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
+def ternary_gemv_imma_kernel(xf_ptr, xstat_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
                              M, N, KW2, NB, blocks_per_split, m_bucket,
                              HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
                              ALIGNED: tl.constexpr, TILES: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr,
@@ -167,14 +161,14 @@ def ternary_gemv_imma_kernel(xf_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr,
             wt = tl.load(w_top + 4 * b, mask=ok_top & b_ok, other=0)
             wb = tl.load(w_bot + 4 * b, mask=ok_bot & b_ok, other=0)
             if ALIGNED:
-                at, mt, ab, mb = _pick(at3, u), _pick(mt3, u), _pick(ab3, u), _pick(mb3, u)
+                at, mt, ab, mb = pick(at3, u), pick(mt3, u), pick(ab3, u), pick(mb3, u)
             else:
                 at, mt = _block_scales(a_ptr, mu_ptr, rows * NB + b, ok_top & b_ok)
                 ab, mb = _block_scales(a_ptr, mu_ptr, (rows + 8) * NB + b, ok_bot & b_ok)
-            y0, y1, y2, y3 = _block_update(y0, y1, y2, y3, wt, wb, xf_ptr, xscale_ptr, xint_ptr, xs_ptr, 0, b,
+            y0, y1, y2, y3 = _block_update(y0, y1, y2, y3, wt, wb, xf_ptr, xstat_ptr, 0, b,
                                            b_ok, NB, t, at, mt, ab, mb, USE_ASM, R, WARPS, TILES)
             if TILES == 2:
-                v0, v1, v2, v3 = _block_update(v0, v1, v2, v3, wt, wb, xf_ptr, xscale_ptr, xint_ptr, xs_ptr, 1, b,
+                v0, v1, v2, v3 = _block_update(v0, v1, v2, v3, wt, wb, xf_ptr, xstat_ptr, 1, b,
                                                b_ok, NB, t, at, mt, ab, mb, USE_ASM, R, WARPS, TILES)
     _store_tile(out_ptr, bias_ptr, y0, y1, y2, y3, 0, t, rows, M, N, pid_k, HAS_BIAS, SPLIT_OUT)
     if TILES == 2:
@@ -219,8 +213,8 @@ def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     args, split, target = launch_args("ternary_gemv_imma", x, packed, alpha, mu, bias, perm, out, split,
                                       block_multiple=SCALE_VECTOR if aligned else 1)
     _, _, _, _, bias_arg, _, target, m, n, kw, nb, _, bps, _, bucket = args
-    xf, xscale, xint, xs = quantize_x_imma(x, perm)
-    args = (xf, xscale, xint, xs, packed.view(torch.int64), alpha, mu, bias_arg, target, m, n, kw // 2, nb,
+    xf, xstat = quantize_x_imma(x, perm)
+    args = (xf, xstat, packed.view(torch.int64), alpha, mu, bias_arg, target, m, n, kw // 2, nb,
             bps, bucket)
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, ALIGNED=aligned,
                 TILES=xf.shape[0])

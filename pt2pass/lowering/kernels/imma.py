@@ -20,8 +20,10 @@ lane (g, t) loads the words 2t and 2t + 1 of its two rows (one 64-bit load each)
 the block's four uses word 2t + s // 2 at shifts r = 2 (s % 2) (registers 0, 1) and r + 1
 (registers 2, 3); byte i of ``(w >> 2r) & 0x03030303`` is slot r + 4i, column 128 b + 8 (r + 4i)
 + j of the block-planar format (format.py). :func:`quantize_fragments` writes x's bytes in exactly
-that order, as one int32 per (block, step, byte half, register, lane): the B registers are
-coalesced 32-bit loads.
+that order, as int32 words per (block, step, lane, byte half, register): a lane's four B registers
+of one step are 16 adjacent bytes, one vector load (a warp's load covers 512 adjacent bytes), and
+the x statistics of a block and x row are one 16-byte record, so per block and 8-row tile of x a
+lane issues 4 + 2 loads instead of 16 + 6 (session 20).
 
 Under TRITON_INTERPRET=1 (no PTX) :func:`emulated_mma` computes the instruction from the same
 registers by its definition, across the lanes of each warp: the tests check the fragment layout
@@ -40,7 +42,21 @@ _MMA = "mma.sync.aligned.m16n8k32.row.col.s32.u8.{}.s32 {{$0,$1,$2,$3}}, {{$4,$5
 MMA_S8 = tl.constexpr(_MMA.format("s8"))  # B = x_hi, signed
 MMA_U8 = tl.constexpr(_MMA.format("u8"))  # B = x_lo, unsigned
 _MMA_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r")
-FRAGMENT_WORDS = tl.constexpr(512)  # int32 of x fragments per (8-row tile, block): 4 steps x 2 halves x 2 registers x 32 lanes
+FRAGMENT_WORDS = tl.constexpr(512)  # int32 of x fragments per (8-row tile, block): 4 steps x 32 lanes x 2 halves x 2 registers
+STAT_WORDS = tl.constexpr(4)  # per (block, x row): s_b, X_b (a float: integers below 2^24 are exact), sum(x), 0
+
+
+@triton.jit
+def pick(v, u: tl.constexpr):
+    """v[:, :, u] of an (R, L, V) float32 / int32 tensor whose V values sit in one thread: an integer
+    sum whose other terms are 0, which the compiler folds away, so no data moves between threads
+    (a float sum kept one FADD per pick: +0.0 is not an exact identity)."""
+    sel = tl.arange(0, v.shape[2])[None, None, :] == u
+    if v.dtype.is_floating():
+        out = tl.sum(tl.where(sel, v.to(tl.int32, bitcast=True), 0), axis=2).to(tl.float32, bitcast=True)
+    else:
+        out = tl.sum(tl.where(sel, v, 0), axis=2)
+    return out
 
 
 @triton.jit
@@ -97,14 +113,18 @@ def _mma(a0, a1, a2, a3, b0, b1, c0, c1, c2, c3, B_SIGNED: tl.constexpr, USE_ASM
 
 
 @triton.jit
-def block_products(w_top, w_bot, xf, USE_ASM: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr):
+def block_products(w_top, w_bot, xf_ptr, xf_lane, USE_ASM: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr):
     """Per lane, P = sum over one 128-block of q * x_int for (row g, x rows 2t, 2t + 1) and (row
     g + 8, the same): four int32 (R, 32 WARPS). ``w_top`` / ``w_bot``: the lane's int64 of words
-    2t, 2t + 1 of its rows g / g + 8; ``xf``: pointers (1, 32 WARPS) to the block's x fragments at
-    the lane."""
+    2t, 2t + 1 of its rows g / g + 8; ``xf_ptr + xf_lane``: the block's x fragments at the lane
+    (``xf_lane`` (1, 32 WARPS) int offsets, multiples of 4: 4 words per lane and step)."""
     shape: tl.constexpr = (R, 32 * WARPS)
     top = (w_top.to(tl.int32), (w_top >> 32).to(tl.int32))
     bot = (w_bot.to(tl.int32), (w_bot >> 32).to(tl.int32))
+    # per step s, one 16-byte load per lane: the B registers (high byte 0, 1, low byte 0, 1)
+    # the offsets' alignment stated on the integers (on the pointers it would count bytes)
+    xq = xf_ptr + tl.multiple_of(xf_lane[:, :, None] + tl.arange(0, 4)[None, None, :], [1, 1, 4])
+    xv = (tl.load(xq), tl.load(xq + 128), tl.load(xq + 256), tl.load(xq + 384))
     c0 = tl.zeros(shape, tl.int32)
     c1 = tl.zeros(shape, tl.int32)
     c2 = tl.zeros(shape, tl.int32)
@@ -115,8 +135,8 @@ def block_products(w_top, w_bot, xf, USE_ASM: tl.constexpr, R: tl.constexpr, WAR
         for s in tl.static_range(4):
             wt = top[s // 2]
             wb = bot[s // 2]
-            b0 = tl.broadcast_to(tl.load(xf + (4 * s + 2 * half) * 32), shape)
-            b1 = tl.broadcast_to(tl.load(xf + (4 * s + 2 * half + 1) * 32), shape)
+            b0 = tl.broadcast_to(pick(xv[s], 2 * half), shape)
+            b1 = tl.broadcast_to(pick(xv[s], 2 * half + 1), shape)
             # shifts 2r and 2r + 2 with r = 2 (s % 2)
             c0, c1, c2, c3 = _mma((wt >> 4 * (s % 2)) & CODE_BYTES, (wb >> 4 * (s % 2)) & CODE_BYTES,
                                   (wt >> 4 * (s % 2) + 2) & CODE_BYTES, (wb >> 4 * (s % 2) + 2) & CODE_BYTES,
@@ -125,13 +145,13 @@ def block_products(w_top, w_bot, xf, USE_ASM: tl.constexpr, R: tl.constexpr, WAR
 
 
 @triton.jit
-def quantize_fragments(x_row, perm_ptr, xf_lane, xscale_row, xint_row, xs_row, NB, STAT_STRIDE, row_ok,
+def quantize_fragments(x_row, perm_ptr, xf_lane, xstat_row, NB, STAT_STRIDE, row_ok,
                        HAS_PERM: tl.constexpr, NBT: tl.constexpr):
     """One x row (gathered through ``perm_ptr``; zeros where not ``row_ok``), this program's NBT
-    blocks: dp2a.py's s_b, X_b = sum x_int, sum(x) (block b's at ``*_row + b * STAT_STRIDE``), and
-    the B fragment words at ``xf_lane`` (the row's tile, offset by its lane base 4 g): word
-    (4 s + 2 h + reg) * 32 + t of a block holds the bytes h (0: high, signed; 1: low) of x_int at
-    the columns of step s, register reg, lane t."""
+    blocks: dp2a.py's s_b, X_b = sum x_int, sum(x) as block b's record at ``xstat_row + b *
+    STAT_STRIDE`` (STAT_WORDS floats), and the B fragment words at ``xf_lane`` (the row's tile,
+    offset by its lane base 4 g words x 4): word s * 128 + 4 t + 2 h + reg of a lane's block holds
+    the bytes h (0: high, signed; 1: low) of x_int at the columns of step s, register reg, lane t."""
     blk = tl.program_id(0) * NBT + tl.arange(0, NBT)
     bok = (blk < NB) & row_ok
     ij = tl.arange(0, 8)
@@ -152,11 +172,11 @@ def quantize_fragments(x_row, perm_ptr, xf_lane, xscale_row, xint_row, xs_row, N
     hi = tl.sum(tl.reshape(((xi >> 8) & 0xFF) << shift, (NBT, 32, 4)), axis=2)
     lo = tl.sum(tl.reshape((xi & 0xFF) << shift, (NBT, 32, 4)), axis=2)
     c = tl.arange(0, 32)  # (s * 2 + reg) * 4 + t
-    dst = blk[:, None] * FRAGMENT_WORDS + ((c // 8) * 128 + ((c // 4) % 2) * 32 + c % 4)[None, :]
+    dst = blk[:, None] * FRAGMENT_WORDS + ((c // 8) * 128 + (c % 4) * 4 + (c // 4) % 2)[None, :]
     wok = (blk < NB)[:, None] & (c < 32)[None, :]
     tl.store(xf_lane + dst, hi, mask=wok)
-    tl.store(xf_lane + dst + 64, lo, mask=wok)
-    nb_ok = blk < NB
-    tl.store(xscale_row + blk * STAT_STRIDE, scale, mask=nb_ok)
-    tl.store(xint_row + blk * STAT_STRIDE, tl.sum(xi, axis=1), mask=nb_ok)
-    tl.store(xs_row + blk * STAT_STRIDE, xsum, mask=nb_ok)
+    tl.store(xf_lane + dst + 2, lo, mask=wok)
+    q = tl.arange(0, STAT_WORDS)[None, :]
+    xint = tl.sum(xi, axis=1).to(tl.float32)  # |X_b| <= 128 * 32767 < 2^24: exact
+    record = tl.where(q == 0, scale[:, None], tl.where(q == 1, xint[:, None], tl.where(q == 2, xsum[:, None], 0.0)))
+    tl.store(xstat_row + blk[:, None] * STAT_STRIDE + q, record, mask=(blk < NB)[:, None] & (q < STAT_WORDS))
