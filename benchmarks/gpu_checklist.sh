@@ -17,11 +17,11 @@
 # gemlite (42 rows over two calls), e2e8b decode at batch 1 (prefill cut by the timeout): session
 # 17, H100; ncu (every path's counters, fixed configs) and three integer-MMA variants, all slower: session
 # 18, H200; imma18 (opcheck + compile PASS, block-major statistics -10 % at M = 4-16 on 28672x8192) and
-# the vector scales: session 19, H100). Owed: FIRST imma7 (all 7 integer-MMA configs at M = 4 / 16:
-# (1, 4, 2) lost 15-60 % with the block-major statistics, so the autotune list and the fixed config
-# may want a change), then `ncu --cases 28672x8192:4 28672x8192:16` (what bounds the integer-MMA GEMV now:
-# session 19's changes cut its L1 wavefronts by ~48 % and its time by 10-12 %), kernels16 (the issue table's
-# M = 16 row after both changes: session 19 has 4 of 7),
+# the vector scales: session 19, H100; imma7 before and after the vector x loads: session 20, H100).
+# Owed: FIRST `ncu --cases 28672x8192:4 28672x8192:16` (what bounds the integer-MMA GEMV now: session
+# 20's vector x loads cut its instructions by 12-16 % and moved its time by -5 / +4 %), then
+# `bench_kernels.py --no-gemlite --ms 4 16` (the issue table's M = 4 / 16 rows at the current
+# kernel: session 19's figures are of the kernel before the vector x loads), then kernels16,
 # e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention), e2e8b's prefill and
 # ternary peak memory, profile on the 8B shape (profile_decode.py --shape llama3-8b ...
 # --log-autotune: session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces),

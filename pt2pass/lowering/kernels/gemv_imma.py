@@ -182,9 +182,15 @@ def ternary_gemv_imma_kernel(xf_ptr, xstat_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, 
 IMMA_SHAPES = [(1, 4, 4), (1, 2, 2), (1, 4, 2), (1, 8, 2), (1, 8, 4), (1, 2, 4), (1, 4, 8)]
 _IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt}, num_warps=w, num_stages=1)
                   for r, w, nbt in IMMA_SHAPES], ["m_bucket", "N", "KW2", "blocks_per_split"])(ternary_gemv_imma_kernel)
-_FIXED = {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1} if INTERPRET else {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4}
+# The config without autotuning, per number of 8-row x tiles. H100, session 20 (every config fixed,
+# 28672x8192): one tile (1, 4, 4) 56.2 us at M = 4 (the best on 4096x4096 and 4096x11008; (1, 8, 4)
+# 49.8 on this shape only), two tiles (1, 4, 2) 75.4 us at M = 16 against 94.3 for (1, 4, 4)
+# (4096x4096: 13.5 vs 13.9).
+_FIXED = ({1: {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1}, 2: {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1}}
+          if INTERPRET else
+          {1: {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4}, 2: {"R": 1, "WARPS": 4, "NBT": 2, "num_warps": 4}})
 # the launcher turns the scale vectors on for every autotuned or fixed launch: each NBT must divide them
-assert all(SCALE_VECTOR % nbt == 0 for _, _, nbt in IMMA_SHAPES) and SCALE_VECTOR % _FIXED["NBT"] == 0
+assert all(SCALE_VECTOR % nbt == 0 for _, _, nbt in IMMA_SHAPES) and all(SCALE_VECTOR % f["NBT"] == 0 for f in _FIXED.values())
 
 
 def program_rows(cfg: dict) -> int:
@@ -218,7 +224,7 @@ def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
             bps, bucket)
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, ALIGNED=aligned,
                 TILES=xf.shape[0])
-    launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), _FIXED, config, *args,
+    launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), _FIXED[xf.shape[0]], config, *args,
                  program_rows=program_rows, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)
