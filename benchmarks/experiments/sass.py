@@ -141,7 +141,8 @@ def decode_kernel_builds(quick: bool):
                            gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
                            dict(R=r, WARPS=w, NBT=nbt, TILES=tiles, USE_ASM=True, HAS_BIAS=True, SPLIT_OUT=False,
                                 ALIGNED=True), w))
-    builds.append(("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel, {**_QUANT_TYPES, "xf_ptr": "*i32", "xstat_ptr": "*fp32"},
+    builds.append(("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel,
+                   {**_QUANT_TYPES, "xf_ptr": "*i32", "xstat_ptr": "*fp32"},
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
     builds.append(("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES,
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))

@@ -152,8 +152,8 @@ def test_kernel_sources_survive_torch_compile_copying_them():
              "gemv_group:ternary_gemv_group_kernel:WORD_DOT_ASM",
              "gemv_packed:ternary_gemv_packed_rows_kernel:DECODE_ASM:DOT_ASM",
              "gemv_packed:_prepack_x_kernel",
-             "gemv_imma:ternary_gemv_imma_kernel:MMA_S8:MMA_U8:CODE_BYTES:FRAGMENT_WORDS",
-             "gemv_imma:_quantize_x_imma_kernel:FRAGMENT_WORDS"]
+             "gemv_imma:ternary_gemv_imma_kernel:MMA_S8:MMA_U8:CODE_BYTES:FRAGMENT_WORDS:STAT_WORDS",
+             "gemv_imma:_quantize_x_imma_kernel:FRAGMENT_WORDS:STAT_WORDS"]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run([sys.executable, "-c", _SOURCE_CHECK, *cases], env=env,
                          capture_output=True, text=True, timeout=300)

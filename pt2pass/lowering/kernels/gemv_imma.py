@@ -190,7 +190,7 @@ _FIXED = ({1: {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1}, 2: {"R": 1, "WARPS
           if INTERPRET else
           {1: {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4}, 2: {"R": 1, "WARPS": 4, "NBT": 2, "num_warps": 4}})
 # the launcher turns the scale vectors on for every autotuned or fixed launch: each NBT must divide them
-assert all(SCALE_VECTOR % nbt == 0 for _, _, nbt in IMMA_SHAPES) and all(SCALE_VECTOR % f["NBT"] == 0 for f in _FIXED.values())
+assert all(SCALE_VECTOR % nbt == 0 for nbt in [c[2] for c in IMMA_SHAPES] + [f["NBT"] for f in _FIXED.values()])
 
 
 def program_rows(cfg: dict) -> int:

@@ -42,8 +42,10 @@ _MMA = "mma.sync.aligned.m16n8k32.row.col.s32.u8.{}.s32 {{$0,$1,$2,$3}}, {{$4,$5
 MMA_S8 = tl.constexpr(_MMA.format("s8"))  # B = x_hi, signed
 MMA_U8 = tl.constexpr(_MMA.format("u8"))  # B = x_lo, unsigned
 _MMA_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r")
-FRAGMENT_WORDS = tl.constexpr(512)  # int32 of x fragments per (8-row tile, block): 4 steps x 32 lanes x 2 halves x 2 registers
-STAT_WORDS = tl.constexpr(4)  # per (block, x row): s_b, X_b (a float: integers below 2^24 are exact), sum(x), 0
+# int32 of x fragments per (8-row tile, block): 4 steps x 32 lanes x 2 byte halves x 2 registers
+FRAGMENT_WORDS = tl.constexpr(512)
+# floats per (block, x row): s_b, X_b (a float: integers below 2^24 are exact), sum(x), 0
+STAT_WORDS = tl.constexpr(4)
 
 
 @triton.jit
