@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh fusenorm | pdl | attention | attn_ab | imma | imma7 | imma18 | kernels16 | lowering | fuzz | e2e7b | e2e8b | e2e7b8
+#   bash benchmarks/gpu_checklist.sh fusenorm | pdl | attention | attn_ab | imma | imma7 | imma18 | imma_cg | kernels16 | lowering | fuzz | e2e7b | e2e8b | e2e7b8
 #                                    | e2e7b8bf16 | kernels | swap | profile | quant7b | prefill7b | group
 #                                    | rows | pipelined | tma_ab | ncu [--cases NxK:M ...]
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
@@ -21,7 +21,8 @@
 # Owed: FIRST `ncu --cases 28672x8192:4 28672x8192:16` (what bounds the integer-MMA GEMV now: session
 # 20's vector x loads cut its instructions by 12-16 % and moved its time by -5 / +4 %), then
 # `bench_kernels.py --no-gemlite --ms 4 16` (the issue table's M = 4 / 16 rows at the current
-# kernel: session 19's figures are of the kernel before the vector x loads), then kernels16,
+# kernel: session 19's figures are of the kernel before the vector x loads), imma_cg (an A/B ready to
+# run: weight words past L1; measure it with the profile's L1 figures in view), then kernels16,
 # e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention), e2e8b's prefill and
 # ternary peak memory, profile on the 8B shape (profile_decode.py --shape llama3-8b ...
 # --log-autotune: session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces),
@@ -61,6 +62,10 @@ case "${1:-}" in
             PT2PASS_AUTOTUNE=0 python3 benchmarks/experiments/sweep_gemv_imma.py --ms 4 16 --shapes 28672x8192 \
               --configs 1,4,4 1,2,2 1,4,2 1,8,2 1,8,4 1,2,4 1,4,8 ;;
   kernels16) python3 benchmarks/bench_kernels.py --no-gemlite --ms 16 ;;                 # ~5.5 min (autotuning)
+  imma_cg)  # the integer-MMA GEMV with its streamed words and scales loaded past L1 (",cg"), so that L1
+            # keeps the x fragments, against the same configs without; ~3 min
+            PT2PASS_AUTOTUNE=0 python3 benchmarks/experiments/sweep_gemv_imma.py --ms 4 16 --top 8 \
+              --shapes 28672x8192 4096x11008 --configs 1,4,4 1,4,4,cg 1,4,2 1,4,2,cg 1,8,4 1,8,4,cg 1,4,8 1,4,8,cg ;;
   imma18)   # session 18's block-major x statistics, never run on a GPU: correctness through Inductor, then
             # the sweep (its own float64 check first) against session 18's H200 numbers at 3e723d9:
             # 28672x8192 (1, 4, 4) 60.9 / 100.3 us, (1, 4, 2) 83.3 / 91.4 us at M = 4 / 16; ~4 min

@@ -140,7 +140,7 @@ def decode_kernel_builds(quick: bool):
             builds.append((f"ternary_gemv_imma_kernel R={r} WARPS={w} NBT={nbt} TILES={tiles}",
                            gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
                            dict(R=r, WARPS=w, NBT=nbt, TILES=tiles, USE_ASM=True, HAS_BIAS=True, SPLIT_OUT=False,
-                                ALIGNED=True), w))
+                                ALIGNED=True, STREAM_CG=False), w))
     builds.append(("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel,
                    {**_QUANT_TYPES, "xf_ptr": "*i32", "xstat_ptr": "*fp32"},
                    dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))

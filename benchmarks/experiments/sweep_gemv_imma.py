@@ -35,9 +35,12 @@ CONFIGS = [dict(R=r, WARPS=w, NBT=nbt, num_warps=w) for r, w, nbt in IMMA_SHAPES
 
 
 def parse_config(s: str) -> dict:
-    """'R,WARPS,NBT' -> a fixed config of ternary_gemv_imma."""
-    r, w, nbt = (int(v) for v in s.split(","))
-    return dict(R=r, WARPS=w, NBT=nbt, num_warps=w)
+    """'R,WARPS,NBT[,cg]' -> a fixed config of ternary_gemv_imma (cg: the streamed words and scales
+    loaded past L1, STREAM_CG)."""
+    r, w, nbt, *cg = s.split(",")
+    if cg not in ([], ["cg"]):
+        raise SystemExit(f"config {s!r}: expected R,WARPS,NBT or R,WARPS,NBT,cg")
+    return dict(R=int(r), WARPS=int(w), NBT=int(nbt), num_warps=int(w), STREAM_CG=bool(cg))
 
 
 def where_wrong(out, ref) -> str:
@@ -87,7 +90,7 @@ def main():
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--tuned-only", action="store_true",
                         help="check and time only the autotuned launcher (prints its pick), not every config")
-    parser.add_argument("--configs", nargs="+", metavar="R,WARPS,NBT",
+    parser.add_argument("--configs", nargs="+", metavar="R,WARPS,NBT[,cg]",
                         help="these configs instead of the autotune list's")
     parser.add_argument("--shapes", nargs="+", metavar="NxK", help="subset of the shapes (default: all seven)")
     parser.add_argument("--top", type=int, default=3, help="print the times of this many fastest configs")

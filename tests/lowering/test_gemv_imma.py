@@ -115,6 +115,8 @@ def test_emulated_mma_follows_the_ptx_fragment_layout(signed):
     # K / 128 a multiple of 8: alpha and mu as one vector per NBT blocks, the split rounded to 8 blocks
     (4, 40, 1024, torch.bfloat16, True, True, 1, None),
     (12, 33, 2048, torch.float16, False, False, 3, {"R": 1, "WARPS": 2, "NBT": 4, "num_warps": 2}),
+    # the experiments' switch for loading the streamed data past L1 (a cache hint: same results)
+    (7, 40, 1024, torch.bfloat16, True, False, 2, {"R": 1, "WARPS": 2, "NBT": 2, "num_warps": 2, "STREAM_CG": True}),
 ])
 def test_matches_reference(m, n, k, dtype, bias, perm, split, config):
     # rows past N and blocks past the K split inside an unrolled iteration (NBT 3) are masked

@@ -115,11 +115,12 @@ def _store_tile(out_ptr, bias_ptr, y0, y1, y2, y3, tile, t, rows, M, N, pid_k,
 
 
 @triton.jit
-def _block_scales(a_ptr, mu_ptr, offsets, mask):
+def _block_scales(a_ptr, mu_ptr, offsets, mask, STREAM_CG: tl.constexpr):
     """alpha and mu (R, 32 WARPS, NBT) float32 at ``offsets``: one vector load per lane for the
     NBT blocks of an iteration (NBT loads of one element each touched as many cache lines)."""
-    return (tl.load(a_ptr + offsets, mask=mask, other=0.0).to(tl.float32),
-            tl.load(mu_ptr + offsets, mask=mask, other=0.0).to(tl.float32))
+    cache: tl.constexpr = ".cg" if STREAM_CG else ""
+    return (tl.load(a_ptr + offsets, mask=mask, other=0.0, cache_modifier=cache).to(tl.float32),
+            tl.load(mu_ptr + offsets, mask=mask, other=0.0, cache_modifier=cache).to(tl.float32))
 
 
 @triton.jit
@@ -127,9 +128,12 @@ def ternary_gemv_imma_kernel(xf_ptr, xstat_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, 
                              M, N, KW2, NB, blocks_per_split, m_bucket,
                              HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
                              ALIGNED: tl.constexpr, TILES: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr,
-                             NBT: tl.constexpr):
+                             NBT: tl.constexpr, STREAM_CG: tl.constexpr):
     """16 R WARPS rows of W (int64 word pairs, KW2 per row) per program, K blocks of split
-    program_id(1), all TILES 8-row tiles of x."""
+    program_id(1), all TILES 8-row tiles of x. STREAM_CG: load the streamed data (words, alpha,
+    mu) past L1 (".cg"), which then keeps the x fragments that every warp re-reads: off by default,
+    an experiment's config can turn it on (benchmarks/experiments/sweep_gemv_imma.py)."""
+    cache: tl.constexpr = ".cg" if STREAM_CG else ""
     pid_k = tl.program_id(1)
     e = tl.arange(0, 32 * WARPS)[None, :]
     g = (e % 32) // 4
@@ -152,19 +156,19 @@ def ternary_gemv_imma_kernel(xf_ptr, xstat_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, 
             # what the launcher guarantees (b0, b_hi and NB multiples of NBT), for the vectorizer
             blk_ok = tl.max_constancy(b0 + tl.arange(0, NBT) < b_hi, [NBT])[None, None, :]
             at3, mt3 = _block_scales(a_ptr, mu_ptr, tl.multiple_of(a_top + b0, [1, 1, NBT]),
-                                     ok_top[:, :, None] & blk_ok)
+                                     ok_top[:, :, None] & blk_ok, STREAM_CG)
             ab3, mb3 = _block_scales(a_ptr, mu_ptr, tl.multiple_of(a_bot + b0, [1, 1, NBT]),
-                                     ok_bot[:, :, None] & blk_ok)
+                                     ok_bot[:, :, None] & blk_ok, STREAM_CG)
         for u in tl.static_range(NBT):
             b = b0 + u
             b_ok = b < b_hi
-            wt = tl.load(w_top + 4 * b, mask=ok_top & b_ok, other=0)
-            wb = tl.load(w_bot + 4 * b, mask=ok_bot & b_ok, other=0)
+            wt = tl.load(w_top + 4 * b, mask=ok_top & b_ok, other=0, cache_modifier=cache)
+            wb = tl.load(w_bot + 4 * b, mask=ok_bot & b_ok, other=0, cache_modifier=cache)
             if ALIGNED:
                 at, mt, ab, mb = pick(at3, u), pick(mt3, u), pick(ab3, u), pick(mb3, u)
             else:
-                at, mt = _block_scales(a_ptr, mu_ptr, rows * NB + b, ok_top & b_ok)
-                ab, mb = _block_scales(a_ptr, mu_ptr, (rows + 8) * NB + b, ok_bot & b_ok)
+                at, mt = _block_scales(a_ptr, mu_ptr, rows * NB + b, ok_top & b_ok, STREAM_CG)
+                ab, mb = _block_scales(a_ptr, mu_ptr, (rows + 8) * NB + b, ok_bot & b_ok, STREAM_CG)
             y0, y1, y2, y3 = _block_update(y0, y1, y2, y3, wt, wb, xf_ptr, xstat_ptr, 0, b,
                                            b_ok, NB, t, at, mt, ab, mb, USE_ASM, R, WARPS, TILES)
             if TILES == 2:
@@ -205,7 +209,8 @@ def imma_split(n: int, nb: int, sms: int) -> int:
 def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                       bias, perm, out: torch.Tensor, split: int = 1, config=None) -> torch.Tensor:
     """y = x[:, perm] @ W^T + bias into ``out`` (M, N), x bf16/fp16 (M <= 16, K). ``config``: a
-    fixed {"R", "WARPS", "NBT", "num_warps"} (experiments, tests), else autotuned / the default."""
+    fixed {"R", "WARPS", "NBT", "num_warps"[, "STREAM_CG"]} (experiments, tests), else autotuned /
+    the default."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"ternary_gemv_imma takes bf16/fp16 activations, got {x.dtype}")
     if not 1 <= x.shape[0] <= MAX_M:
@@ -222,8 +227,10 @@ def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     xf, xstat = quantize_x_imma(x, perm)
     args = (xf, xstat, packed.view(torch.int64), alpha, mu, bias_arg, target, m, n, kw // 2, nb,
             bps, bucket)
+    config = dict(config) if config is not None else None
+    stream_cg = config.pop("STREAM_CG", False) if config is not None else False
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, ALIGNED=aligned,
-                TILES=xf.shape[0])
+                TILES=xf.shape[0], STREAM_CG=stream_cg)
     launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), _FIXED[xf.shape[0]], config, *args,
                  program_rows=program_rows, **meta)
     if split > 1:
