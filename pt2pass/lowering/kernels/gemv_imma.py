@@ -115,12 +115,12 @@ def _store_tile(out_ptr, bias_ptr, y0, y1, y2, y3, tile, t, rows, M, N, pid_k,
 
 
 @triton.jit
-def _block_scales(a_ptr, mu_ptr, offsets, mask, STREAM_CG: tl.constexpr):
+def _block_scales(a_ptr, mu_ptr, offsets, mask, CACHE: tl.constexpr):
     """alpha and mu (R, 32 WARPS, NBT) float32 at ``offsets``: one vector load per lane for the
-    NBT blocks of an iteration (NBT loads of one element each touched as many cache lines)."""
-    cache: tl.constexpr = ".cg" if STREAM_CG else ""
-    return (tl.load(a_ptr + offsets, mask=mask, other=0.0, cache_modifier=cache).to(tl.float32),
-            tl.load(mu_ptr + offsets, mask=mask, other=0.0, cache_modifier=cache).to(tl.float32))
+    NBT blocks of an iteration (NBT loads of one element each touched as many cache lines), with the
+    cache modifier CACHE."""
+    return (tl.load(a_ptr + offsets, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32),
+            tl.load(mu_ptr + offsets, mask=mask, other=0.0, cache_modifier=CACHE).to(tl.float32))
 
 
 @triton.jit
@@ -156,9 +156,9 @@ def ternary_gemv_imma_kernel(xf_ptr, xstat_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, 
             # what the launcher guarantees (b0, b_hi and NB multiples of NBT), for the vectorizer
             blk_ok = tl.max_constancy(b0 + tl.arange(0, NBT) < b_hi, [NBT])[None, None, :]
             at3, mt3 = _block_scales(a_ptr, mu_ptr, tl.multiple_of(a_top + b0, [1, 1, NBT]),
-                                     ok_top[:, :, None] & blk_ok, STREAM_CG)
+                                     ok_top[:, :, None] & blk_ok, cache)
             ab3, mb3 = _block_scales(a_ptr, mu_ptr, tl.multiple_of(a_bot + b0, [1, 1, NBT]),
-                                     ok_bot[:, :, None] & blk_ok, STREAM_CG)
+                                     ok_bot[:, :, None] & blk_ok, cache)
         for u in tl.static_range(NBT):
             b = b0 + u
             b_ok = b < b_hi
@@ -167,8 +167,8 @@ def ternary_gemv_imma_kernel(xf_ptr, xstat_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, 
             if ALIGNED:
                 at, mt, ab, mb = pick(at3, u), pick(mt3, u), pick(ab3, u), pick(mb3, u)
             else:
-                at, mt = _block_scales(a_ptr, mu_ptr, rows * NB + b, ok_top & b_ok, STREAM_CG)
-                ab, mb = _block_scales(a_ptr, mu_ptr, (rows + 8) * NB + b, ok_bot & b_ok, STREAM_CG)
+                at, mt = _block_scales(a_ptr, mu_ptr, rows * NB + b, ok_top & b_ok, cache)
+                ab, mb = _block_scales(a_ptr, mu_ptr, (rows + 8) * NB + b, ok_bot & b_ok, cache)
             y0, y1, y2, y3 = _block_update(y0, y1, y2, y3, wt, wb, xf_ptr, xstat_ptr, 0, b,
                                            b_ok, NB, t, at, mt, ab, mb, USE_ASM, R, WARPS, TILES)
             if TILES == 2:
@@ -190,8 +190,7 @@ _IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt}, num_warps=w, n
 # 28672x8192): one tile (1, 4, 4) 56.2 us at M = 4 (the best on 4096x4096 and 4096x11008; (1, 8, 4)
 # 49.8 on this shape only), two tiles (1, 4, 2) 75.4 us at M = 16 against 94.3 for (1, 4, 4)
 # (4096x4096: 13.5 vs 13.9).
-_FIXED = ({1: {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1}, 2: {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1}}
-          if INTERPRET else
+_FIXED = ({tiles: {"R": 1, "WARPS": 1, "NBT": 2, "num_warps": 1} for tiles in (1, 2)} if INTERPRET else
           {1: {"R": 1, "WARPS": 4, "NBT": 4, "num_warps": 4}, 2: {"R": 1, "WARPS": 4, "NBT": 2, "num_warps": 4}})
 # the launcher turns the scale vectors on for every autotuned or fixed launch: each NBT must divide them
 assert all(SCALE_VECTOR % nbt == 0 for nbt in [c[2] for c in IMMA_SHAPES] + [f["NBT"] for f in _FIXED.values()])

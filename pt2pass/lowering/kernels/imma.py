@@ -123,8 +123,8 @@ def block_products(w_top, w_bot, xf_ptr, xf_lane, USE_ASM: tl.constexpr, R: tl.c
     shape: tl.constexpr = (R, 32 * WARPS)
     top = (w_top.to(tl.int32), (w_top >> 32).to(tl.int32))
     bot = (w_bot.to(tl.int32), (w_bot >> 32).to(tl.int32))
-    # per step s, one 16-byte load per lane: the B registers (high byte 0, 1, low byte 0, 1)
-    # the offsets' alignment stated on the integers (on the pointers it would count bytes)
+    # per step s, one 16-byte load per lane: the B registers (high byte 0, 1, low byte 0, 1); the
+    # alignment is stated on the integer offsets (on the pointers it would count bytes)
     xq = xf_ptr + tl.multiple_of(xf_lane[:, :, None] + tl.arange(0, 4)[None, None, :], [1, 1, 4])
     xv = (tl.load(xq), tl.load(xq + 128), tl.load(xq + 256), tl.load(xq + 384))
     c0 = tl.zeros(shape, tl.int32)
