@@ -66,7 +66,9 @@ def lane_per_element(ttgir: str, num_warps: int) -> bool:
         kept = {k: [v for i, v in enumerate(blocked[name][k]) if i != dim] for k in want}
         return kept == want and (dim is None or dim == len(blocked[name]["order"]) - 1)
 
-    asm = [line for line in ttgir.splitlines() if "elementwise_inline_asm" in line]
+    # the L2 prefetches and grid-dependency waits (common.LATENCY) are asm on other tensors, not MMAs
+    asm = [line for line in ttgir.splitlines() if "elementwise_inline_asm" in line
+           and "prefetch.global" not in line and "griddepcontrol" not in line]
     layouts = [lay for line in asm for lay in re.findall(r"tensor<[^,]+, (#ttg\.slice<\{[^}]*\}>|#blocked\d*)>", line)]
     return bool(asm) and bool(layouts) and all(fits(lay) for lay in layouts)
 
@@ -130,7 +132,7 @@ def decode_kernel_builds(quick: bool):
         kw = dict(c.kwargs, USE_ASM=True)
         tag = f"BN={kw['BN']} NBT={kw['NBT']} warps={c.num_warps} STAGES={kw['STAGES']} TMA={kw['USE_TMA']}"
         builds.append(("ternary_gemv_dp2a_kernel " + tag, gemv_dp2a.ternary_gemv_dp2a_kernel, _DP2A_TYPES,
-                       dict(kw, HAS_BIAS=True, SPLIT_OUT=False), c.num_warps))
+                       dict(kw, HAS_BIAS=True, SPLIT_OUT=False, PREFETCH=0, PDL=False), c.num_warps))
         for norm in (False, True):  # NORM: the add + RMSNorm fused into the quantize launch (norm_group.py)
             builds.append((f"ternary_gemv_group_kernel {tag} NORM={norm}", gemv_group.ternary_gemv_group_kernel,
                            _GROUP_TYPES, dict(kw, X_PER_MEMBER=1, HAS_BIAS=True, NORM=norm, NB_P2=32), c.num_warps))
@@ -140,12 +142,12 @@ def decode_kernel_builds(quick: bool):
             builds.append((f"ternary_gemv_imma_kernel R={r} WARPS={w} NBT={nbt} TILES={tiles}",
                            gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
                            dict(R=r, WARPS=w, NBT=nbt, TILES=tiles, USE_ASM=True, HAS_BIAS=True, SPLIT_OUT=False,
-                                ALIGNED=True, STREAM_CG=False), w))
+                                ALIGNED=True, STREAM_CG=False, PREFETCH=0, PDL=False), w))
     builds.append(("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel,
                    {**_QUANT_TYPES, "xf_ptr": "*i32", "xstat_ptr": "*fp32"},
-                   dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
+                   dict(HAS_PERM=True, NBT=PREPACK["NBT"], PDL=False), PREPACK["num_warps"]))
     builds.append(("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES,
-                   dict(HAS_PERM=True, NBT=PREPACK["NBT"]), PREPACK["num_warps"]))
+                   dict(HAS_PERM=True, NBT=PREPACK["NBT"], PDL=False), PREPACK["num_warps"]))
     # decode attention at the 7B shape (head dim 128, bool and additive masks); the strides of q
     # and the cache are multiples of 16 there, the mask's slot stride is 1
     attn_types = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "mask_ptr": "*i1", "acc_ptr": "*fp32",
@@ -213,8 +215,51 @@ def main(argv=None) -> int:
         print(f"| {name} | {r['regs']} | {r['instructions']} | {r['UTMALDG']} | {r['IMMA']} | {r['LDL']} / {r['STL']} "
               f"| {r['HGMMA']} | {r['STS']} |"
               + (" WRONG" if wrong else ""), flush=True)
+    bad += latency_builds()
     print(f"{bad} wrong builds")
     return 1 if bad else 0
+
+
+def latency_builds() -> int:
+    """common.LATENCY's code in the sm_90 builds: with PREFETCH the GEMVs issue L2 prefetches
+    (CCTL.E.PF2), with PDL one grid-dependency wait (ACQBULK) after every prefetch (else the
+    prefetch would not overlap the quantize launch) and the x quantizers the early launch of their
+    dependents (PREEXIT); without them none of these. Returns the number of wrong builds."""
+    from pt2pass.lowering.kernels import gemv_dp2a, gemv_half2, gemv_imma
+    from pt2pass.lowering.kernels.common import PREPACK
+
+    half2_types = {**_DP2A_TYPES, "x_ptr": "*bf16", "perm_ptr": "*i64"}
+    imma = dict(R=1, WARPS=4, NBT=4, TILES=1, USE_ASM=True, HAS_BIAS=True, SPLIT_OUT=False, ALIGNED=True,
+                STREAM_CG=False)
+    dp2a = dict(BN=16, NBT=8, STAGES=3, USE_TMA=True, USE_ASM=True, HAS_BIAS=True, SPLIT_OUT=False)
+    quant = dict(HAS_PERM=True, NBT=PREPACK["NBT"])
+    builds = [("ternary_gemv_half2_kernel", gemv_half2.ternary_gemv_half2_kernel, half2_types,
+               dict(BN=8, NBT=32, USE_ASM=True, HAS_BIAS=True, HAS_PERM=False, SPLIT_OUT=False, PREFETCH=pf), 2)
+              for pf in (0, 32)]
+    for pf, pdl in ((0, False), (32, True)):
+        builds += [("ternary_gemv_dp2a_kernel", gemv_dp2a.ternary_gemv_dp2a_kernel, _DP2A_TYPES,
+                    dict(dp2a, PREFETCH=pf, PDL=pdl), 2),
+                   ("ternary_gemv_imma_kernel", gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
+                    dict(imma, PREFETCH=pf, PDL=pdl), 4),
+                   ("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES, dict(quant, PDL=pdl), 1),
+                   ("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel,
+                    {**_QUANT_TYPES, "xf_ptr": "*i32", "xstat_ptr": "*fp32"}, dict(quant, PDL=pdl), 1)]
+    bad = 0
+    for name, kernel, types, constexprs, warps in builds:
+        sass = sass_report(kernel, types, constexprs, num_warps=warps)["sass"].splitlines()
+        at = {op: [i for i, line in enumerate(sass) if re.search(rf"\b{op}\b", line)]
+              for op in ("CCTL.E.PF2", "ACQBULK", "PREEXIT")}
+        pf, pdl = constexprs.get("PREFETCH", 0), constexprs.get("PDL", False)
+        if name.startswith("_quantize"):
+            wrong = bool(at["PREEXIT"]) != pdl or bool(at["CCTL.E.PF2"] or at["ACQBULK"])
+        else:
+            wrong = (bool(at["CCTL.E.PF2"]) != (pf > 0) or len(at["ACQBULK"]) != int(pdl) or bool(at["PREEXIT"])
+                     or (pdl and pf > 0 and max(at["CCTL.E.PF2"]) > at["ACQBULK"][0]))
+        bad += wrong
+        print(f"latency build: {name} PREFETCH={pf} PDL={pdl}: {len(at['CCTL.E.PF2'])} L2 prefetches, "
+              f"{len(at['ACQBULK'])} waits, {len(at['PREEXIT'])} early launches" + (" WRONG" if wrong else ""),
+              flush=True)
+    return bad
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ a tl.constexpr re-assigned in a static loop), and it cannot say whether a config
 whether the TMA configs really issue bulk tensor copies. benchmarks/experiments/sass.py builds
 each kernel with Triton's bundled ptxas (no GPU needed) and fails on a spill, on a TMA config
 without TMA loads, on a GEMM config without wgmma where its tile allows it, or on an integer-MMA GEMV without IMMA instructions or whose inline-asm MMAs
-do not get one tensor element per lane (their fragment layout); it must run without
+do not get one tensor element per lane (their fragment layout), or whose latency hiding (L2
+prefetch, dependent launch) is missing or in the wrong order; it must run without
 TRITON_INTERPRET, hence the subprocess."""
 import os
 import subprocess
@@ -37,6 +38,11 @@ def test_decode_kernels_build_for_sm90_without_spills_and_with_tma_loads():
     gemm = [row.split("|") for row in run.stdout.splitlines() if row.startswith("| ternary_gemm_kernel")]
     assert len(gemm) == 2 and all("SWAP=True" in row[1] for row in gemm)
     assert all(int(row[7]) > 0 and int(row[8]) <= 4 for row in gemm)
+    # common.LATENCY: L2 prefetches only with PREFETCH, the grid-dependency wait after them only with
+    # PDL, the quantizers' early launch of the GEMV only with PDL (sass.latency_builds)
+    latency = [line for line in run.stdout.splitlines() if line.startswith("latency build:")]
+    assert len(latency) == 10 and not any("WRONG" in line for line in latency)
+    assert sum("1 waits" in line for line in latency) == 2 and sum("1 early launches" in line for line in latency) == 2
     assert run.stdout.rstrip().endswith("0 wrong builds")
 
 

@@ -69,6 +69,74 @@ def launch_tuned(kernel, grid, fixed: dict, config, *args, program_rows=_bn, **m
         launch(kernel, lambda META: grid(program_rows(META)), *args, **meta)
 
 
+# Latency hiding in the small-M GEMVs (read by their launchers on every call; experiments set them
+# in place, benchmarks/experiments/sweep_latency.py):
+# - "prefetch_blocks": before it waits for anything, a GEMV program asks L2 for the words and
+#   scales of its first this-many K blocks (PTX prefetch.global.L2: no registers, no data back), so
+#   its whole range is in flight at once rather than one iteration's loads at a time. At N ~ 4096
+#   the programs fit in about half a wave and each runs only a few iterations (Nsight Compute,
+#   session 18): their time is mostly load latency.
+# - "pdl": the GEMV is launched as a programmatic dependent of its own x quantize launch (eager
+#   calls on CUDA; torch.compile's launcher has no such launch for user kernels): its programs
+#   start, and prefetch, while x is being quantized, and wait for it (griddepcontrol.wait) before
+#   they read x or write anything.
+LATENCY = {"prefetch_blocks": 0, "pdl": False}
+
+
+def pdl_launch(x: torch.Tensor) -> bool:
+    """Whether this call's GEMV goes out as a programmatic dependent launch (LATENCY): a plain eager
+    call on CUDA, not one being traced (torch.compile / export trace the launch into a graph, whose
+    launcher does not take the option)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+    return (LATENCY["pdl"] and x.is_cuda and not INTERPRET and type(x) is torch.Tensor
+            and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling())
+
+
+def latency_meta(x: torch.Tensor) -> dict:
+    """The GEMV kernels' PREFETCH / PDL constexprs for this call, and Triton's launch_pdl option
+    when PDL is on (only then: a traced launch takes no such option)."""
+    pdl = pdl_launch(x)
+    meta = dict(PREFETCH=0 if INTERPRET else LATENCY["prefetch_blocks"], PDL=pdl)
+    return dict(meta, launch_pdl=True) if pdl else meta
+
+
+@triton.jit
+def prefetch_l2(ptrs, mask):
+    """Ask L2 for the cache lines holding ``ptrs`` where ``mask`` (PTX prefetch.global.L2: no
+    register waits for it, nothing comes back)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+                              "=r,l,r", [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_rows(row_ptrs, row_ok, lo, hi, LINES: tl.constexpr):
+    """prefetch_l2 of elements [lo, hi) of each row (``row_ptrs`` (BR,)), which span at most LINES
+    128-byte lines: one address per line from lo on, and the last element (lo may sit mid-line)."""
+    per_line: tl.constexpr = 1024 // row_ptrs.dtype.element_ty.primitive_bitwidth
+    last = hi - 1
+    j = tl.minimum(lo + per_line * tl.arange(0, LINES), last)
+    ok = row_ok & (lo <= last)
+    prefetch_l2(row_ptrs[:, None] + j[None, :], ok[:, None] & (j >= lo)[None, :])
+    prefetch_l2(row_ptrs + last, ok)
+
+
+@triton.jit
+def prefetch_weights(w_ptr, a_ptr, mu_ptr, rows, row_ok, b_lo, b_hi, W_ROW, NB,
+                     WORDS_PER_BLOCK: tl.constexpr, BLOCKS: tl.constexpr):
+    """LATENCY's prefetch: the packed words (W_ROW elements of w_ptr's type per row,
+    WORDS_PER_BLOCK per 128-block) and alpha / mu of K blocks [b_lo, min(b_hi, b_lo + BLOCKS)) of
+    ``rows`` (BR,). BLOCKS: a power of two >= 8."""
+    hi = tl.minimum(b_hi, b_lo + BLOCKS)
+    r64 = rows.to(tl.int64)
+    word_bits: tl.constexpr = w_ptr.dtype.element_ty.primitive_bitwidth
+    word_lines: tl.constexpr = BLOCKS * WORDS_PER_BLOCK * word_bits // 1024
+    _prefetch_rows(w_ptr + r64 * W_ROW, row_ok, b_lo * WORDS_PER_BLOCK, hi * WORDS_PER_BLOCK, word_lines)
+    scale_bits: tl.constexpr = a_ptr.dtype.element_ty.primitive_bitwidth
+    scale_lines: tl.constexpr = (BLOCKS * scale_bits + 1023) // 1024
+    _prefetch_rows(a_ptr + r64 * NB, row_ok, b_lo, hi, scale_lines)
+    _prefetch_rows(mu_ptr + r64 * NB, row_ok, b_lo, hi, scale_lines)
+
+
 # Blocks per prepack program and its warps (a dict: experiments update it in place). Many small
 # programs: the SSR gather is latency bound, and 8 blocks x 2 warps (4 programs at K = 4096) took
 # 4.8-5.2 us with a permutation against 2.0-2.4 us here (sweep_prepack.py, H200; 1.6 us without).

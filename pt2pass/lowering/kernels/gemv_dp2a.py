@@ -22,15 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, PREPACK, autotune, ensure_scratch_allocator, launch, launch_args, launch_tuned,
-                     load_block_scales, load_pairs, load_weight_tile, splitk_reduce, store_gemv_row, tma_supported)
+from .common import (INTERPRET, PREPACK, autotune, ensure_scratch_allocator, latency_meta, launch, launch_args,
+                     launch_tuned, load_block_scales, load_pairs, load_weight_tile, prefetch_weights, splitk_reduce,
+                     store_gemv_row, tma_supported)
 from .dp2a import quantize_row, word_dots
 
 
 @triton.jit
 def _quantize_x_kernel(x_ptr, perm_ptr, xp_ptr, xscale_ptr, xint_ptr, xs_ptr, KW, NB, stride_xm,
-                       HAS_PERM: tl.constexpr, NBT: tl.constexpr):
-    """:func:`quantize_row` for x row m = program_id(1): xp (M, 8, KW) int32, the rest (M, NB)."""
+                       HAS_PERM: tl.constexpr, NBT: tl.constexpr, PDL: tl.constexpr):
+    """:func:`quantize_row` for x row m = program_id(1): xp (M, 8, KW) int32, the rest (M, NB).
+    PDL: the GEMV behind it may launch at once (it waits for this grid before it reads x)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     m = tl.program_id(1).to(tl.int64)
     quantize_row(x_ptr + m * stride_xm, perm_ptr, xp_ptr + m * 8 * KW, xscale_ptr + m * NB,
                  xint_ptr + m * NB, xs_ptr + m * NB, KW, NB, HAS_PERM, NBT)
@@ -45,13 +49,14 @@ def quantize_buffers(rows: int, k: int, device) -> tuple:
             torch.empty((rows, nb), device=device, dtype=torch.float32))
 
 
-def quantize_x(x: torch.Tensor, perm) -> tuple:
-    """(xp int32 (M, 8, K/16), scale float32, X int32, sum float32 (M, K/128)) of x[:, perm]."""
+def quantize_x(x: torch.Tensor, perm, pdl: bool = False) -> tuple:
+    """(xp int32 (M, 8, K/16), scale float32, X int32, sum float32 (M, K/128)) of x[:, perm].
+    ``pdl``: a GEMV launched next as its programmatic dependent may start early."""
     m, k = x.shape
     kw, nb = k // 16, k // 128
     xp, xscale, xint, xs = quantize_buffers(m, k, x.device)
     launch(_quantize_x_kernel, (triton.cdiv(nb, PREPACK["NBT"]), m), x, perm if perm is not None else xp,
-           xp, xscale, xint, xs, kw, nb, x.stride(0), HAS_PERM=perm is not None, **PREPACK)
+           xp, xscale, xint, xs, kw, nb, x.stride(0), HAS_PERM=perm is not None, PDL=pdl, **PREPACK)
     return xp, xscale, xint, xs
 
 
@@ -131,17 +136,23 @@ def dp2a_configs(tma: bool) -> list:
 def ternary_gemv_dp2a_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, out_ptr,
                              M, N, KW, NB, blocks_per_split, m_bucket,
                              HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
-                             BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl.constexpr, STAGES: tl.constexpr):
-    """One row of x (program_id 2) against BN rows of W."""
+                             BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl.constexpr, STAGES: tl.constexpr,
+                             PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    """One row of x (program_id 2) against BN rows of W. PREFETCH, PDL: common.LATENCY."""
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
     row0 = tl.program_id(0) * BN
     b_lo = pid_k * blocks_per_split
+    b_hi = tl.minimum(b_lo + blocks_per_split, NB)
     m64 = m.to(tl.int64)
-    y = gemv_tile_dp2a(xp_ptr + m64 * 8 * KW, xscale_ptr + m64 * NB, xint_ptr + m64 * NB, xs_ptr + m64 * NB,
-                       weight_source(w_ptr, N, KW, BN, NBT, USE_TMA), a_ptr, mu_ptr, N, row0, b_lo,
-                       tl.minimum(b_lo + blocks_per_split, NB), KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
     rows = row0 + tl.arange(0, BN)
+    w = weight_source(w_ptr, N, KW, BN, NBT, USE_TMA)
+    if PREFETCH > 0:
+        prefetch_weights(w_ptr, a_ptr, mu_ptr, rows, rows < N, b_lo, b_hi, KW, NB, 8, PREFETCH)
+    if PDL:  # x is being quantized until here
+        tl.extra.cuda.gdc_wait()
+    y = gemv_tile_dp2a(xp_ptr + m64 * 8 * KW, xscale_ptr + m64 * NB, xint_ptr + m64 * NB, xs_ptr + m64 * NB,
+                       w, a_ptr, mu_ptr, N, row0, b_lo, b_hi, KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
     store_gemv_row(out_ptr, bias_ptr, y, rows, rows < N, m, pid_k, M, N, HAS_BIAS, SPLIT_OUT)
 
 
@@ -174,9 +185,10 @@ def ternary_gemv_dp2a(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
         raise ValueError(f"ternary_gemv_dp2a takes bf16/fp16 activations, got {x.dtype}")
     args, split, target = launch_args("ternary_gemv_dp2a", x, packed, alpha, mu, bias, perm, out, split)
     _, _, _, _, bias_arg, _, target, m, n, kw, nb, _, bps, _, bucket = args
-    xq = quantize_x(x, perm)
+    latency = latency_meta(x)
+    xq = quantize_x(x, perm, pdl=latency["PDL"])
     args = (*xq, packed, alpha, mu, bias_arg, target, m, n, kw, nb, bps, bucket)
-    meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET)
+    meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, **latency)
     kernel, fixed, config = dp2a_launch(_DP2A, tma, config, [packed])
     launch_tuned(kernel, lambda bn: (triton.cdiv(n, bn), split, m), fixed, config, *args, **meta)
     if split > 1:

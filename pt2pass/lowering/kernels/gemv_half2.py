@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, autotune, launch_args, launch_tuned, load_weight_tile, splitk_reduce,
-                     store_gemv_row)
+from .common import (INTERPRET, autotune, latency_meta, launch_args, launch_tuned, load_weight_tile,
+                     prefetch_weights, splitk_reduce, store_gemv_row)
 from .half2 import inverse_scale, pair, word_dots, word_field
 
 
@@ -39,7 +39,8 @@ def ternary_gemv_half2_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, o
                               M, N, KW, NB, stride_xm, blocks_per_split, one_bits, m_bucket,
                               HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
                               SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
-                              BN: tl.constexpr, NBT: tl.constexpr):
+                              BN: tl.constexpr, NBT: tl.constexpr, PREFETCH: tl.constexpr):
+    """PREFETCH: common.LATENCY (no PDL: x needs no launch of its own here)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     m = tl.program_id(2)
@@ -50,6 +51,8 @@ def ternary_gemv_half2_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, perm_ptr, o
     b_lo = pid_k * blocks_per_split
     b_hi = tl.minimum(b_lo + blocks_per_split, NB)
     x_row = x_ptr + m.to(tl.int64) * stride_xm
+    if PREFETCH > 0:
+        prefetch_weights(w_ptr, a_ptr, mu_ptr, rows, row_ok, b_lo, b_hi, KW, NB, 8, PREFETCH)
     w_rows = w_ptr + rows.to(tl.int64)[:, None, None] * KW
     acc = tl.zeros((BN, NBT), tl.float32)
     for b0 in range(b_lo, b_hi, NBT):
@@ -109,7 +112,7 @@ def ternary_gemv_half2(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tenso
     m, n = x.shape[0], packed.shape[0]
     args, split, target = launch_args("ternary_gemv_half2", x, packed, alpha, mu, bias, perm, out, split)
     meta = dict(HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_OUT=split > 1,
-                USE_ASM=not INTERPRET)
+                USE_ASM=not INTERPRET, PREFETCH=latency_meta(x)["PREFETCH"])
     launch_tuned(ternary_gemv_half2_kernel, lambda bn: (triton.cdiv(n, bn), split, m), _FIXED_CONFIG, config,
                  *args, **meta)
     if split > 1:

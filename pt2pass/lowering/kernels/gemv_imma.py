@@ -30,7 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, PREPACK, autotune, launch, launch_args, launch_tuned, splitk_reduce
+from .common import (INTERPRET, PREPACK, autotune, latency_meta, launch, launch_args, launch_tuned, prefetch_weights,
+                     splitk_reduce)
 from .gemv import gemv_split
 from .imma import FRAGMENT_WORDS, STAT_WORDS, block_products, pick, quantize_fragments
 
@@ -40,9 +41,11 @@ SCALE_VECTOR = 8  # the largest NBT: K / 128 and the split multiples of it align
 
 @triton.jit
 def _quantize_x_imma_kernel(x_ptr, perm_ptr, xf_ptr, xstat_ptr, M, NB, stride_xm,
-                            HAS_PERM: tl.constexpr, NBT: tl.constexpr):
+                            HAS_PERM: tl.constexpr, NBT: tl.constexpr, PDL: tl.constexpr):
     """:func:`imma.quantize_fragments` of x row m = program_id(1) (zeros for the padding rows m >= M);
-    the statistics block-major, (K/128, rows, STAT_WORDS)."""
+    the statistics block-major, (K/128, rows, STAT_WORDS). PDL: as in gemv_dp2a's quantizer."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     m = tl.program_id(1).to(tl.int64)
     rows = tl.num_programs(1)
     x_row = x_ptr + tl.minimum(m, M - 1) * stride_xm
@@ -51,7 +54,7 @@ def _quantize_x_imma_kernel(x_ptr, perm_ptr, xf_ptr, xstat_ptr, M, NB, stride_xm
                        m < M, HAS_PERM, NBT)
 
 
-def quantize_x_imma(x: torch.Tensor, perm) -> tuple:
+def quantize_x_imma(x: torch.Tensor, perm, pdl: bool = False) -> tuple:
     """(xf int32 (tiles, K/128, 512), xstat float32 (K/128, 8 tiles, 4): s_b, X_b, sum(x), 0) of
     x[:, perm] (M <= 16 rows, padded with zero rows to 8 per tile). The statistics are block-major
     records so that the x rows a lane reads per block (2t, 2t + 1) are 32 adjacent bytes, two
@@ -63,7 +66,7 @@ def quantize_x_imma(x: torch.Tensor, perm) -> tuple:
     xf = torch.empty((rows // 8, nb, FRAGMENT_WORDS.value), device=x.device, dtype=torch.int32)
     xstat = torch.empty((nb, rows, STAT_WORDS.value), device=x.device, dtype=torch.float32)
     launch(_quantize_x_imma_kernel, (triton.cdiv(nb, PREPACK["NBT"]), rows), x, perm if perm is not None else xf,
-           xf, xstat, m, nb, x.stride(0), HAS_PERM=perm is not None, **PREPACK)
+           xf, xstat, m, nb, x.stride(0), HAS_PERM=perm is not None, PDL=pdl, **PREPACK)
     return xf, xstat
 
 
@@ -128,11 +131,13 @@ def ternary_gemv_imma_kernel(xf_ptr, xstat_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, 
                              M, N, KW2, NB, blocks_per_split, m_bucket,
                              HAS_BIAS: tl.constexpr, SPLIT_OUT: tl.constexpr, USE_ASM: tl.constexpr,
                              ALIGNED: tl.constexpr, TILES: tl.constexpr, R: tl.constexpr, WARPS: tl.constexpr,
-                             NBT: tl.constexpr, STREAM_CG: tl.constexpr):
+                             NBT: tl.constexpr, STREAM_CG: tl.constexpr, PREFETCH: tl.constexpr,
+                             PDL: tl.constexpr):
     """16 R WARPS rows of W (int64 word pairs, KW2 per row) per program, K blocks of split
     program_id(1), all TILES 8-row tiles of x. STREAM_CG: load the streamed data (words, alpha,
     mu) past L1 (".cg"), which then keeps the x fragments that every warp re-reads: off by default,
-    an experiment's config can turn it on (benchmarks/experiments/sweep_gemv_imma.py)."""
+    an experiment's config can turn it on (benchmarks/experiments/sweep_gemv_imma.py). PREFETCH,
+    PDL: common.LATENCY."""
     cache: tl.constexpr = ".cg" if STREAM_CG else ""
     pid_k = tl.program_id(1)
     e = tl.arange(0, 32 * WARPS)[None, :]
@@ -145,6 +150,11 @@ def ternary_gemv_imma_kernel(xf_ptr, xstat_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, 
     w_bot = w_top + 8 * KW2
     b_lo = pid_k * blocks_per_split
     b_hi = tl.minimum(b_lo + blocks_per_split, NB)
+    if PREFETCH > 0:
+        prog_rows = tl.program_id(0) * (16 * R * WARPS) + tl.arange(0, 16 * R * WARPS)
+        prefetch_weights(w_ptr, a_ptr, mu_ptr, prog_rows, prog_rows < N, b_lo, b_hi, KW2, NB, 4, PREFETCH)
+    if PDL:  # x is being quantized until here
+        tl.extra.cuda.gdc_wait()
     zero = tl.zeros((R, 32 * WARPS), tl.float32)
     y0, y1, y2, y3 = zero, zero, zero, zero
     v0, v1, v2, v3 = zero, zero, zero, zero
@@ -223,13 +233,14 @@ def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     args, split, target = launch_args("ternary_gemv_imma", x, packed, alpha, mu, bias, perm, out, split,
                                       block_multiple=SCALE_VECTOR if aligned else 1)
     _, _, _, _, bias_arg, _, target, m, n, kw, nb, _, bps, _, bucket = args
-    xf, xstat = quantize_x_imma(x, perm)
+    latency = latency_meta(x)
+    xf, xstat = quantize_x_imma(x, perm, pdl=latency["PDL"])
     args = (xf, xstat, packed.view(torch.int64), alpha, mu, bias_arg, target, m, n, kw // 2, nb,
             bps, bucket)
     config = dict(config) if config is not None else None
     stream_cg = config.pop("STREAM_CG", False) if config is not None else False
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, ALIGNED=aligned,
-                TILES=xf.shape[0], STREAM_CG=stream_cg)
+                TILES=xf.shape[0], STREAM_CG=stream_cg, **latency)
     launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), _FIXED[xf.shape[0]], config, *args,
                  program_rows=program_rows, **meta)
     if split > 1:
