@@ -135,7 +135,8 @@ def decode_kernel_builds(quick: bool):
                        dict(kw, HAS_BIAS=True, SPLIT_OUT=False, PREFETCH=0, PDL=False), c.num_warps))
         for norm in (False, True):  # NORM: the add + RMSNorm fused into the quantize launch (norm_group.py)
             builds.append((f"ternary_gemv_group_kernel {tag} NORM={norm}", gemv_group.ternary_gemv_group_kernel,
-                           _GROUP_TYPES, dict(kw, X_PER_MEMBER=1, HAS_BIAS=True, NORM=norm, NB_P2=32), c.num_warps))
+                           _GROUP_TYPES, dict(kw, X_PER_MEMBER=1, HAS_BIAS=True, NORM=norm, NB_P2=32, PREFETCH=0),
+                           c.num_warps))
     imma = gemv_imma.IMMA_SHAPES if not quick else gemv_imma.IMMA_SHAPES[:1]
     for tiles in (1, 2):
         for r, w, nbt in imma:

@@ -8,7 +8,9 @@ quantize launch. Neither may change a result: every setting is first checked **b
 against the plain launch (and within 1e-2 of float64) on cases with bias, permutation, split-K and
 1-16 rows, three times over (a missing wait would race). Then, per shape of bench_kernels.py and
 M, the median of CUDA-graph replays over >= 200 MB of rotating weights: bf16 and the dispatcher
-(``pt2pass::ternary_linear``) under each setting, and geometric means against bf16.
+(``pt2pass::ternary_linear``) under each setting, and geometric means against bf16; then the 7B
+decode's grouped q/k/v and gate/up launches (``pt2pass::ternary_linear_group``, prefetch only)
+against bf16 per member.
 """
 import argparse
 import math
@@ -22,10 +24,15 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import pt2pass  # noqa: E402,F401
-from pt2pass.bench import checked_gpu_run, gemv_check_case, parse_shape, rel_err, rotating_layers, time_graph  # noqa: E402
+from pt2pass.bench import (ROTATE_BYTES, checked_gpu_run, gemv_check_case, parse_shape, random_ternary_layer,  # noqa: E402
+                           rel_err, rotating_layers, time_graph)
+from pt2pass.lowering.format import dequantize  # noqa: E402
 from pt2pass.lowering.kernels.common import LATENCY  # noqa: E402
 
 OP = torch.ops.pt2pass.ternary_linear
+GROUP = torch.ops.pt2pass.ternary_linear_group
+# the 7B decode's grouped launches (M = 1, each member with its SSR permutation): member sizes, K
+GROUPS = {"llama2-7b q/k/v": ([4096] * 3, 4096), "llama2-7b gate/up": ([11008] * 2, 4096)}
 SHAPES = [(28672, 8192), (8192, 28672), (4096, 4096), (14336, 4096), (4096, 14336), (11008, 4096), (4096, 11008)]
 CASES = [(1, 4096, 4096, torch.bfloat16, True, True), (1, 11008, 4096, torch.bfloat16, False, False),
          (1, 4096, 11008, torch.float16, True, False), (1, 1000, 1152, torch.bfloat16, False, True),
@@ -60,8 +67,31 @@ def check(dev, settings) -> bool:
             ok &= same and err < 1e-2
             print(f"check M={m} {n}x{k} {dt} bias={bias} perm={perm} {setting}: rel err {err:.2e}, "
                   f"bit-equal to the plain launch: {same}" + ("" if same and err < 1e-2 else "  FAIL"), flush=True)
+    for name, (sizes, k) in GROUPS.items():
+        torch.manual_seed(len(name))
+        group = group_members(sizes, k, dev)
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        apply((0, False))
+        base = GROUP(x, *group)
+        refs = [x.double()[:, p] @ dequantize(w, a.double(), u.double(), dtype=torch.float64).T
+                for w, a, u, p in zip(group[0], group[1], group[2], group[4])]
+        for setting in settings:
+            apply(setting)
+            outs = [GROUP(x, *group) for _ in range(3)]
+            same = all(torch.equal(o, b) for out in outs for o, b in zip(out, base))
+            err = max(rel_err(o, r) for o, r in zip(outs[0], refs))
+            ok &= same and err < 1e-2
+            print(f"check group {name} {setting}: rel err {err:.2e}, bit-equal to the plain launch: {same}"
+                  + ("" if same and err < 1e-2 else "  FAIL"), flush=True)
     apply((0, False))
     return ok
+
+
+def group_members(sizes, k, dev) -> list:
+    """The grouped op's member lists (packed, alpha, mu, bias, perm) of random layers with permutations."""
+    layers = [random_ternary_layer(n, k, dev)[1:] for n in sizes]
+    return [[lay[i] for lay in layers] for i in range(3)] + [[None] * len(sizes),
+                                                             [torch.randperm(k, device=dev) for _ in sizes]]
 
 
 def main():
@@ -92,6 +122,21 @@ def main():
             apply((0, False))
             print(line + f"  [{time.time() - t0:.0f} s]", flush=True)
         del dense, tern
+        torch.cuda.empty_cache()
+    for name, (sizes, k) in GROUPS.items():
+        n_copies = max(2, int(ROTATE_BYTES // (sum(sizes) * k * 2)))
+        groups = [group_members(sizes, k, dev) for _ in range(n_copies)]
+        dense = [[torch.randn(n, k, device=dev, dtype=torch.bfloat16) for n in sizes] for _ in range(n_copies)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        t_bf16 = time_graph([lambda ws=ws: [F.linear(x, w) for w in ws] for ws in dense], max(n_copies, 10))
+        line = f"group {name:18s} bf16 {t_bf16 * 1e6:7.1f} us |"
+        for setting in settings:
+            apply(setting)
+            t = time_graph([lambda grp=grp: GROUP(x, *grp) for grp in groups], max(n_copies, 10))
+            line += f" {setting[0]}{',pdl' if setting[1] else ''} {t * 1e6:6.1f} ({t_bf16 / t:.2f}x)"
+        apply((0, False))
+        print(line + f"  [{time.time() - t0:.0f} s]", flush=True)
+        del groups, dense
         torch.cuda.empty_cache()
     print("\n| M | " + " | ".join(f"{s[0]}{',pdl' if s[1] else ''}" for s in settings) + " |")
     print("|---" * (len(settings) + 1) + "|")

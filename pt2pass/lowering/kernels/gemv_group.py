@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, PREPACK, autotune, launch, launch_tuned, store_gemv_row
+from .common import INTERPRET, PREPACK, autotune, latency_meta, launch, launch_tuned, prefetch_weights, store_gemv_row
 from .dp2a import quantize_row
 from .gemv_dp2a import dp2a_configs, dp2a_launch, gemv_tile_dp2a, quantize_buffers, quantize_x, weight_source
 
@@ -62,11 +62,13 @@ def ternary_gemv_group_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w0, w1, w2, 
                               bias0, bias1, bias2, out0, out1, out2, N0, N1, N2, KW, NB, ss_ptr, eps,
                               X_PER_MEMBER: tl.constexpr, HAS_BIAS: tl.constexpr, USE_ASM: tl.constexpr,
                               NORM: tl.constexpr, NB_P2: tl.constexpr,
-                              BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl.constexpr, STAGES: tl.constexpr):
+                              BN: tl.constexpr, NBT: tl.constexpr, USE_TMA: tl.constexpr, STAGES: tl.constexpr,
+                              PREFETCH: tl.constexpr):
     """Program p covers BN rows of member g: blocks [0, c0) are member 0's, [c0, c1) member 1's,
     the rest member 2's (c_i = cumulative cdiv(N_i, BN)). NORM: x was quantized before its RMS
     normalization (norm_group.py): y is scaled by 1 / sqrt(mean(h^2) + eps), from the per-block
-    sums of h^2 at ``ss_ptr`` (NB_P2 = NB rounded up to a power of two)."""
+    sums of h^2 at ``ss_ptr`` (NB_P2 = NB rounded up to a power of two). PREFETCH: common.LATENCY
+    (its dependent launch is not used here: the group's launchers quantize x in several ways)."""
     pid = tl.program_id(0)
     c0 = tl.cdiv(N0, BN)
     c1 = c0 + tl.cdiv(N1, BN)
@@ -75,15 +77,18 @@ def ternary_gemv_group_kernel(xp_ptr, xscale_ptr, xint_ptr, xs_ptr, w0, w1, w2, 
     n = pick_member(g, N0, N1, N2)
     row0 = (pid - first) * BN
     xg = (g * X_PER_MEMBER).to(tl.int64)
+    w, a, mu = pick_member(g, w0, w1, w2), pick_member(g, a0, a1, a2), pick_member(g, mu0, mu1, mu2)
+    rows = row0 + tl.arange(0, BN)
+    if PREFETCH > 0:
+        prefetch_weights(w, a, mu, rows, rows < n, 0, NB, KW, NB, 8, PREFETCH)
     y = gemv_tile_dp2a(xp_ptr + xg * 8 * KW, xscale_ptr + xg * NB, xint_ptr + xg * NB, xs_ptr + xg * NB,
-                       weight_source(pick_member(g, w0, w1, w2), n, KW, BN, NBT, USE_TMA), pick_member(g, a0, a1, a2),
-                       pick_member(g, mu0, mu1, mu2), n, row0, 0, NB, KW, NB, USE_ASM, BN, NBT, USE_TMA, STAGES)
+                       weight_source(w, n, KW, BN, NBT, USE_TMA), a, mu, n, row0, 0, NB, KW, NB, USE_ASM, BN, NBT,
+                       USE_TMA, STAGES)
     if NORM:
         blk = tl.arange(0, NB_P2)
         ss = tl.load(ss_ptr + xg * NB + blk, mask=blk < NB, other=0.0)
         # eps cast: Inductor passes a Python float as fp64 (docs/design.md, known hazards)
         y = y * tl.rsqrt(tl.sum(ss, axis=0) / (NB * 128) + tl.cast(eps, tl.float32))
-    rows = row0 + tl.arange(0, BN)
     store_gemv_row(pick_member(g, out0, out1, out2), pick_member(g, bias0, bias1, bias2), y, rows, rows < n, 0, 0,
                    1, n, HAS_BIAS, False)
 
@@ -151,7 +156,7 @@ def launch_group(xq: tuple, x: torch.Tensor, packed, alpha, mu, bias, x_per_memb
     args = (*xq, *padded_members(list(packed)), *padded_members(list(alpha)), *padded_members(list(mu)),
             *padded_members(list(bias) if has_bias else list(alpha)), *outs, *spare, *sizes, kw, nb, ss, eps)
     meta = dict(X_PER_MEMBER=int(x_per_member), HAS_BIAS=has_bias, USE_ASM=not INTERPRET, NORM=norm is not None,
-                NB_P2=triton.next_power_of_2(nb))
+                NB_P2=triton.next_power_of_2(nb), PREFETCH=latency_meta(x)["PREFETCH"])
     blocks = lambda bn: sum(triton.cdiv(p.shape[0], bn) for p in packed)  # noqa: E731
     kernel, fixed, config = dp2a_launch(_GROUP, tma, config, packed)
     launch_tuned(kernel, lambda bn: (blocks(bn),), fixed, config, *args, **meta)
