@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh fusenorm | pdl | attention | attn_ab | imma | imma7 | imma18 | imma_cg | kernels16 | lowering | fuzz | e2e7b | e2e8b | e2e7b8
+#   bash benchmarks/gpu_checklist.sh latency | fusenorm | pdl | attention | attn_ab | imma | imma7 | imma18 | imma_cg | kernels16 | lowering | fuzz | e2e7b | e2e8b | e2e7b8
 #                                    | e2e7b8bf16 | kernels | swap | profile | quant7b | prefill7b | group
 #                                    | rows | pipelined | tma_ab | ncu [--cases NxK:M ...]
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
@@ -62,6 +62,9 @@ case "${1:-}" in
             PT2PASS_AUTOTUNE=0 python3 benchmarks/experiments/sweep_gemv_imma.py --ms 4 16 --shapes 28672x8192 \
               --configs 1,4,4 1,2,2 1,4,2 1,8,2 1,8,4 1,2,4 1,4,8 ;;
   kernels16) python3 benchmarks/bench_kernels.py --no-gemlite --ms 16 ;;                 # ~5.5 min (autotuning)
+  latency)  # common.LATENCY (L2 prefetch of each program's weight range, dependent launch behind the x
+            # quantizer) on and off: bit-equality checks, then 7 shapes x M = 1, 4, 16 and the 7B groups; ~5 min
+            PT2PASS_AUTOTUNE=0 python3 benchmarks/experiments/sweep_latency.py ;;
   imma_cg)  # the integer-MMA GEMV with its streamed words and scales loaded past L1 (",cg"), so that L1
             # keeps the x fragments, against the same configs without; ~3 min
             PT2PASS_AUTOTUNE=0 python3 benchmarks/experiments/sweep_gemv_imma.py --ms 4 16 --top 8 \
@@ -87,5 +90,5 @@ case "${1:-}" in
             "$NCU" --import "$R.ncu-rep" --csv --page raw > "$R.raw.csv"
             "$NCU" --import "$R.ncu-rep" --csv --page details > "$R.details.csv"
             python3 benchmarks/experiments/ncu_kernels.py summary "$R.raw.csv" "${@:2}" ;;
-  *) echo "usage: $0 fusenorm|pdl|attention|attn_ab|imma|imma7|imma18|kernels16|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|ncu|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
+  *) echo "usage: $0 latency|fusenorm|pdl|attention|attn_ab|imma|imma7|imma18|kernels16|lowering|fuzz|e2e7b|e2e8b|e2e7b8|e2e7b8bf16|kernels|swap|ncu|profile|quant7b|prefill7b|group|rows|pipelined|tma_ab" >&2; exit 2 ;;
 esac
