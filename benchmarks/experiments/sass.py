@@ -241,7 +241,7 @@ def latency_builds() -> int:
         builds += [("ternary_gemv_dp2a_kernel", gemv_dp2a.ternary_gemv_dp2a_kernel, _DP2A_TYPES,
                     dict(dp2a, PREFETCH=pf, PDL=pdl), 2),
                    ("ternary_gemv_imma_kernel", gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
-                    dict(imma, PREFETCH=pf, PDL=pdl), 4),
+                    dict(imma, PREFETCH=max(gemv_imma.IMMA_PREFETCH) if pf else 0, PDL=pdl), 4),
                    ("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES, dict(quant, PDL=pdl), 1),
                    ("_quantize_x_imma_kernel", gemv_imma._quantize_x_imma_kernel,
                     {**_QUANT_TYPES, "xf_ptr": "*i32", "xstat_ptr": "*fp32"}, dict(quant, PDL=pdl), 1)]

@@ -28,7 +28,3 @@ def test_no_dependent_launch_while_traced(pdl_on):
         x = torch.empty(1, 256, dtype=torch.bfloat16, device="cuda")
         meta = latency_meta(x)
     assert meta["PDL"] is False and "launch_pdl" not in meta
-
-
-def test_off_by_default():
-    assert LATENCY == {"prefetch_blocks": 0, "pdl": False}

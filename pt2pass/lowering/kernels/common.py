@@ -80,7 +80,11 @@ def launch_tuned(kernel, grid, fixed: dict, config, *args, program_rows=_bn, **m
 #   calls on CUDA; torch.compile's launcher has no such launch for user kernels): its programs
 #   start, and prefetch, while x is being quantized, and wait for it (griddepcontrol.wait) before
 #   they read x or write anything.
-LATENCY = {"prefetch_blocks": 0, "pdl": False}
+# Measured (H100, session 21, fixed configs, sweep_latency.py): the dependent launch took 2-3 % off
+# the geometric mean at M = 1 and 4 (up to 7 % per shape), bit-equal results: on. The prefetch
+# helped some (shape, M) and slowed others (M = 1: -3 % overall): off here, and an autotune choice
+# of the integer-MMA GEMV (gemv_imma.IMMA_PREFETCH).
+LATENCY = {"prefetch_blocks": 0, "pdl": True}
 
 
 def pdl_launch(x: torch.Tensor) -> bool:
@@ -111,12 +115,13 @@ def prefetch_l2(ptrs, mask):
 @triton.jit
 def _prefetch_rows(row_ptrs, row_ok, lo, hi, LINES: tl.constexpr):
     """prefetch_l2 of elements [lo, hi) of each row (``row_ptrs`` (BR,)), which span at most LINES
-    128-byte lines: one address per line from lo on, and the last element (lo may sit mid-line)."""
+    128-byte lines: one address per line from lo on while in the range, and the last element (lo
+    may sit mid-line)."""
     per_line: tl.constexpr = 1024 // row_ptrs.dtype.element_ty.primitive_bitwidth
     last = hi - 1
-    j = tl.minimum(lo + per_line * tl.arange(0, LINES), last)
+    j = lo + per_line * tl.arange(0, LINES)
     ok = row_ok & (lo <= last)
-    prefetch_l2(row_ptrs[:, None] + j[None, :], ok[:, None] & (j >= lo)[None, :])
+    prefetch_l2(row_ptrs[:, None] + j[None, :], ok[:, None] & (j <= last)[None, :])
     prefetch_l2(row_ptrs + last, ok)
 
 

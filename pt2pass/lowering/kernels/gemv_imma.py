@@ -194,8 +194,14 @@ def ternary_gemv_imma_kernel(xf_ptr, xstat_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, 
 # (1, 4, 2) at M = 16 (two x tiles: 178 registers with NBT = 4); R = 2 never in the top three.
 # (1, 8, 4), (1, 2, 4) and (1, 4, 8) (more words in flight per SM) were added untimed.
 IMMA_SHAPES = [(1, 4, 4), (1, 2, 2), (1, 4, 2), (1, 8, 2), (1, 8, 4), (1, 2, 4), (1, 4, 8)]
-_IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt}, num_warps=w, num_stages=1)
-                  for r, w, nbt in IMMA_SHAPES], ["m_bucket", "N", "KW2", "blocks_per_split"])(ternary_gemv_imma_kernel)
+# Each also with the L2 prefetch of its program's first 256 K blocks (common.LATENCY): the kernel
+# now waits on memory latency rather than L1 throughput (Nsight Compute, session 21: L1 48 % busy,
+# long-scoreboard stalls, 24 % occupancy at M = 16 on 28672x8192), and with fixed configs the
+# prefetch took 8-12 % off M = 16 on three shapes and added 7 % on another (H100, session 21).
+IMMA_PREFETCH = (0, 256)
+_IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt, "PREFETCH": pf}, num_warps=w, num_stages=1)
+                  for r, w, nbt in IMMA_SHAPES for pf in IMMA_PREFETCH],
+                 ["m_bucket", "N", "KW2", "blocks_per_split"])(ternary_gemv_imma_kernel)
 # The config without autotuning, per number of 8-row x tiles. H100, session 20 (every config fixed,
 # 28672x8192): one tile (1, 4, 4) 56.2 us at M = 4 (the best on 4096x4096 and 4096x11008; (1, 8, 4)
 # 49.8 on this shape only), two tiles (1, 4, 2) 75.4 us at M = 16 against 94.3 for (1, 4, 4)
@@ -218,8 +224,8 @@ def imma_split(n: int, nb: int, sms: int) -> int:
 def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor, mu: torch.Tensor,
                       bias, perm, out: torch.Tensor, split: int = 1, config=None) -> torch.Tensor:
     """y = x[:, perm] @ W^T + bias into ``out`` (M, N), x bf16/fp16 (M <= 16, K). ``config``: a
-    fixed {"R", "WARPS", "NBT", "num_warps"[, "STREAM_CG"]} (experiments, tests), else autotuned /
-    the default."""
+    fixed {"R", "WARPS", "NBT", "num_warps"[, "STREAM_CG", "PREFETCH"]} (experiments, tests), else
+    autotuned / the default."""
     if x.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"ternary_gemv_imma takes bf16/fp16 activations, got {x.dtype}")
     if not 1 <= x.shape[0] <= MAX_M:
@@ -237,12 +243,14 @@ def ternary_gemv_imma(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor
     xf, xstat = quantize_x_imma(x, perm, pdl=latency["PDL"])
     args = (xf, xstat, packed.view(torch.int64), alpha, mu, bias_arg, target, m, n, kw // 2, nb,
             bps, bucket)
-    config = dict(config) if config is not None else None
+    # the autotuned configs carry their own PREFETCH; a fixed or given one takes LATENCY's
+    prefetch = latency.pop("PREFETCH")
+    config = {"PREFETCH": prefetch, **config} if config is not None else None
     stream_cg = config.pop("STREAM_CG", False) if config is not None else False
     meta = dict(HAS_BIAS=bias is not None, SPLIT_OUT=split > 1, USE_ASM=not INTERPRET, ALIGNED=aligned,
                 TILES=xf.shape[0], STREAM_CG=stream_cg, **latency)
-    launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), _FIXED[xf.shape[0]], config, *args,
-                 program_rows=program_rows, **meta)
+    launch_tuned(_IMMA, lambda rows: (triton.cdiv(n, rows), split), dict(_FIXED[xf.shape[0]], PREFETCH=prefetch),
+                 config, *args, program_rows=program_rows, **meta)
     if split > 1:
         splitk_reduce(target, bias, out)
     return out
