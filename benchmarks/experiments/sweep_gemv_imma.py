@@ -94,6 +94,8 @@ def main():
                         help="these configs instead of the autotune list's")
     parser.add_argument("--shapes", nargs="+", metavar="NxK", help="subset of the shapes (default: all seven)")
     parser.add_argument("--top", type=int, default=3, help="print the times of this many fastest configs")
+    parser.add_argument("--splits", type=int, nargs="+",
+                        help="time every config at each of these K splits too (default: imma_split's)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the correctness check (an A/B baseline already checked elsewhere)")
     args = parser.parse_args()
@@ -113,8 +115,9 @@ def main():
             out = torch.empty(m, n, device=dev, dtype=torch.bfloat16)
             t_bf16 = time_graph([lambda w=w: F.linear(x, w[0]) for w in dense], max(len(dense), 10))
             t_op = time_graph([lambda p=p: OP(x, *p) for p in tern], reps)
-            times = {str(c): time_graph([lambda p=p, c=c: ternary_gemv_imma(x, *p, None, None, out, split, c)
-                                         for p in tern], reps) for c in configs}
+            times = {f"{c} split {sp}" if args.splits else str(c):
+                     time_graph([lambda p=p, c=c, sp=sp: ternary_gemv_imma(x, *p, None, None, out, sp, c)
+                                 for p in tern], reps) for c in configs for sp in (args.splits or [split])}
             t_tuned = time_graph([lambda p=p: ternary_gemv_imma(x, *p, None, None, out, split) for p in tern], reps)
             t_best = min(times.values()) if times else t_tuned
             times = times or {f"tuned: {picked(m, n, k, split)}": t_tuned}
