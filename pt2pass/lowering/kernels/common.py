@@ -82,7 +82,7 @@ def launch_tuned(kernel, grid, fixed: dict, config, *args, program_rows=_bn, **m
 #   they read x or write anything.
 # Measured (H100, session 21, fixed configs, sweep_latency.py): the dependent launch took 2-3 % off
 # the geometric mean at M = 1 and 4 (up to 7 % per shape), bit-equal results: on. The prefetch
-# helped some (shape, M) and slowed others (M = 1: -3 % overall): off here, and an autotune choice
+# helped some (shape, M) and slowed others (3 % slower overall at M = 1): off here, and an autotune choice
 # of the integer-MMA GEMV (gemv_imma.IMMA_PREFETCH).
 LATENCY = {"prefetch_blocks": 0, "pdl": True}
 
@@ -96,11 +96,16 @@ def pdl_launch(x: torch.Tensor) -> bool:
             and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling())
 
 
+def prefetch_blocks() -> int:
+    """LATENCY's prefetch as the kernels' PREFETCH constexpr (0 in the interpreter: no inline PTX)."""
+    return 0 if INTERPRET else LATENCY["prefetch_blocks"]
+
+
 def latency_meta(x: torch.Tensor) -> dict:
     """The GEMV kernels' PREFETCH / PDL constexprs for this call, and Triton's launch_pdl option
     when PDL is on (only then: a traced launch takes no such option)."""
     pdl = pdl_launch(x)
-    meta = dict(PREFETCH=0 if INTERPRET else LATENCY["prefetch_blocks"], PDL=pdl)
+    meta = dict(PREFETCH=prefetch_blocks(), PDL=pdl)
     return dict(meta, launch_pdl=True) if pdl else meta
 
 

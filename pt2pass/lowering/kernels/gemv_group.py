@@ -18,7 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRET, PREPACK, autotune, latency_meta, launch, launch_tuned, prefetch_weights, store_gemv_row
+from .common import (INTERPRET, PREPACK, autotune, launch, launch_tuned, prefetch_blocks, prefetch_weights,
+                     store_gemv_row)
 from .dp2a import quantize_row
 from .gemv_dp2a import dp2a_configs, dp2a_launch, gemv_tile_dp2a, quantize_buffers, quantize_x, weight_source
 
@@ -156,7 +157,7 @@ def launch_group(xq: tuple, x: torch.Tensor, packed, alpha, mu, bias, x_per_memb
     args = (*xq, *padded_members(list(packed)), *padded_members(list(alpha)), *padded_members(list(mu)),
             *padded_members(list(bias) if has_bias else list(alpha)), *outs, *spare, *sizes, kw, nb, ss, eps)
     meta = dict(X_PER_MEMBER=int(x_per_member), HAS_BIAS=has_bias, USE_ASM=not INTERPRET, NORM=norm is not None,
-                NB_P2=triton.next_power_of_2(nb), PREFETCH=latency_meta(x)["PREFETCH"])
+                NB_P2=triton.next_power_of_2(nb), PREFETCH=prefetch_blocks())
     blocks = lambda bn: sum(triton.cdiv(p.shape[0], bn) for p in packed)  # noqa: E731
     kernel, fixed, config = dp2a_launch(_GROUP, tma, config, packed)
     launch_tuned(kernel, lambda bn: (blocks(bn),), fixed, config, *args, **meta)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (INTERPRET, autotune, latency_meta, launch_args, launch_tuned, load_weight_tile,
+from .common import (INTERPRET, autotune, launch_args, launch_tuned, load_weight_tile, prefetch_blocks,
                      prefetch_weights, splitk_reduce, store_gemv_row)
 from .half2 import inverse_scale, pair, word_dots, word_field
 
@@ -112,7 +112,7 @@ def ternary_gemv_half2(x: torch.Tensor, packed: torch.Tensor, alpha: torch.Tenso
     m, n = x.shape[0], packed.shape[0]
     args, split, target = launch_args("ternary_gemv_half2", x, packed, alpha, mu, bias, perm, out, split)
     meta = dict(HAS_BIAS=bias is not None, HAS_PERM=perm is not None, SPLIT_OUT=split > 1,
-                USE_ASM=not INTERPRET, PREFETCH=latency_meta(x)["PREFETCH"])
+                USE_ASM=not INTERPRET, PREFETCH=prefetch_blocks())
     launch_tuned(ternary_gemv_half2_kernel, lambda bn: (triton.cdiv(n, bn), split, m), _FIXED_CONFIG, config,
                  *args, **meta)
     if split > 1:

@@ -196,7 +196,7 @@ def ternary_gemv_imma_kernel(xf_ptr, xstat_ptr, w_ptr, a_ptr, mu_ptr, bias_ptr, 
 IMMA_SHAPES = [(1, 4, 4), (1, 2, 2), (1, 4, 2), (1, 8, 2), (1, 8, 4), (1, 2, 4), (1, 4, 8)]
 # Each also with the L2 prefetch of its program's first 256 K blocks (common.LATENCY): the kernel
 # now waits on memory latency rather than L1 throughput (Nsight Compute, session 21: L1 48 % busy,
-# long-scoreboard stalls, 24 % occupancy at M = 16 on 28672x8192), and with fixed configs the
+# long-scoreboard stalls, 21 % occupancy at M = 16 on 28672x8192), and with fixed configs the
 # prefetch took 8-12 % off M = 16 on three shapes and added 7 % on another (H100, session 21).
 IMMA_PREFETCH = (0, 256)
 _IMMA = autotune([triton.Config({"R": r, "WARPS": w, "NBT": nbt, "PREFETCH": pf}, num_warps=w, num_stages=1)
