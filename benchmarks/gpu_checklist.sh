@@ -17,12 +17,16 @@
 # gemlite (42 rows over two calls), e2e8b decode at batch 1 (prefill cut by the timeout): session
 # 17, H100; ncu (every path's counters, fixed configs) and three integer-MMA variants, all slower: session
 # 18, H200; imma18 (opcheck + compile PASS, block-major statistics -10 % at M = 4-16 on 28672x8192) and
-# the vector scales: session 19, H100; imma7 before and after the vector x loads: session 20, H100).
-# Owed: FIRST `ncu --cases 28672x8192:4 28672x8192:16` (what bounds the integer-MMA GEMV now: session
-# 20's vector x loads cut its instructions by 12-16 % and moved its time by -5 / +4 %), then
-# `bench_kernels.py --no-gemlite --ms 4 16` (the issue table's M = 4 / 16 rows at the current
-# kernel: session 19's figures are of the kernel before the vector x loads), imma_cg (an A/B ready to
-# run: weight words past L1; measure it with the profile's L1 figures in view), then kernels16,
+# the vector scales: session 19, H100; imma7 before and after the vector x loads: session 20, H100;
+# latency (fixed configs) and ncu of the integer-MMA GEMV at M = 4 / 16: session 21, H100).
+# Owed: FIRST `python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels`,
+# autotuning on (session 21 turned the dependent launch on by default
+# and gave the integer-MMA GEMV's autotuner prefetch configs, neither through torch.compile on a
+# GPU yet), then `PT2PASS_AUTOTUNE=1 python3 benchmarks/experiments/sweep_latency.py --settings 0
+# 0,pdl` (the dependent launch with autotuned configs; session 21 had fixed ones) and
+# `bench_kernels.py --no-gemlite --ms 1 4 16` (the issue table at the current code), the K-split
+# sweep the profile asks for (`sweep_gemv_imma.py --no-check --ms 4 16 --shapes 28672x8192 --configs
+# 1,4,4 1,4,2 --splits 1 2 4 6`: 448 programs fill 21 % of the warp slots), imma_cg, kernels16,
 # e2e7b8 / e2e7b8bf16 (batch 8 with the decode attention), e2e8b's prefill and
 # ternary peak memory, profile on the 8B shape (profile_decode.py --shape llama3-8b ...
 # --log-autotune: session 11's 8B dp2a GEMV took 140.9 vs 92.4 us between two traces),
