@@ -16,6 +16,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 # The interpreter runs tl.dot on bf16/fp16 through numpy and gives garbage: upcast there.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -91,7 +92,6 @@ def pdl_launch(x: torch.Tensor) -> bool:
     """Whether this call's GEMV goes out as a programmatic dependent launch (LATENCY): a plain eager
     call on CUDA, not one being traced (torch.compile / export trace the launch into a graph, whose
     launcher does not take the option)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
     return (LATENCY["pdl"] and x.is_cuda and not INTERPRET and type(x) is torch.Tensor
             and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling())
 
