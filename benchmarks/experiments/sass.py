@@ -224,8 +224,9 @@ def main(argv=None) -> int:
 def latency_builds() -> int:
     """common.LATENCY's code in the sm_90 builds: with PREFETCH the GEMVs issue L2 prefetches
     (CCTL.E.PF2), with PDL one grid-dependency wait (ACQBULK) after every prefetch (else the
-    prefetch would not overlap the quantize launch) and the x quantizers the early launch of their
-    dependents (PREEXIT); without them none of these. Returns the number of wrong builds."""
+    prefetch would not overlap the quantize launch) and before every global write (but a TMA
+    config's descriptor), and the x quantizers the early launch of their dependents (PREEXIT);
+    without them none of these. Returns the number of wrong builds."""
     from pt2pass.lowering.kernels import gemv_dp2a, gemv_half2, gemv_imma
     from pt2pass.lowering.kernels.common import PREPACK
 
@@ -240,6 +241,8 @@ def latency_builds() -> int:
     for pf, pdl in ((0, False), (32, True)):
         builds += [("ternary_gemv_dp2a_kernel", gemv_dp2a.ternary_gemv_dp2a_kernel, _DP2A_TYPES,
                     dict(dp2a, PREFETCH=pf, PDL=pdl), 2),
+                   ("ternary_gemv_dp2a_kernel", gemv_dp2a.ternary_gemv_dp2a_kernel, _DP2A_TYPES,
+                    dict(dp2a, STAGES=1, USE_TMA=False, PREFETCH=pf, PDL=pdl), 2),
                    ("ternary_gemv_imma_kernel", gemv_imma.ternary_gemv_imma_kernel, _IMMA_TYPES,
                     dict(imma, PREFETCH=max(gemv_imma.IMMA_PREFETCH) if pf else 0, PDL=pdl), 4),
                    ("_quantize_x_kernel", gemv_dp2a._quantize_x_kernel, _QUANT_TYPES, dict(quant, PDL=pdl), 1),
@@ -250,14 +253,18 @@ def latency_builds() -> int:
         sass = sass_report(kernel, types, constexprs, num_warps=warps)["sass"].splitlines()
         at = {op: [i for i, line in enumerate(sass) if re.search(rf"\b{op}\b", line)]
               for op in ("CCTL.E.PF2", "ACQBULK", "PREEXIT")}
+        # global writes before the wait: none, but a TMA config's descriptor into its own scratch
+        early = [line for line in sass[:at["ACQBULK"][0]] if re.search(r"\b(STG|ATOMG|RED|ST)\.", line)
+                 and not (constexprs.get("USE_TMA") and "ATOMG.E.EXCH" in line)] if at["ACQBULK"] else []
         pf, pdl = constexprs.get("PREFETCH", 0), constexprs.get("PDL", False)
         if name.startswith("_quantize"):
             wrong = bool(at["PREEXIT"]) != pdl or bool(at["CCTL.E.PF2"] or at["ACQBULK"])
         else:
             wrong = (bool(at["CCTL.E.PF2"]) != (pf > 0) or len(at["ACQBULK"]) != int(pdl) or bool(at["PREEXIT"])
-                     or (pdl and pf > 0 and max(at["CCTL.E.PF2"]) > at["ACQBULK"][0]))
+                     or (pdl and pf > 0 and max(at["CCTL.E.PF2"]) > at["ACQBULK"][0]) or bool(early))
         bad += wrong
-        print(f"latency build: {name} PREFETCH={pf} PDL={pdl}: {len(at['CCTL.E.PF2'])} L2 prefetches, "
+        tma = f" TMA={constexprs['USE_TMA']}" if "USE_TMA" in constexprs else ""
+        print(f"latency build: {name}{tma} PREFETCH={pf} PDL={pdl}: {len(at['CCTL.E.PF2'])} L2 prefetches, "
               f"{len(at['ACQBULK'])} waits, {len(at['PREEXIT'])} early launches" + (" WRONG" if wrong else ""),
               flush=True)
     return bad

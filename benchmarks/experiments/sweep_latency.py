@@ -6,7 +6,8 @@ A setting is "P[,pdl]": each GEMV program first asks L2 for the words and scales
 blocks (0: no prefetch), and with "pdl" the GEMV is launched as a programmatic dependent of its x
 quantize launch. Neither may change a result: every setting is first checked **bit for bit**
 against the plain launch (and within 1e-2 of float64) on cases with bias, permutation, split-K and
-1-16 rows, three times over (a missing wait would race). Then, per shape of bench_kernels.py and
+1-16 rows, four calls alternating two inputs (a GEMV that read x before its wait would find the
+other input's values). Then, per shape of bench_kernels.py and
 M, the median of CUDA-graph replays over >= 200 MB of rotating weights: bf16 and the dispatcher
 (``pt2pass::ternary_linear``) under each setting, and geometric means against bf16; then the 7B
 decode's grouped q/k/v and gate/up launches (``pt2pass::ternary_linear_group``, prefetch only)
@@ -27,7 +28,7 @@ import pt2pass  # noqa: E402,F401
 from pt2pass.bench import (ROTATE_BYTES, checked_gpu_run, gemv_check_case, parse_shape, random_ternary_layer,  # noqa: E402
                            rel_err, rotating_layers, time_graph)
 from pt2pass.lowering.format import dequantize  # noqa: E402
-from pt2pass.lowering.kernels.common import LATENCY  # noqa: E402
+from pt2pass.lowering.kernels.common import AUTOTUNE, LATENCY  # noqa: E402
 
 OP = torch.ops.pt2pass.ternary_linear
 GROUP = torch.ops.pt2pass.ternary_linear_group
@@ -56,13 +57,16 @@ def check(dev, settings) -> bool:
     for m, n, k, dt, bias, perm in CASES:
         torch.manual_seed(m * n + k)
         x, packed, alpha, mu, b, p, ref = gemv_check_case(m, n, k, dt, bias, perm, dev)
+        # two inputs in turn: a GEMV reading x before its wait would find the other input's
+        # quantization in the recycled buffers, not the same values
+        xs = [x, torch.randn_like(x)]
         apply((0, False))
-        base = OP(x, packed, alpha, mu, b, p)
+        base = [OP(xi, packed, alpha, mu, b, p) for xi in xs]
         for setting in settings:
             apply(setting)
-            outs = [OP(x, packed, alpha, mu, b, p) for _ in range(3)]
+            outs = [OP(xs[i % 2], packed, alpha, mu, b, p) for i in range(4)]
             torch.cuda.synchronize()
-            same = all(torch.equal(o, base) for o in outs)
+            same = all(torch.equal(o, base[i % 2]) for i, o in enumerate(outs))
             err = rel_err(outs[0], ref)
             ok &= same and err < 1e-2
             print(f"check M={m} {n}x{k} {dt} bias={bias} perm={perm} {setting}: rel err {err:.2e}, "
@@ -70,15 +74,16 @@ def check(dev, settings) -> bool:
     for name, (sizes, k) in GROUPS.items():
         torch.manual_seed(len(name))
         group = group_members(sizes, k, dev)
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        xs = [torch.randn(1, k, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+        x = xs[0]
         apply((0, False))
-        base = GROUP(x, *group)
+        base = [GROUP(xi, *group) for xi in xs]
         refs = [x.double()[:, p] @ dequantize(w, a.double(), u.double(), dtype=torch.float64).T
                 for w, a, u, p in zip(group[0], group[1], group[2], group[4])]
         for setting in settings:
             apply(setting)
-            outs = [GROUP(x, *group) for _ in range(3)]
-            same = all(torch.equal(o, b) for out in outs for o, b in zip(out, base))
+            outs = [GROUP(xs[i % 2], *group) for i in range(4)]
+            same = all(torch.equal(o, b) for i, out in enumerate(outs) for o, b in zip(out, base[i % 2]))
             err = max(rel_err(o, r) for o, r in zip(outs[0], refs))
             ok &= same and err < 1e-2
             print(f"check group {name} {setting}: rel err {err:.2e}, bit-equal to the plain launch: {same}"
@@ -105,6 +110,10 @@ def main():
     shapes = [parse_shape(s) for s in args.shapes] if args.shapes else SHAPES
     dev = "cuda"
     t0 = checked_gpu_run(lambda d: check(d, settings), dev)
+    if AUTOTUNE:
+        print("autotuning on: each (shape, M) is tuned under the first setting; the integer-MMA GEMV "
+              "(M = 2-16) picks its own prefetch (its configs carry PREFETCH), the others take the setting's",
+              flush=True)
     ratios = {(m, s): [] for m in args.ms for s in settings}
     for n, k in shapes:
         torch.manual_seed(0)
@@ -129,7 +138,7 @@ def main():
         dense = [[torch.randn(n, k, device=dev, dtype=torch.bfloat16) for n in sizes] for _ in range(n_copies)]
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         t_bf16 = time_graph([lambda ws=ws: [F.linear(x, w) for w in ws] for ws in dense], max(n_copies, 10))
-        line = f"group {name:18s} bf16 {t_bf16 * 1e6:7.1f} us |"
+        line = f"group {name:18s} bf16 {t_bf16 * 1e6:7.1f} us (prefetch only, no dependent launch) |"
         for setting in settings:
             apply(setting)
             t = time_graph([lambda grp=grp: GROUP(x, *grp) for grp in groups], max(n_copies, 10))

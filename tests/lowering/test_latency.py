@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from pt2pass.lowering.kernels import common
 from pt2pass.lowering.kernels.common import LATENCY, latency_meta
 
 
@@ -15,16 +16,19 @@ def pdl_on(monkeypatch):
     monkeypatch.setitem(LATENCY, "prefetch_blocks", 32)
 
 
-def test_no_dependent_launch_for_cpu_tensors_nor_prefetch_in_the_interpreter(pdl_on):
-    meta = latency_meta(torch.zeros(1, 256, dtype=torch.bfloat16))
+def test_no_prefetch_in_the_interpreter(pdl_on):
     # the interpreter has no inline PTX: the prefetch is compiled out there
-    assert meta == {"PREFETCH": 0, "PDL": False}
+    assert latency_meta(torch.zeros(1, 256, dtype=torch.bfloat16)) == {"PREFETCH": 0, "PDL": False}
 
 
-def test_no_dependent_launch_while_traced(pdl_on):
-    # torch.compile / export trace the launch with fake tensors into a graph whose launcher takes no
-    # launch_pdl option: passing it there would fail the trace
+def test_no_dependent_launch_for_cpu_tensors_or_while_traced(pdl_on, monkeypatch):
+    # as on a GPU machine (the interpreter alone would turn it off): CPU tensors never ask for it,
+    # and neither do torch.compile / export, which trace the launch with fake tensors into a graph
+    # whose launcher takes no launch_pdl option (passing it there would fail the trace)
+    monkeypatch.setattr(common, "INTERPRET", False)
+    monkeypatch.setattr(common, "_has_pdl", lambda device_index: True)
+    assert latency_meta(torch.zeros(1, 256, dtype=torch.bfloat16)) == {"PREFETCH": 32, "PDL": False}
     with FakeTensorMode():
         x = torch.empty(1, 256, dtype=torch.bfloat16, device="cuda")
         meta = latency_meta(x)
-    assert meta["PDL"] is False and "launch_pdl" not in meta
+    assert meta == {"PREFETCH": 32, "PDL": False}

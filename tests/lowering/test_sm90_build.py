@@ -38,11 +38,12 @@ def test_decode_kernels_build_for_sm90_without_spills_and_with_tma_loads():
     gemm = [row.split("|") for row in run.stdout.splitlines() if row.startswith("| ternary_gemm_kernel")]
     assert len(gemm) == 2 and all("SWAP=True" in row[1] for row in gemm)
     assert all(int(row[7]) > 0 and int(row[8]) <= 4 for row in gemm)
-    # common.LATENCY: L2 prefetches only with PREFETCH, the grid-dependency wait after them only with
-    # PDL, the quantizers' early launch of the GEMV only with PDL (sass.latency_builds)
+    # common.LATENCY: L2 prefetches only with PREFETCH, the grid-dependency wait only with PDL, after
+    # them and before any global write, the quantizers' early launch of the GEMV only with PDL
+    # (sass.latency_builds)
     latency = [line for line in run.stdout.splitlines() if line.startswith("latency build:")]
-    assert len(latency) == 10 and not any("WRONG" in line for line in latency)
-    assert sum("1 waits" in line for line in latency) == 2 and sum("1 early launches" in line for line in latency) == 2
+    assert len(latency) == 12 and not any("WRONG" in line for line in latency)
+    assert sum("1 waits" in line for line in latency) == 3 and sum("1 early launches" in line for line in latency) == 2
     assert run.stdout.rstrip().endswith("0 wrong builds")
 
 

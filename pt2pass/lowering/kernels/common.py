@@ -80,7 +80,9 @@ def launch_tuned(kernel, grid, fixed: dict, config, *args, program_rows=_bn, **m
 # - "pdl": the GEMV is launched as a programmatic dependent of its own x quantize launch (eager
 #   calls on CUDA; torch.compile's launcher has no such launch for user kernels): its programs
 #   start, and prefetch, while x is being quantized, and wait for it (griddepcontrol.wait) before
-#   they read x or write anything.
+#   they read x or write anything (but a TMA config's tensor descriptor in its own scratch, which
+#   no running kernel can hold: the quantizer is a plain launch, so everything before it has
+#   finished, and its buffers stay allocated until the GEMV is launched). Hopper and newer.
 # Measured (H100, session 21, fixed configs, sweep_latency.py): the dependent launch took 2-3 % off
 # the geometric mean at M = 1 and 4 (up to 7 % per shape), bit-equal results: on. The prefetch
 # helped some (shape, M) and slowed others (3 % slower overall at M = 1): off here, and an autotune choice
@@ -93,7 +95,14 @@ def pdl_launch(x: torch.Tensor) -> bool:
     call on CUDA, not one being traced (torch.compile / export trace the launch into a graph, whose
     launcher does not take the option)."""
     return (LATENCY["pdl"] and x.is_cuda and not INTERPRET and type(x) is torch.Tensor
-            and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling())
+            and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling()
+            and _has_pdl(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device_index: int) -> bool:
+    # griddepcontrol is PTX for sm_90 and newer (ptxas rejects it below); NVIDIA only
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def prefetch_blocks() -> int:
