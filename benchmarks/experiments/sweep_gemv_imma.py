@@ -35,12 +35,14 @@ CONFIGS = [dict(R=r, WARPS=w, NBT=nbt, num_warps=w) for r, w, nbt in IMMA_SHAPES
 
 
 def parse_config(s: str) -> dict:
-    """'R,WARPS,NBT[,cg]' -> a fixed config of ternary_gemv_imma (cg: the streamed words and scales
-    loaded past L1, STREAM_CG)."""
-    r, w, nbt, *cg = s.split(",")
-    if cg not in ([], ["cg"]):
-        raise SystemExit(f"config {s!r}: expected R,WARPS,NBT or R,WARPS,NBT,cg")
-    return dict(R=int(r), WARPS=int(w), NBT=int(nbt), num_warps=int(w), STREAM_CG=bool(cg))
+    """'R,WARPS,NBT[,cg][,pfP]' -> a fixed config of ternary_gemv_imma (cg: the streamed words and
+    scales loaded past L1, STREAM_CG; pfP: the L2 prefetch of P blocks, PREFETCH, default 0)."""
+    r, w, nbt, *extra = s.split(",")
+    pf = [int(e[2:]) for e in extra if e.startswith("pf") and e[2:].isdigit()]
+    if len(pf) > 1 or any(e != "cg" and not e.startswith("pf") for e in extra) or len(extra) != len(pf) + ("cg" in extra):
+        raise SystemExit(f"config {s!r}: expected R,WARPS,NBT[,cg][,pfP]")
+    return dict(R=int(r), WARPS=int(w), NBT=int(nbt), num_warps=int(w), STREAM_CG="cg" in extra,
+                PREFETCH=pf[0] if pf else 0)
 
 
 def where_wrong(out, ref) -> str:
@@ -90,15 +92,18 @@ def main():
     parser.add_argument("--ms", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--tuned-only", action="store_true",
                         help="check and time only the autotuned launcher (prints its pick), not every config")
-    parser.add_argument("--configs", nargs="+", metavar="R,WARPS,NBT[,cg]",
+    parser.add_argument("--configs", nargs="+", metavar="R,WARPS,NBT[,cg][,pfP]",
                         help="these configs instead of the autotune list's")
     parser.add_argument("--shapes", nargs="+", metavar="NxK", help="subset of the shapes (default: all seven)")
     parser.add_argument("--top", type=int, default=3, help="print the times of this many fastest configs")
     parser.add_argument("--splits", type=int, nargs="+",
-                        help="time every config at each of these K splits too (default: imma_split's)")
+                        help="time every config at each of these K splits (default: imma_split's; "
+                             "not with --tuned-only)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the correctness check (an A/B baseline already checked elsewhere)")
     args = parser.parse_args()
+    if args.splits and args.tuned_only:
+        parser.error("--splits times fixed configs: leave out --tuned-only")
     configs = [] if args.tuned_only else [parse_config(c) for c in args.configs] if args.configs else CONFIGS
     shapes = [parse_shape(s) for s in args.shapes] if args.shapes else SHAPES
     dev = "cuda"
