@@ -103,8 +103,8 @@ def summary(path: str, cases):
 
     stalls = [h for h in head if h.startswith(STALL_PREFIX) and h.endswith(STALL_SUFFIX)
               and "not_issued" not in h]
-    print(f"{'case':<17} {'kernel':<30} {'grid':>13} {'blk':>5} {'us':>7} {'GB/s':>6} {'DRAM%':>5} {'SM%':>5} {'L1%':>5} "
-          f"{'regs':>4} {'occ%':>5} {'issue%':>6} {'busiest pipe':>16}  top stalls (warps per issued instr)")
+    print(f"{'case':<17} {'kernel':<30} {'grid':>13} {'blk':>5} {'us':>7} {'GB/s':>6} {'DRAM%':>5} {'SM%':>5} "
+          f"{'L1%':>5} {'regs':>4} {'occ%':>5} {'issue%':>6} {'busiest pipe':>16}  top stalls (warps per issued instr)")
     case_i = -1
     for r in body:
         name = r[col["Kernel Name"]]
@@ -128,8 +128,8 @@ def summary(path: str, cases):
               f"{fmt(get(r, 'sm__warps_active.avg.pct_of_peak_sustained_active'), '5.1f')} "
               f"{fmt(get(r, 'smsp__issue_active.avg.pct_of_peak_sustained_active'), '6.1f')} "
               f"{f'{pipe} {pipe_v:.0f}%':>16}  " + " ".join(f"{s} {v:.1f}" for v, s in top))
-    print("(us: kernel duration; GB/s: DRAM bytes read + written over it; DRAM%, SM%: of peak, elapsed; L1%: of peak while active; "
-          "occ%: achieved warps of the maximum; busiest pipe: % of its peak while active)")
+    print("(us: kernel duration; GB/s: DRAM bytes read + written over it; DRAM%, SM%: of peak, elapsed; "
+          "L1%: of peak while active; occ%: achieved warps of the maximum; busiest pipe: % of its peak while active)")
 
 
 def main():

@@ -38,11 +38,15 @@ def parse_config(s: str) -> dict:
     """'R,WARPS,NBT[,cg][,pfP]' -> a fixed config of ternary_gemv_imma (cg: the streamed words and
     scales loaded past L1, STREAM_CG; pfP: the L2 prefetch of P blocks, PREFETCH, default 0)."""
     r, w, nbt, *extra = s.split(",")
-    pf = [int(e[2:]) for e in extra if e.startswith("pf") and e[2:].isdigit()]
-    if len(pf) > 1 or any(e != "cg" and not e.startswith("pf") for e in extra) or len(extra) != len(pf) + ("cg" in extra):
-        raise SystemExit(f"config {s!r}: expected R,WARPS,NBT[,cg][,pfP]")
-    return dict(R=int(r), WARPS=int(w), NBT=int(nbt), num_warps=int(w), STREAM_CG="cg" in extra,
-                PREFETCH=pf[0] if pf else 0)
+    config = dict(R=int(r), WARPS=int(w), NBT=int(nbt), num_warps=int(w), STREAM_CG=False, PREFETCH=0)
+    for e in extra:
+        if e == "cg":
+            config["STREAM_CG"] = True
+        elif e.startswith("pf") and e[2:].isdigit():
+            config["PREFETCH"] = int(e[2:])
+        else:
+            raise SystemExit(f"config {s!r}: expected R,WARPS,NBT[,cg][,pfP]")
+    return config
 
 
 def where_wrong(out, ref) -> str:

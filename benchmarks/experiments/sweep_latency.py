@@ -25,8 +25,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import pt2pass  # noqa: E402,F401
-from pt2pass.bench import (ROTATE_BYTES, checked_gpu_run, gemv_check_case, parse_shape, random_ternary_layer,  # noqa: E402
-                           rel_err, rotating_layers, time_graph)
+from pt2pass.bench import (ROTATE_BYTES, checked_gpu_run, gemv_check_case, parse_shape,  # noqa: E402
+                           random_ternary_layer, rel_err, rotating_layers, time_graph)
 from pt2pass.lowering.format import dequantize  # noqa: E402
 from pt2pass.lowering.kernels.common import AUTOTUNE, LATENCY  # noqa: E402
 

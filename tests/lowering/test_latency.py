@@ -26,7 +26,7 @@ def test_no_dependent_launch_for_cpu_tensors_or_while_traced(pdl_on, monkeypatch
     # and neither do torch.compile / export, which trace the launch with fake tensors into a graph
     # whose launcher takes no launch_pdl option (passing it there would fail the trace)
     monkeypatch.setattr(common, "INTERPRET", False)
-    monkeypatch.setattr(common, "_has_pdl", lambda device_index: True)
+    monkeypatch.setattr(common, "hopper_or_newer", lambda device: True)
     assert latency_meta(torch.zeros(1, 256, dtype=torch.bfloat16)) == {"PREFETCH": 32, "PDL": False}
     with FakeTensorMode():
         x = torch.empty(1, 256, dtype=torch.bfloat16, device="cuda")

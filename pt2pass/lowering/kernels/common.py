@@ -96,13 +96,7 @@ def pdl_launch(x: torch.Tensor) -> bool:
     launcher does not take the option)."""
     return (LATENCY["pdl"] and x.is_cuda and not INTERPRET and type(x) is torch.Tensor
             and _get_current_dispatch_mode() is None and not torch.compiler.is_compiling()
-            and _has_pdl(x.device.index if x.device.index is not None else torch.cuda.current_device()))
-
-
-@functools.lru_cache(maxsize=None)
-def _has_pdl(device_index: int) -> bool:
-    # griddepcontrol is PTX for sm_90 and newer (ptxas rejects it below); NVIDIA only
-    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
+            and hopper_or_newer(x.device))  # griddepcontrol is sm_90 PTX (ptxas rejects it below)
 
 
 def prefetch_blocks() -> int:
@@ -226,13 +220,19 @@ def tma_supported(*weights: torch.Tensor) -> bool:
     device = weights[0].device
     if device.type != "cuda":
         return INTERPRET
-    return _has_tma(device.index if device.index is not None else torch.cuda.current_device())
+    return hopper_or_newer(device)
+
+
+def hopper_or_newer(device: torch.device) -> bool:
+    """Whether this CUDA device is an NVIDIA GPU of compute capability 9 or newer (TMA, griddepcontrol)."""
+    return _sm90(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _has_tma(device_index: int) -> bool:
-    # cached: asked on every GEMV call, and the eager decode path is host bound
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+def _sm90(device_index: int) -> bool:
+    # cached: asked on every GEMV call, and the eager decode path is host bound; ROCm reports its
+    # gfx versions as capabilities (MI300: 9.4), and the kernels' inline PTX is NVIDIA's
+    return torch.version.hip is None and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
 def _scratch(size: int, alignment: int, stream):
