@@ -14,6 +14,7 @@ from .data import calibration_tensor
 from .decode import build_decode_graph, export_decode_graph, make_skeleton
 from .pass_manager import Pass, PassManager
 from .passes import SequentialTernarize, TernarizeWeights
+from .passes.expert_sites import classify_experts
 from .passes.linear_sites import classify_linears
 from .quantized_model import QuantizedModel
 from .runner import causal_lm_batches
@@ -163,6 +164,7 @@ def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
     """At least one Linear of the captured graph must be quantizable; otherwise say why each one
     is left out and which weight-holding modules pt2pass does not support."""
     sites, excluded = classify_linears(gm, config.skip)
+    expert_sites, expert_excluded = classify_experts(gm, config.skip)
     fqns = list(sites) + list(excluded)
     default = CompileConfig().skip  # "lm_head" is the default for any model: no warning
     for unused in [s for s in config.skip if s not in default and not any(s in f for f in fqns)]:
@@ -170,12 +172,12 @@ def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
                     "precision by it", unused, fqns[0] if fqns else "none")
     read = _read_by_graph(model, fqns)
     bypassing = _linears_not_in_graph(model, read)
-    if sites:
-        _warn_weights_outside_linears(model, read)
+    if sites or expert_sites:
+        _warn_weights_outside_linears(model, read | _read_by_graph(model, list(expert_sites)))
         if bypassing:
             log.warning("%s: they stay in full precision", bypassing)
         return
-    found = "; ".join(f"{fqn} {reason}" for fqn, reason in excluded.items()) or "none"
+    found = "; ".join(f"{fqn} {reason}" for fqn, reason in {**excluded, **expert_excluded}.items()) or "none"
     raise ValueError(f"{type(model).__name__}: no Linear layer can be ternarized (Linear weights "
                      f"in the graph: {found}){'. ' + bypassing if bypassing else ''}"
                      f"{_unsupported_hint(model)}")
@@ -201,9 +203,10 @@ def _linears_not_in_graph(model: nn.Module, read: set) -> str:
 
 
 def _warn_weights_outside_linears(model: nn.Module, read: set) -> None:
-    """A model quantized only in part (e.g. MoE experts held as 3-D tensors) must say so: its size
-    and speed-up are far from what the Linears alone suggest. Weights that the graph reads through
-    aten.linear (``read``; F.linear on a module's own parameter) count as Linears."""
+    """A model quantized only in part (e.g. MoE experts in a form pt2pass does not rewrite) must
+    say so: its size and speed-up are far from what the Linears alone suggest. Weights that the
+    graph reads through aten.linear (``read``; F.linear on a module's own parameter) and the
+    stacked experts it ternarizes count as Linears."""
     params = dict(model.named_parameters(remove_duplicate=False))
     others = [(fqn, n) for fqn, n in weights_outside_linears(model) if id(params.get(fqn)) not in read]
     if not others:
@@ -212,7 +215,8 @@ def _warn_weights_outside_linears(model: nn.Module, read: set) -> None:
     kept = sum(n for _, n in others)
     largest = sorted(others, key=lambda item: -item[1])[:3]
     log.warning("%d weight tensor(s) outside nn.Linear stay in full precision: %.1f%% of the parameters "
-                "(e.g. %s); pt2pass ternarizes nn.Linear (aten.linear) only", len(others),
+                "(e.g. %s); pt2pass ternarizes nn.Linear (aten.linear) and MoE experts run as grouped "
+                "matmuls of (experts, out, in) weights only", len(others),
                 100.0 * kept / max(total, 1), ", ".join(f"{fqn} {n:,}" for fqn, n in largest))
 
 

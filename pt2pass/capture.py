@@ -16,10 +16,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .experts import WEIGHT_FQN, experts_nodes, tag_experts
+
 log = logging.getLogger(__name__)
 
 LINEAR_OP = torch.ops.aten.linear.default
-WEIGHT_FQN = "pt2pass_weight_fqn"
 STAGE = "pt2pass_stage"
 PRE_STAGE, POST_STAGE, WHOLE_STAGE = "embedding", "head", "model"
 
@@ -79,6 +80,7 @@ def capture(model: nn.Module, example_inputs=None) -> fx.GraphModule:
         raise CaptureError(capture_error_message(model, exc)) from exc
     gm = ep.module()
     tag_linears(gm, model)
+    tag_experts(gm, model)
     tag_stages(gm, model)
     return gm
 
@@ -187,7 +189,7 @@ def require_captured(gm: fx.GraphModule, who: str) -> None:
     """Refuse a graph whose Linears :func:`tag_linears` did not tag: a quantizer would find
     nothing to do, and lowering would drop parameters that a torch.fx.symbolic_trace graph shares
     with the user's model."""
-    if not linear_nodes(gm):
+    if not linear_nodes(gm) and not experts_nodes(gm):
         raise ValueError(f"{who}: the graph has no Linear nodes tagged by pt2pass.capture; capture "
                          "the model with pt2pass.capture(model) (torch.fx.symbolic_trace and "
                          "plain torch.export graphs are not tagged)")

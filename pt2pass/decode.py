@@ -39,6 +39,7 @@ from torch import nn
 
 from .assemble import lower_from_store, real_device, traceable_weights
 from .capture import CaptureError, capture_error_message, tag_linears
+from .experts import tag_experts
 from .lowering.fuse_add_rms_norm import FuseAddRMSNorm, fuse_norm_default
 from .lowering.group_siblings import GroupSiblingLinears
 from .lowering.lower import fetch_attr
@@ -203,6 +204,7 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
         raise CaptureError(capture_error_message(skeleton, exc)) from exc
     gm = ep.module()
     tag_linears(gm, module)
+    tag_experts(gm, module)
     gm, _ = lower_from_store(gm, store, weights, device)
     if decode_attention is None:
         decode_attention = decode_attention_default()

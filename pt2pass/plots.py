@@ -198,7 +198,7 @@ def _column_blocks(perm, k: int, block_size: int) -> np.ndarray:
 
 def plot_block_order(rows, path: Path, perms: Optional[Mapping[str, Any]] = None,
                      block_size: int = 128, caption: str = "") -> Optional[Path]:
-    shift = _per_kind(rows, lambda r: (100.0 * _num(r, "mean_abs_shift") / r["shape"][1]
+    shift = _per_kind(rows, lambda r: (100.0 * _num(r, "mean_abs_shift") / r["shape"][-1]
                                        if _num(r, "mean_abs_shift") is not None and r.get("shape")
                                        else None))
     if not shift:
@@ -232,7 +232,7 @@ def plot_block_order(rows, path: Path, perms: Optional[Mapping[str, Any]] = None
         layer_rows = sorted(((layer_position(r["layer"])[0], r) for r in rows
                              if layer_position(r["layer"])[1] == kind and r["layer"] in perms),
                             key=lambda t: t[0])
-        k = int(layer_rows[0][1]["shape"][1])
+        k = int(layer_rows[0][1]["shape"][-1])
         image = np.stack([_column_blocks(perms[r["layer"]], k, block_size) for _, r in layer_rows])
         n_blocks = int(image.max()) + 1
         im = ax.imshow(image, aspect="auto", interpolation="nearest",
@@ -251,14 +251,15 @@ def plot_block_order(rows, path: Path, perms: Optional[Mapping[str, Any]] = None
 
 
 def _heatmap_kinds(rows, perms) -> List[str]:
-    """Up to two layer kinds with permutations for every layer (the widest input first)."""
+    """Up to two layer kinds with permutations for every layer (the widest input first); stacked
+    MoE experts (one permutation per expert) are not drawn."""
     if not perms:
         return []
     kinds = []
     for kind in _kinds(rows):
         of_kind = [r for r in rows if layer_position(r["layer"])[1] == kind]
-        if of_kind and all(r["layer"] in perms and r.get("shape") for r in of_kind):
-            kinds.append((int(of_kind[0]["shape"][1]), kind))
+        if of_kind and all(r["layer"] in perms and len(r.get("shape") or ()) == 2 for r in of_kind):
+            kinds.append((int(of_kind[0]["shape"][-1]), kind))
     # the first kind (e.g. q_proj) and the widest-input kind (e.g. down_proj)
     if not kinds:
         return []

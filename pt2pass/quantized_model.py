@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .lowering.lower import TERNARY_OP
+from .lowering.lower import TERNARY_EXPERTS_OP, TERNARY_OP
 from .data import check_token_ids
 from .sampling import EosIds, Sampling, check_padding_mask, check_prompt, check_scoring_mask, generation_loop
 from .store import QuantStore
@@ -58,6 +58,10 @@ class QuantizedModel(nn.Module):
 
     def ternary_node_count(self) -> int:
         return sum(1 for n in self.gm.graph.nodes if n.target is TERNARY_OP)
+
+    def experts_node_count(self) -> int:
+        """pt2pass.ternary_experts nodes (stacked MoE experts)."""
+        return sum(1 for n in self.gm.graph.nodes if n.target is TERNARY_EXPERTS_OP)
 
 
 class QuantizedCausalLM(QuantizedModel):

@@ -221,9 +221,9 @@ def _row_problem(row: Dict[str, Any]) -> str:
     if not isinstance(row["layer"], str):
         return f"'layer' must be a string, got {row['layer']!r}"
     shape = row.get("shape")
-    if shape is not None and not (isinstance(shape, list) and len(shape) == 2
+    if shape is not None and not (isinstance(shape, list) and len(shape) in (2, 3)
                                   and all(isinstance(d, int) and d > 0 for d in shape)):
-        return f"'shape' must be [out_features, in_features], got {shape!r}"
+        return f"'shape' must be [out_features, in_features] or [experts, out, in], got {shape!r}"
     for k, v in row.items():
         if k.startswith("E_") and not (v is None or isinstance(v, number) or (
                 isinstance(v, list) and all(isinstance(x, number) for x in v))):

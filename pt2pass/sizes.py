@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .lowering.lower import TERNARY_OP
+from .lowering.lower import TERNARY_EXPERTS_OP, TERNARY_OP
 
 
 @dataclass
@@ -43,13 +43,13 @@ def ternary_linear_sizes(gm: fx.GraphModule) -> LinearSizes:
     """Sizes of the ``pt2pass.ternary_linear`` layers of a lowered graph."""
     n_weights = packed = layers = 0
     for node in gm.graph.nodes:
-        if node.target is not TERNARY_OP:
+        if node.target not in (TERNARY_OP, TERNARY_EXPERTS_OP):
             continue
         layers += 1
-        tensors = [_attr(gm, a) for a in node.args[1:] if isinstance(a, fx.Node) and a.op == "get_attr"]
+        first = 1 if node.target is TERNARY_OP else 2  # ternary_experts(x, offs, packed, ...)
+        tensors = [_attr(gm, a) for a in node.args[first:] if isinstance(a, fx.Node) and a.op == "get_attr"]
         packed += sum(t.numel() * t.element_size() for t in tensors)
-        codes = _attr(gm, node.args[1])
-        n_weights += codes.shape[0] * codes.shape[1] * 16
+        n_weights += _attr(gm, node.args[first]).numel() * 16  # 16 codes per int32 word
     return LinearSizes(n_weights, 2 * n_weights, packed, layers)
 
 
@@ -91,15 +91,17 @@ def bits_per_weight(store, packing: str = "2bit") -> float:
         raise ValueError(f"packing={packing!r}; allowed: {sorted(CODE_BITS)}")
     total_bits = total_weights = 0.0
     for layer in store.layers.values():
-        n, k = layer.shape
-        groups = layer.alpha.shape[1]
+        *experts, n, k = layer.shape
+        n *= experts[0] if experts else 1  # stacked MoE experts: E x N rows of K weights
+        groups = layer.alpha.shape[-1]
         if layer.is_ternary:
             codes = n * k * 2 if packing == "2bit" else n * 8 * -(-k // 5)
             bits = codes + 2 * SCALE_BITS * n * groups
         else:
             b = int(layer.stats.get("bits", 2))
             bits = n * k * b + (SCALE_BITS + b) * n * groups
-        bits += _perm_bits(packing, k) if layer.perm is not None else 0  # SSR / act-order
+        orders = layer.perm.numel() // k if layer.perm is not None else 0  # one per expert
+        bits += orders * _perm_bits(packing, k)  # SSR / act-order
         total_bits += bits
         total_weights += n * k
     return total_bits / max(total_weights, 1)

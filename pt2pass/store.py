@@ -37,6 +37,7 @@ class LayerQuant:
         self.alpha = alpha            # (N, ceil(K / block)) scales, blocks in perm order
         self.mu = mu                  # (N, ceil(K / block)) offsets
         self.perm = perm              # int64 (K,) or None (natural order)
+        # stacked MoE experts (see is_experts) carry a leading expert dimension on every tensor
         self.block_size = block_size  # columns per (alpha, mu) block; the last may be partial
         self.stats = dict(stats or {})
         self.T = T                    # int8 (N, K), columns in quantization (perm) order
@@ -45,15 +46,22 @@ class LayerQuant:
     def T(self) -> torch.Tensor:
         if self.packed is None:
             return self._T
-        return unpack_codes(self.packed)
+        return unpack_codes(self.packed.reshape(-1, self.packed.shape[-1])).reshape(self.shape)
 
     @T.setter
     def T(self, value: torch.Tensor) -> None:
         self.shape = tuple(value.shape)
-        if self.is_ternary and value.dim() == 2 and value.shape[1] % WEIGHTS_PER_WORD == 0:
-            self.packed, self._T = pack_ternary(value), None  # rejects values outside {-1, 0, 1}
+        if self.is_ternary and value.dim() in (2, 3) and value.shape[-1] % WEIGHTS_PER_WORD == 0:
+            # rejects values outside {-1, 0, 1}; stacked experts are packed row by row like one matrix
+            rows = pack_ternary(value.reshape(-1, value.shape[-1]))
+            self.packed, self._T = rows.reshape(*value.shape[:-1], rows.shape[-1]), None
         else:
             self.packed, self._T = None, value
+
+    @property
+    def is_experts(self) -> bool:
+        """True for stacked MoE experts: T (E, N, K), alpha / mu (E, N, blocks), perm (E, K)."""
+        return len(self.shape) == 3
 
     @property
     def is_ternary(self) -> bool:

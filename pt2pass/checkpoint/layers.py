@@ -8,6 +8,9 @@ Tensors of layer ``<fqn>`` (the weight's FQN), all in the store's pre-fold form:
   where fp16 would overflow and for GPTQ, whose dense weight is rebuilt from them bit for bit).
 - ``<fqn>.perm``: the SSR/act-order column order, each index in ceil(log2 K) bits
   (``bitpack.pack_indices``, uint8; absent when natural).
+
+Stacked MoE experts (entry ``"experts": E``) store the same parts with the experts' rows one
+after another: codes (E * N, ceil(K / 5)), alpha / mu (E, N, blocks), perm (E, bytes per order).
 """
 from __future__ import annotations
 
@@ -39,16 +42,19 @@ def parse_dtype(name: str, what: str) -> torch.dtype:
 
 def encode_layer(layer: LayerQuant, weight_dtype: torch.dtype) -> Tuple[Dict[str, torch.Tensor], dict]:
     """(tensors keyed ``<fqn>.<part>``, JSON entry) for one layer of the store."""
-    n, k = layer.shape
+    n, k = layer.shape[-2:]
+    experts = layer.shape[0] if layer.is_experts else None
     entry = {"method": layer.method, "out_features": n, "in_features": k,
              "block_size": layer.block_size, "weight_dtype": dtype_name(weight_dtype),
              "scale_dtype": dtype_name(layer.alpha.dtype), "perm": layer.perm is not None}
+    if experts is not None:
+        entry["experts"] = experts
     if layer.is_ternary:
         entry["codes"] = TRIT5
-        codes = pack_trits(layer.T.cpu())
+        codes = pack_trits(layer.T.cpu().reshape(-1, k))
     elif layer.method in DENSE_METHODS:
         entry.update(codes=UINT8, bits=int(layer.stats.get("bits", 8)))
-        codes = layer.T.cpu().to(torch.uint8)
+        codes = layer.T.cpu().to(torch.uint8).reshape(-1, k)
     else:
         raise CheckpointError(f"{layer.fqn}: method {layer.method!r} cannot be saved; supported: "
                               f"{', '.join(TERNARY_METHODS + DENSE_METHODS)}")
@@ -57,7 +63,9 @@ def encode_layer(layer: LayerQuant, weight_dtype: torch.dtype) -> Tuple[Dict[str
     tensors = {f"{layer.fqn}.codes": codes, f"{layer.fqn}.alpha": layer.alpha.cpu(),
                f"{layer.fqn}.mu": layer.mu.cpu()}
     if layer.perm is not None:
-        tensors[f"{layer.fqn}.perm"] = pack_indices(layer.perm.cpu(), k)
+        orders = layer.perm.cpu().reshape(-1, k)
+        packed = torch.stack([pack_indices(order, k) for order in orders])
+        tensors[f"{layer.fqn}.perm"] = packed if experts is not None else packed[0]
     return {name: t.contiguous() for name, t in tensors.items()}, entry
 
 
@@ -74,37 +82,42 @@ def decode_layer(fqn: str, entry: dict, tensors: Dict[str, torch.Tensor], stats:
         method, n, k = entry["method"], int(entry["out_features"]), int(entry["in_features"])
         block_size, packing = int(entry["block_size"]), entry["codes"]
         scale_dtype = parse_dtype(entry["scale_dtype"], fqn)
+        experts = None if entry.get("experts") is None else int(entry["experts"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"pt2pass.json: layer {fqn} has a missing or invalid field: {exc}") from exc
-    if n <= 0 or k <= 0 or block_size <= 0:
-        raise CheckpointError(f"pt2pass.json: layer {fqn} has shape ({n}, {k}), block_size {block_size}")
+    if n <= 0 or k <= 0 or block_size <= 0 or (experts is not None and experts <= 0):
+        raise CheckpointError(f"pt2pass.json: layer {fqn} has shape ({n}, {k}), block_size {block_size}"
+                              f"{'' if experts is None else f', {experts} experts'}")
+    lead = () if experts is None else (experts,)  # stacked experts: every part has E in front
+    rows = n * (experts or 1)
     codes = tensors[f"{fqn}.codes"]
     if method in TERNARY_METHODS and packing == TRIT5:
-        _expect(codes, f"{fqn}.codes", (n, -(-k // 5)), torch.uint8)
+        _expect(codes, f"{fqn}.codes", (rows, -(-k // 5)), torch.uint8)
         try:
-            T = unpack_trits(codes, k)
+            T = unpack_trits(codes, k).reshape(*lead, n, k)
         except ValueError as exc:
             raise CheckpointError(f"{fqn}.codes: codes out of range ({exc})") from exc
     elif method in DENSE_METHODS and packing == UINT8:
-        _expect(codes, f"{fqn}.codes", (n, k), torch.uint8)
+        _expect(codes, f"{fqn}.codes", (rows, k), torch.uint8)
         top = 2 ** int(entry.get("bits", 8)) - 1
         if codes.numel() and int(codes.max()) > top:
             raise CheckpointError(f"{fqn}.codes: codes out of range (max {int(codes.max())}, "
                                   f"{entry.get('bits')}-bit codes stop at {top})")
-        T = codes
+        T = codes.reshape(*lead, n, k)
     else:
         raise CheckpointError(f"pt2pass.json: layer {fqn} has method {method!r} with codes "
                               f"{packing!r}, which this pt2pass cannot load")
-    scales = (n, n_blocks(k, block_size))
+    scales = (*lead, n, n_blocks(k, block_size))
     alpha = _expect(tensors[f"{fqn}.alpha"], f"{fqn}.alpha", scales, scale_dtype)
     mu = _expect(tensors[f"{fqn}.mu"], f"{fqn}.mu", scales, scale_dtype)
     perm = None
     if entry.get("perm"):
-        packed = _expect(tensors[f"{fqn}.perm"], f"{fqn}.perm", (-(-k * index_bits(k) // 8),),
+        packed = _expect(tensors[f"{fqn}.perm"], f"{fqn}.perm", (*lead, -(-k * index_bits(k) // 8)),
                          torch.uint8)
-        perm = unpack_indices(packed, k, k)
-        if not torch.equal(perm.sort().values, torch.arange(k)):
+        perm = torch.stack([unpack_indices(order, k, k) for order in packed.reshape(-1, packed.shape[-1])])
+        if not torch.equal(perm.sort(dim=-1).values, torch.arange(k).expand_as(perm)):
             raise CheckpointError(f"{fqn}.perm is not a permutation of 0..{k - 1}")
+        perm = perm.reshape(*lead, k)
     return LayerQuant(fqn=fqn, method=method, T=T, alpha=alpha, mu=mu, perm=perm,
                       block_size=block_size, stats=stats)
 

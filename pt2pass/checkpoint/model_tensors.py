@@ -18,7 +18,9 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture import LINEAR_OP, WEIGHT_FQN
-from ..lowering.lower import GATHER, LOWERED_BUFFERS, OUTPUT_PERM, TERNARY_OP, lowered_buffer
+from ..experts import experts_parts, is_grouped_mm
+from ..lowering.lower import (GATHER, LOWERED_BUFFERS, OUTPUT_PERM, TERNARY_EXPERTS_OP, TERNARY_OP,
+                              lowered_buffer)
 from ..store import QuantStore
 from .errors import CheckpointError
 
@@ -66,7 +68,16 @@ def _lowering_products(gm: fx.GraphModule, store: QuantStore):
         if node.meta.get(GATHER) and isinstance(node.args[2], fx.Node):
             owned.add(node.args[2].target)
         fqn = node.meta.get(WEIGHT_FQN)
-        if fqn not in store or node.target not in (TERNARY_OP, LINEAR_OP):
+        if fqn not in store or not (node.target in (TERNARY_OP, LINEAR_OP, TERNARY_EXPERTS_OP)
+                                    or is_grouped_mm(node)):
+            continue
+        if node.target is TERNARY_EXPERTS_OP:  # (x, offs, packed, alpha, mu, perm, block_size)
+            owned.update(a.target for a in node.args[2:6] if isinstance(a, fx.Node))
+            val = node.meta.get("val")
+            weight_dtypes[fqn] = val.dtype if val is not None else torch.float32
+            continue
+        if is_grouped_mm(node):  # experts quantized by a method that is not lowered
+            weight_dtypes[fqn] = _attr(gm, experts_parts(node)[1].target).dtype
             continue
         if node.target is TERNARY_OP:
             x, packed, alpha, mu, bias, perm = node.args[:6]

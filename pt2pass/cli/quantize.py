@@ -120,7 +120,8 @@ def run(args) -> int:
     print(f"calibration: {ids.shape[0]} windows x {args.seqlen} tokens from {calib_desc}; "
           f"seed {args.seed}; device {device}")
     print(f"{summary['n_layers']} quantized Linears, {summary['n_weights'] / 1e6:.1f}M weights: "
-          f"{_size(summary, ternary)}; {qm.ternary_node_count()} pt2pass.ternary_linear nodes")
+          f"{_size(summary, ternary)}; {qm.ternary_node_count()} pt2pass.ternary_linear nodes"
+          + (f", {qm.experts_node_count()} pt2pass.ternary_experts nodes" if qm.experts_node_count() else ""))
     print(f"time: {format_times(times)}")
     print(f"wrote: checkpoint {args.out}, report {report_path}"
           + (f", plots {', '.join(str(p) for p in written)}" if written else ""))

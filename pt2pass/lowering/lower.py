@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..capture import LINEAR_OP, WEIGHT_FQN, require_captured
+from ..experts import experts_parts, is_grouped_mm
 from ..pass_manager import Pass, PassResult
 from ..store import LayerQuant, QuantStore, store_of
 from .format import pack_ternary
@@ -33,6 +34,7 @@ from . import ops  # noqa: F401  (registers torch.ops.pt2pass.ternary_linear)
 log = logging.getLogger(__name__)
 
 TERNARY_OP = torch.ops.pt2pass.ternary_linear.default
+TERNARY_EXPERTS_OP = torch.ops.pt2pass.ternary_experts.default
 INPUT_PERMUTED = "pt2pass_input_permuted"
 OUTPUT_PERM = "pt2pass_output_perm"
 GATHER = "pt2pass_gather"  # marks index_select nodes inserted by InsertPermutations
@@ -75,18 +77,19 @@ class LowerTernaryLinear(Pass):
 
     def _targets(self, gm: fx.GraphModule):
         store = self._store(gm)
-        return [n for n in gm.graph.nodes if n.target is LINEAR_OP
+        return [n for n in gm.graph.nodes if (n.target is LINEAR_OP or is_grouped_mm(n))
                 and n.meta.get(WEIGHT_FQN) in store and store[n.meta[WEIGHT_FQN]].is_ternary]
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         store = self._store(gm)
         targets = self._targets(gm)
         for node in targets:
-            self._lower(gm, node, store[node.meta[WEIGHT_FQN]])
+            lower = self._lower if node.target is LINEAR_OP else self._lower_experts
+            lower(gm, node, store[node.meta[WEIGHT_FQN]])
         gm.graph.eliminate_dead_code()
         _drop_unused_attributes(gm)
         self.lowered = len(targets)
-        log.info("lowered %d Linear nodes to pt2pass.ternary_linear", len(targets))
+        log.info("lowered %d Linear / experts nodes to pt2pass.ternary_linear / ternary_experts", len(targets))
         return PassResult(gm, modified=bool(targets))
 
     def ensures(self, gm: fx.GraphModule) -> None:
@@ -121,11 +124,37 @@ class LowerTernaryLinear(Pass):
             new = gm.graph.call_function(
                 TERNARY_OP, (x, attrs["packed"], attrs["alpha"], attrs["mu"], bias,
                              attrs.get("input_perm"), layer.block_size))
-        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        if "val" in node.meta:
-            new.meta["val"] = node.meta["val"]
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+        _replace(gm, node, new)
+
+    def _lower_experts(self, gm: fx.GraphModule, node: fx.Node, layer: LayerQuant) -> None:
+        """grouped_mm(x, transpose(W), offs) -> pt2pass.ternary_experts(x, offs, packed, ...);
+        the stacked experts' buffers are registered beside W like a Linear's."""
+        x, weight, offs = experts_parts(node)
+        w = fetch_attr(gm, weight.target)
+        if tuple(w.shape) != layer.shape:
+            raise ValueError(f"{layer.fqn}: graph experts weight {tuple(w.shape)} does not match the "
+                             f"quantized experts {layer.shape}")
+        names = {"packed": layer.packed, "alpha": layer.alpha, "mu": layer.mu}
+        if layer.perm is not None:
+            names["input_perm"] = layer.perm.to(torch.int32)
+        device = buffer_device(gm, w)
+        targets = {k: register_lowered_buffer(gm, layer.fqn, k, v.to(device).contiguous())
+                   for k, v in names.items()}
+        with gm.graph.inserting_before(node):
+            attrs = {k: gm.graph.get_attr(target) for k, target in targets.items()}
+            new = gm.graph.call_function(
+                TERNARY_EXPERTS_OP, (x, offs, attrs["packed"], attrs["alpha"], attrs["mu"],
+                                     attrs.get("input_perm"), layer.block_size))
+        _replace(gm, node, new)
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> None:
+    """``new`` takes ``node``'s place, users and metadata (its value's shape included)."""
+    new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    if "val" in node.meta:
+        new.meta["val"] = node.meta["val"]
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
 
 
 def buffer_device(gm: fx.GraphModule, weight: torch.Tensor) -> torch.device:

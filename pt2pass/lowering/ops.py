@@ -186,3 +186,6 @@ def compile_fresh(fn, **compile_kwargs):
                  "traces of pt2pass ops)")
         functorch_config.enable_autograd_cache = False
     return torch.compile(fn, **compile_kwargs)
+
+
+from . import experts_ops  # noqa: E402,F401  (registers torch.ops.pt2pass.ternary_experts)

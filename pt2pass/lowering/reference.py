@@ -27,3 +27,18 @@ def rms_norm_reference(h: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     hf = h.to(torch.float32)
     hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * hf.to(h.dtype)
+
+
+def ternary_experts_reference(x: torch.Tensor, offs: torch.Tensor, packed: torch.Tensor,
+                              alpha: torch.Tensor, mu: torch.Tensor, perm: Optional[torch.Tensor] = None,
+                              block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+    """Rows ``offs[e-1]:offs[e]`` of x (S, K) through expert e's ternary weight (``packed[e]`` ...),
+    rows past ``offs[-1]`` zero: transformers' grouped matmul over experts, one expert at a time."""
+    out = x.new_zeros((x.shape[0], packed.shape[1]))
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = ternary_linear_reference(x[start:end], packed[e], alpha[e], mu[e], None,
+                                                      None if perm is None else perm[e], block_size)
+        start = max(start, end)
+    return out

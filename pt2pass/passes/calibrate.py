@@ -1,4 +1,5 @@
-"""CaptureCalibration: run calibration batches through the graph and record each Linear's Hessian.
+"""CaptureCalibration: run calibration batches through the graph and record each Linear's Hessian
+(each MoE expert's, for stacked experts).
 
 Before/after: the graph is unchanged; ``store_of(gm).config["hessians"]`` maps each quantizable
 weight FQN to H = (2/N) Σ xxᵀ of its input, computed from full-precision activations. Linears
@@ -18,8 +19,9 @@ from ..capture import require_captured
 from ..pass_manager import Pass, PassResult
 from ..runner import BatchedGraphRunner, PerBatch
 from ..store import store_of
-from .layer_quantizer import HessianCache
-from .linear_sites import quantizable_linears
+from .expert_sites import calibration_inputs, quantizable_experts
+from .layer_quantizer import HessianCache, experts_hessians
+from .linear_sites import get_weight, quantizable_linears
 
 HESSIANS = "hessians"
 
@@ -36,8 +38,10 @@ class CaptureCalibration(Pass):
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         sites = quantizable_linears(gm, self.skip)
+        experts = quantizable_experts(gm, self.skip)
         by_node = {node: fqn for fqn, node in sites.items()}
-        runner = BatchedGraphRunner(gm, self.batches, targets=sites.values())
+        by_experts = {node: fqn for fqn, node in experts.items()}
+        runner = BatchedGraphRunner(gm, self.batches, targets=[*sites.values(), *experts.values()])
         cache = HessianCache(sites)
         shared: Dict[fx.Node, torch.Tensor] = {}
         hessians: Dict[str, torch.Tensor] = {}
@@ -52,11 +56,16 @@ class CaptureCalibration(Pass):
                         if H is None:
                             H = shared[node.args[0]] = cache.take(by_node[node], node, values)
                         hessians[by_node[node]] = H
+                    elif node in by_experts:  # one H per expert, from the rows routed to it
+                        fqn = by_experts[node]
+                        values = [runner.value(arg).values for arg in calibration_inputs(node)]
+                        hessians[fqn] = experts_hessians(fqn, values, get_weight(gm, fqn))
                     runner.run_node(node)
         store_of(gm).config[HESSIANS] = hessians
         return PassResult(gm, modified=False)
 
     def ensures(self, gm: fx.GraphModule) -> None:
-        missing = set(quantizable_linears(gm, self.skip)) - set(store_of(gm).config[HESSIANS])
+        wanted = set(quantizable_linears(gm, self.skip)) | set(quantizable_experts(gm, self.skip))
+        missing = wanted - set(store_of(gm).config[HESSIANS])
         if missing:
             raise AssertionError(f"no Hessian recorded for {sorted(missing)[:3]}")

@@ -108,3 +108,63 @@ class HessianCache:
         if not self.pending[x_node]:
             del self.hessians[x_node]
         return H
+
+
+def quantize_experts(fqn: str, W: torch.Tensor, hessians: Optional[List[torch.Tensor]],
+                     config: TernaryConfig, quantize_fn: QuantizeFn = quantize_linear):
+    """Quantize stacked MoE experts W (E, N, K) one expert at a time (``quantize_fn`` on
+    ``"fqn[e]"``, ``hessians[e]`` or None); return (one LayerQuant of the stacked results, Q (E, N, K)).
+
+    Scales of one dtype (float32 for all when any expert needed it), permutations stacked (the
+    identity for an expert quantized in natural order when another has one), statistics averaged
+    over the experts (seconds summed)."""
+    if W.dim() != 3:
+        raise ValueError(f"{fqn}: stacked experts must be a 3-D (experts, out, in) tensor, got {tuple(W.shape)}")
+    if hessians is not None and len(hessians) != W.shape[0]:
+        raise ValueError(f"{fqn}: {len(hessians)} Hessians for {W.shape[0]} experts")
+    layers, Qs = [], []
+    for e in range(W.shape[0]):
+        layer, Q = quantize_fn(f"{fqn}[{e}]", W[e], None if hessians is None else hessians[e], config)
+        layers.append(layer)
+        Qs.append(Q)
+    return stack_experts(fqn, layers), torch.stack(Qs)
+
+
+def stack_experts(fqn: str, layers: List[LayerQuant]) -> LayerQuant:
+    """One LayerQuant for the experts' LayerQuants (see :func:`quantize_experts`)."""
+    first = layers[0]
+    if any(q.method != first.method or q.block_size != first.block_size or q.shape != first.shape
+           for q in layers):
+        raise ValueError(f"{fqn}: experts quantized with different methods, block sizes or shapes")
+    dtype = torch.float32 if any(q.alpha.dtype == torch.float32 for q in layers) else first.alpha.dtype
+    perm = None
+    if any(q.perm is not None for q in layers):
+        identity = torch.arange(first.shape[1], device=first.alpha.device)
+        perm = torch.stack([identity if q.perm is None else q.perm for q in layers])
+    stats = {}
+    for key, value in first.stats.items():
+        values = [q.stats.get(key) for q in layers]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            stats[key] = sum(values) if key == "seconds" else sum(values) / len(values)
+    stats["experts"] = len(layers)
+    return LayerQuant(fqn=fqn, method=first.method, T=torch.stack([q.T for q in layers]),
+                      alpha=torch.stack([q.alpha.to(dtype) for q in layers]),
+                      mu=torch.stack([q.mu.to(dtype) for q in layers]), perm=perm,
+                      block_size=first.block_size, stats=stats)
+
+
+def experts_hessians(fqn: str, activations, W: torch.Tensor) -> List[torch.Tensor]:
+    """Each expert's Hessian from the rows routed to it (see quant.grouped_hessians);
+    ``activations`` = (rows sorted by expert, offsets) per calibration batch."""
+    from ..quant import grouped_hessians
+
+    xs, offs = activations
+    try:
+        Hs, counts = grouped_hessians(xs, offs, W.shape[0], device=W.device)
+    except ValueError as exc:
+        raise ValueError(f"calibration input of {fqn}: {exc}") from exc
+    idle = [e for e, n in enumerate(counts) if n == 0]
+    if idle:
+        log.warning("%s: experts %s got no calibration token; quantized with the Hessian of all "
+                    "the layer's tokens", fqn, idle)
+    return Hs

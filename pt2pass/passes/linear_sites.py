@@ -52,7 +52,7 @@ def classify_linears(gm: fx.GraphModule, skip: Iterable[str] = ()
         if node.target is LINEAR_OP and WEIGHT_FQN in node.meta:
             by_fqn.setdefault(node.meta[WEIGHT_FQN], []).append(node)
     sites, excluded = {}, {}
-    readers = _readers_by_tensor(gm)
+    readers = readers_by_tensor(gm)
     for fqn, nodes in by_fqn.items():
         matched = [s for s in skip if s in fqn]
         if matched:
@@ -74,7 +74,7 @@ def classify_linears(gm: fx.GraphModule, skip: Iterable[str] = ()
     return sites, excluded
 
 
-def _readers_by_tensor(gm: fx.GraphModule) -> Dict[int, list]:
+def readers_by_tensor(gm: fx.GraphModule) -> Dict[int, list]:
     """id(tensor) -> the nodes reading it through any get_attr: a tie can appear as one
     get_attr node with several users or as two attribute names of one Parameter."""
     readers: Dict[int, list] = {}

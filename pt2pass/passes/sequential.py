@@ -19,12 +19,13 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
-from ..capture import require_captured
+from ..capture import LINEAR_OP, require_captured
 from ..config import CompileConfig
 from ..pass_manager import Pass, PassResult
 from ..runner import BatchedGraphRunner, PerBatch
 from ..store import store_of
-from .layer_quantizer import HessianCache, quantize_linear
+from .expert_sites import calibration_inputs, classify_experts, quantizable_experts
+from .layer_quantizer import HessianCache, experts_hessians, quantize_experts, quantize_linear
 from .linear_sites import (classify_linears, get_weight, quantizable_linears, require_unpermuted,
                            set_weight)
 
@@ -45,21 +46,23 @@ class SequentialTernarize(Pass):
     def requires(self, gm: fx.GraphModule) -> None:
         require_captured(gm, self.name)
         require_unpermuted(gm, self.name)
-        if not classify_linears(gm, self.config.skip)[0]:  # silent: call() logs the exclusions
+        # silent: call() logs the exclusions
+        if not classify_linears(gm, self.config.skip)[0] and not classify_experts(gm, self.config.skip)[0]:
             raise ValueError("the graph has no quantizable Linear nodes (are they all skipped?)")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
         sites = quantizable_linears(gm, self.config.skip)
-        by_node = {node: fqn for fqn, node in sites.items()}
-        runner = BatchedGraphRunner(gm, self.batches, targets=sites.values(),
+        experts = quantizable_experts(gm, self.config.skip)
+        by_node = {node: fqn for fqn, node in [*sites.items(), *experts.items()]}
+        runner = BatchedGraphRunner(gm, self.batches, targets=[*sites.values(), *experts.values()],
                                     offload_to="cpu" if self.config.offload_activations else None)
-        hessians = HessianCache(sites)
+        hessians = HessianCache(sites)  # experts take per-expert Hessians of their own inputs
         store = store_of(gm)
         segments = runner.segments()
         # Two bars: stages (decoder blocks) show where the calibration forward is, layers show
         # the quantizer's progress (most of the time is spent there).
         bar = tqdm(segments, desc="stages", unit="stage", disable=not self.progress)
-        self._layer_bar = tqdm(total=len(sites), desc="ternarize", unit="layer",
+        self._layer_bar = tqdm(total=len(by_node), desc="ternarize", unit="layer",
                                disable=not self.progress)
         with torch.no_grad(), bar, self._layer_bar:
             for stage, nodes in bar:
@@ -72,9 +75,9 @@ class SequentialTernarize(Pass):
                     if node in by_node:
                         self._quantize(runner, node, by_node[node], hessians, store)
                     runner.run_node(node)
-        for fqn in sites:
+        for fqn in by_node.values():
             set_weight(gm, fqn, runner.weights[fqn])
-        self.fqns = list(sites)
+        self.fqns = list(by_node.values())
         self.peak_activation_bytes = runner.peak_bytes
         store.config["peak_activation_bytes"] = runner.peak_bytes
         log.info("calibration activations: peak %.1f MiB held at once (%s)", runner.peak_bytes / 2**20,
@@ -87,11 +90,12 @@ class SequentialTernarize(Pass):
         inputs = runner.pin({})
         for node in nodes:
             if node in by_node:
-                inputs[node.args[0]] = runner.value(node.args[0])
+                for arg in calibration_inputs(node):
+                    inputs[arg] = runner.value(arg)
             runner.run_node(node)
         for node in stage_sites:
             self._quantize(runner, node, by_node[node], hessians, store,
-                           _per_batch(inputs[node.args[0]]))
+                           [_per_batch(inputs[arg]) for arg in calibration_inputs(node)])
         runner.unpin(inputs)
         runner.unpin(snapshot)
         runner.env = snapshot
@@ -100,11 +104,15 @@ class SequentialTernarize(Pass):
 
     def _quantize(self, runner, node, fqn, hessians, store, activations=None) -> None:
         if activations is None:
-            activations = _per_batch(runner.value(node.args[0]))
+            activations = [_per_batch(runner.value(arg)) for arg in calibration_inputs(node)]
         W = get_weight(runner.gm, fqn)
-        H = hessians.take(fqn, node, activations, device=W.device)  # activations may be offloaded
         self._layer_bar.set_postfix_str(fqn, refresh=False)
-        layer, Q = self.quantize_fn(fqn, W, H, self.config.ternary)
+        if node.target is LINEAR_OP:  # activations may be offloaded: H goes to W's device
+            H = hessians.take(fqn, node, activations[0], device=W.device)
+            layer, Q = self.quantize_fn(fqn, W, H, self.config.ternary)
+        else:
+            Hs = experts_hessians(fqn, activations, W)
+            layer, Q = quantize_experts(fqn, W, Hs, self.config.ternary, self.quantize_fn)
         store[fqn] = layer
         runner.weights[fqn] = Q
         self._layer_bar.update(1)

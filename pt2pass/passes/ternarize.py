@@ -19,7 +19,8 @@ from ..config import CompileConfig
 from ..pass_manager import Pass, PassResult
 from ..store import store_of
 from .calibrate import HESSIANS
-from .layer_quantizer import quantize_linear
+from .expert_sites import quantizable_experts
+from .layer_quantizer import quantize_experts, quantize_linear
 from .linear_sites import get_weight, quantizable_linears, require_unpermuted, set_weight
 
 
@@ -41,11 +42,16 @@ class TernarizeWeights(Pass):
         store = store_of(gm)
         hessians = store.config.get(HESSIANS, {})
         sites = quantizable_linears(gm, self.config.skip)
+        experts = quantizable_experts(gm, self.config.skip)
         with torch.no_grad():
-            for fqn in tqdm(sites, desc="ternarize", unit="layer", disable=not self.progress):
+            for fqn in tqdm([*sites, *experts], desc="ternarize", unit="layer", disable=not self.progress):
                 W = get_weight(gm, fqn)
-                layer, Q = self.quantize_fn(fqn, W, hessians.get(fqn), self.config.ternary)
+                if fqn in experts:  # stacked MoE experts: a list of per-expert Hessians (or None)
+                    layer, Q = quantize_experts(fqn, W, hessians.get(fqn), self.config.ternary,
+                                                self.quantize_fn)
+                else:
+                    layer, Q = self.quantize_fn(fqn, W, hessians.get(fqn), self.config.ternary)
                 store[fqn] = layer
                 set_weight(gm, fqn, Q)
         store.config.pop(HESSIANS, None)  # large, and no longer needed
-        return PassResult(gm, modified=bool(sites))
+        return PassResult(gm, modified=bool(sites or experts))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Optional, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -110,3 +110,30 @@ def cholesky_inverse_damped(H: Tensor, max_tries: int = 7) -> Tensor:
         log.warning("H is not positive definite (Cholesky failed at column %d); retrying with "
                     "extra damping %.3g", int(info), extra)
     raise ValueError("H stays singular after damping; check the calibration activations")
+
+
+def grouped_hessians(xs: Sequence[Tensor], offs: Sequence[Tensor], n_groups: int,
+                     device: Optional[Union[str, torch.device]] = None) -> Tuple[List[Tensor], List[int]]:
+    """Per-group Hessians of rows sorted by group (MoE experts): in batch i, rows
+    ``offs[i][g-1]:offs[i][g]`` of ``xs[i]`` (S, m) belong to group g (``offs`` is the cumulative
+    row count per group; rows past ``offs[i][-1]`` belong to none). Returns (H per group, token
+    count per group). A group that got no row gets the Hessian of all rows: its weights see the
+    same inputs once routed to, and without any H the compensation would have nothing to weigh."""
+    if not xs or len(xs) != len(offs):
+        raise ValueError(f"grouped_hessians needs one offs tensor per activation batch, got "
+                         f"{len(xs)} batches and {len(offs)} offs")
+    m = xs[0].shape[-1]
+    accs = [HessianAccumulator(m, device=device or xs[0].device) for _ in range(n_groups)]
+    pooled = HessianAccumulator(m, device=device or xs[0].device)
+    for x, off in zip(xs, offs):
+        ends = [int(e) for e in off.tolist()]
+        if len(ends) != n_groups or any(b < a for a, b in zip([0] + ends, ends)) or ends[-1] > x.shape[0]:
+            raise ValueError(f"offs {ends} are not {n_groups} non-decreasing row counts within the "
+                             f"batch's {x.shape[0]} rows")
+        start = 0
+        for acc, end in zip(accs, ends):
+            acc.add(x[start:end])
+            start = end
+        pooled.add(x[:start])
+    counts = [acc.n_tokens for acc in accs]
+    return [acc.hessian() if acc.n_tokens else pooled.hessian() for acc in accs], counts

@@ -1,0 +1,65 @@
+"""Which MoE experts nodes (grouped matmuls over a 3-D weight, see ``pt2pass/experts.py``) a
+quantization pass rewrites: the counterpart of ``linear_sites`` for stacked expert weights."""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Iterable, List, Tuple
+
+import torch.fx as fx
+
+from ..capture import LINEAR_OP
+from ..experts import WEIGHT_FQN, experts_parts, is_grouped_mm
+from .linear_sites import PACKING_UNIT, get_weight, readers_by_tensor
+
+log = logging.getLogger(__name__)
+
+
+def quantizable_experts(gm: fx.GraphModule, skip: Iterable[str] = ()) -> Dict[str, fx.Node]:
+    """Weight FQN -> its grouped matmul node, for the experts a quantizer should rewrite; the
+    others are logged with the reason (see :func:`classify_experts`)."""
+    sites, excluded = classify_experts(gm, skip)
+    for fqn, reason in excluded.items():
+        if not reason.startswith("skipped"):
+            log.warning("%s %s: kept in full precision", fqn, reason)
+    return sites
+
+
+def classify_experts(gm: fx.GraphModule, skip: Iterable[str] = ()
+                     ) -> Tuple[Dict[str, fx.Node], Dict[str, str]]:
+    """(quantizable: weight FQN -> grouped matmul node, excluded: weight FQN -> reason)."""
+    skip = tuple(skip)
+    by_fqn: Dict[str, list] = {}
+    for node in gm.graph.nodes:
+        if is_grouped_mm(node) and WEIGHT_FQN in node.meta:
+            by_fqn.setdefault(node.meta[WEIGHT_FQN], []).append(node)
+    readers = readers_by_tensor(gm)
+    sites, excluded = {}, {}
+    for fqn, nodes in by_fqn.items():
+        matched = [s for s in skip if s in fqn]
+        if matched:
+            excluded[fqn] = f"skipped by CompileConfig.skip ({matched[0]!r})"
+            continue
+        if len(nodes) > 1:
+            excluded[fqn] = f"is used by {len(nodes)} grouped matmuls"
+            continue
+        weight = get_weight(gm, fqn)
+        transpose = experts_parts(nodes[0])[1].users
+        other = [u for u in readers.get(id(weight), []) if u not in transpose or len(u.users) != 1]
+        if other:
+            excluded[fqn] = f"is also read by {', '.join(u.name for u in other)}"
+            continue
+        if weight.shape[-1] % PACKING_UNIT:
+            excluded[fqn] = (f"has in_features={weight.shape[-1]}, not a multiple of {PACKING_UNIT} "
+                             "(the packing unit of the ternary format)")
+            continue
+        sites[fqn] = nodes[0]
+    return sites, excluded
+
+
+def calibration_inputs(node: fx.Node) -> List[fx.Node]:
+    """The graph values a quantized node's calibration needs: a Linear's input, or an experts
+    node's rows sorted by expert and its per-expert offsets."""
+    if node.target is LINEAR_OP:
+        return [node.args[0]]
+    x, _, offs = experts_parts(node)
+    return [x, offs]

@@ -1,0 +1,143 @@
+"""MoE experts held as 3-D tensors (transformers 5's Mixtral / Qwen3-MoE): capture tags their
+grouped matmuls, pt2pass.compile ternarizes every expert from the rows routed to it, lowering
+gives one pt2pass.ternary_experts node per projection, and generate / save / load / export keep
+the results exactly."""
+import logging
+
+import pytest
+import torch
+import transformers
+
+import pt2pass
+from pt2pass import CompileConfig, TernaryConfig
+from pt2pass.api import calibration_batches
+from pt2pass.assemble import lowering_passes
+from pt2pass.capture import capture
+from pt2pass.experts import experts_nodes
+from pt2pass.lowering.lower import TERNARY_EXPERTS_OP
+from pt2pass.passes import SequentialTernarize
+from pt2pass.passes.layer_quantizer import quantize_linear
+from pt2pass.sizes import bits_per_weight, ternary_linear_sizes
+
+MOE = {"mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
+       "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "moe_intermediate_size": 64})}
+EXPERTS, LAYERS = 4, 2
+
+
+def tiny_moe(arch: str, layers: int = LAYERS):
+    config_cls, model_cls, extra = MOE[arch]
+    config = getattr(transformers, config_cls)(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        num_experts_per_tok=2, tie_word_embeddings=False, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(config).eval()
+
+
+def expert_weights(model):
+    return {name: p for name, p in model.named_parameters() if p.dim() == 3}
+
+
+CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+CONFIG = CompileConfig(seqlen=32, batch_size=2, ternary=TernaryConfig(block_size=64))
+
+
+@pytest.fixture(scope="module", params=list(MOE))
+def compiled(request):
+    model = tiny_moe(request.param)
+    return model, pt2pass.compile(model, CALIB, config=CONFIG, progress=False)
+
+
+def test_capture_tags_each_projection_of_the_experts():
+    model = tiny_moe("qwen3_moe")
+    tagged = experts_nodes(capture(model))
+    assert set(tagged) == set(expert_weights(model)) and len(tagged) == 2 * LAYERS
+
+
+def test_every_expert_is_ternarized_and_lowered(compiled):
+    model, qm = compiled
+    weights = expert_weights(model)
+    nodes = [n for n in qm.gm.graph.nodes if n.target is TERNARY_EXPERTS_OP]
+    assert qm.experts_node_count() == len(nodes) == len(weights) == 2 * LAYERS
+    assert qm.ternary_node_count() == 5 * LAYERS  # q, k, v, o and the router (gate)
+    for fqn, w in weights.items():
+        layer = qm.store[fqn]
+        assert layer.is_experts and layer.shape == tuple(w.shape)
+        assert layer.T.shape == w.shape and set(layer.T.unique().tolist()) <= {-1, 0, 1}
+        assert layer.alpha.shape == (*w.shape[:2], w.shape[2] // 64)  # 64-column blocks
+        assert layer.stats["experts"] == EXPERTS
+    assert not any(p.dim() == 3 for p in qm.gm.parameters())  # no full-precision expert left
+
+
+def test_no_warning_that_experts_stay_in_full_precision(caplog):
+    with caplog.at_level(logging.WARNING):
+        pt2pass.compile(tiny_moe("mixtral", layers=1), CALIB, config=CONFIG, progress=False)
+    assert "stay in full precision" not in caplog.text
+
+
+def test_ternarized_moe_stays_close_and_generates_like_the_no_cache_loop(compiled):
+    model, qm = compiled
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits, ref = qm(ids).logits, model(input_ids=ids, use_cache=False).logits
+    assert (logits.softmax(-1) - ref.softmax(-1)).abs().sum(-1).mean() < 0.3
+    assert torch.equal(qm.generate(ids[:1], 6), qm.generate_no_cache(ids[:1], 6))
+
+
+def test_each_expert_is_quantized_from_its_own_hessian():
+    """The quantizer sees one (out, in) matrix per expert, named fqn[e], each with a different H."""
+    seen = {}
+
+    def spy(fqn, W, H, config):
+        seen[fqn] = (tuple(W.shape), H)
+        return quantize_linear(fqn, W, H, config)
+
+    model = tiny_moe("qwen3_moe", layers=1)
+    batches = calibration_batches(model, CALIB, None, CONFIG)
+    qm = pt2pass.compile(model, CALIB, config=CONFIG, progress=False,
+                         passes=[SequentialTernarize(batches, CONFIG, quantize_fn=spy, progress=False),
+                                 *lowering_passes()])
+    fqn = "model.layers.0.mlp.experts.gate_up_proj"
+    shapes = [seen[f"{fqn}[{e}]"][0] for e in range(EXPERTS)]
+    assert shapes == [tuple(expert_weights(model)[fqn].shape[1:])] * EXPERTS
+    hessians = [seen[f"{fqn}[{e}]"][1] for e in range(EXPERTS)]
+    assert all(not torch.equal(hessians[0], h) for h in hessians[1:])
+    assert qm.experts_node_count() == 2
+
+
+def test_save_load_and_export_reproduce_the_model(compiled, tmp_path):
+    _, qm = compiled
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    ref = qm(ids).logits
+    pt2pass.save(qm, tmp_path / "ckpt")
+    assert torch.equal(pt2pass.load(tmp_path / "ckpt")(ids).logits, ref)
+    torch.export.save(pt2pass.export(qm), tmp_path / "m.pt2")
+    program = torch.export.load(tmp_path / "m.pt2")
+    assert sum(n.target is TERNARY_EXPERTS_OP for n in program.graph.nodes) == 2 * LAYERS
+    assert torch.equal(program.module()(ids).logits, ref)
+
+
+def test_torch_compile_runs_the_experts_op_without_graph_break(compiled):
+    _, qm = compiled
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(4))
+    torch._dynamo.reset()
+    fn = torch.compile(qm, fullgraph=True)
+    torch.testing.assert_close(fn(ids).logits, qm(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sizes_count_every_expert(compiled):
+    model, qm = compiled
+    sizes = ternary_linear_sizes(qm.gm)
+    params = dict(model.named_parameters())
+    assert set(expert_weights(model)) <= set(qm.store)
+    assert sizes.n_weights == sum(params[fqn].numel() for fqn in qm.store)
+    assert sizes.n_layers == 7 * LAYERS  # q, k, v, o, router, gate_up and down experts
+    # per weight 2 code bits; per row and 64-column block two fp16 scales; int32 orders, one per expert
+    bits = weights = 0
+    for fqn, layer in qm.store.layers.items():
+        shape = params[fqn].shape
+        rows, k = shape[:-1].numel(), shape[-1]
+        orders = 0 if layer.perm is None else (shape[0] if layer.is_experts else 1)
+        bits += 2 * rows * k + 32 * rows * -(-k // 64) + 32 * k * orders
+        weights += rows * k
+    assert bits_per_weight(qm.store) == pytest.approx(bits / weights, rel=1e-12)
