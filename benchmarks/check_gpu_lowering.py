@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 import pt2pass  # noqa: E402,F401
 from pt2pass.bench import attention_case, attention_reference  # noqa: E402
 from pt2pass.lowering.format import pack_ternary  # noqa: E402
+from pt2pass.lowering.ops import compile_fresh  # noqa: E402
 from pt2pass.lowering.reference import ternary_linear_reference  # noqa: E402
 
 OP = torch.ops.pt2pass.ternary_linear
@@ -353,11 +354,38 @@ def check_aoti():
     assert not failed, f"AOTInductor failed: {failed}"
 
 
+def check_experts():
+    """pt2pass.ternary_experts (session 22, written without a GPU): the grouped Triton GEMM against
+    the per-expert loop at decode (2 rows) and prefill (4096 rows) sizes with sentinel rows and an
+    idle expert, opcheck, and torch.compile with CUDA graphs (the tile table is built on the device:
+    no host sync may break the capture)."""
+    E, N, K = 8, 1024, 2048
+    g = torch.Generator().manual_seed(7)
+    T = torch.randint(-1, 2, (E, N, K), generator=g)
+    packed = pack_ternary(T.reshape(-1, K)).reshape(E, N, K // 16).to(DEV)
+    alpha = ((torch.rand(E, N, K // 128, generator=g) + 0.5) * 0.05).to(DEV, torch.bfloat16)
+    mu = (torch.randn(E, N, K // 128, generator=g) * 0.01).to(DEV, torch.bfloat16)
+    perm = torch.stack([torch.randperm(K, generator=g) for _ in range(E)]).to(DEV, torch.int32)
+    op, loop = torch.ops.pt2pass.ternary_experts, torch.ops.pt2pass.ternary_experts_loop
+    for rows, counts in ((2, [0, 1, 0, 0, 0, 1, 0, 0]), (4096, [700, 0, 500, 600, 520, 580, 640, 500])):
+        offs = torch.tensor(counts, device=DEV).cumsum(0).to(torch.int32)
+        x = torch.randn(rows, K, generator=g).to(DEV, torch.bfloat16)
+        y, ref = op(x, offs, packed, alpha, mu, perm, 128), loop(x, offs, packed, alpha, mu, perm, 128)
+        err = rel(y, ref)
+        print(f"  experts rows={rows}: rel err {err:.2e}, sentinel rows zero: {bool((y[int(offs[-1]):] == 0).all())}")
+        assert err < 1e-2 and bool((y[int(offs[-1]):] == 0).all())
+        torch.library.opcheck(op.default, (x, offs, packed, alpha, mu, perm, 128))
+        fn = compile_fresh(lambda x, offs: op(x, offs, packed, alpha, mu, perm, 128), mode="reduce-overhead")
+        for _ in range(3):
+            out = fn(x, offs)
+        assert rel(out, ref) < 1e-2, rel(out, ref)
+
+
 def main():
     failed = 0
     checks = (check_opcheck, check_compile_inlines_kernels, check_export_round_trip, check_attention,
               check_decode_graph_attention, check_fused_norm, check_padded_generate, check_forward_and_export,
-              check_aoti)
+              check_aoti, check_experts)
     only = sys.argv[1:]  # e.g. check_aoti: run just these
     for check in [c for c in checks if not only or c.__name__ in only]:
         t = time.time()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed, in the order of their value per device minute. Run one step
 # per device call (each fits in the 10-minute limit); results go to stdout and $OUT when set.
-#   bash benchmarks/gpu_checklist.sh latency | fusenorm | pdl | attention | attn_ab | imma | imma7 | imma18 | imma_cg | kernels16 | lowering | fuzz | e2e7b | e2e8b | e2e7b8
+#   bash benchmarks/gpu_checklist.sh experts | latency | fusenorm | pdl | attention | attn_ab | imma | imma7 | imma18 | imma_cg | kernels16 | lowering | fuzz | e2e7b | e2e8b | e2e7b8
 #                                    | e2e7b8bf16 | kernels | swap | profile | quant7b | prefill7b | group
 #                                    | rows | pipelined | tma_ab | ncu [--cases NxK:M ...]
 # All recorded in docs/results.md (quant7b: session 4 on the H100; kernels at M >= 64: session 5;
@@ -19,7 +19,8 @@
 # 18, H200; imma18 (opcheck + compile PASS, block-major statistics -10 % at M = 4-16 on 28672x8192) and
 # the vector scales: session 19, H100; imma7 before and after the vector x loads: session 20, H100;
 # latency (fixed configs) and ncu of the integer-MMA GEMV at M = 4 / 16: session 21, H100).
-# Owed: FIRST `python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels`,
+# Owed: FIRST `python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_experts`
+# (check_experts: session 22's MoE experts GEMM, never run on a GPU),
 # autotuning on (session 21 turned the dependent launch on by default
 # and gave the integer-MMA GEMV's autotuner prefetch configs, neither through torch.compile on a
 # GPU yet), then `PT2PASS_AUTOTUNE=1 python3 benchmarks/experiments/sweep_latency.py --settings 0
@@ -38,6 +39,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case "${1:-}" in
+  experts)  python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_experts  # ~2 min
+            python3 benchmarks/bench_experts.py ;;  # MoE experts vs bf16 grouped_mm, never run yet
   fuzz)     python3 benchmarks/fuzz_kernels.py --cases 256 --no-autotune ;;      # issue 7: >= 200 cases
   # issue 5; one batch size per call: ternary alone at batch 8 took 8 min 43 s (session 11)
   e2e7b)    python3 benchmarks/bench_e2e.py --shape llama2-7b --batch 1 --skip-quant-timing ;;
@@ -51,7 +54,7 @@ case "${1:-}" in
               --env PT2PASS_FUSE_NORM=0 PT2PASS_FUSE_NORM=1 ;;                          # ~3-4 min
   pdl)      python3 benchmarks/experiments/profile_decode.py --shape llama2-7b --layers 8 --bf16 \
               --env inductor.triton.enable_pdl=0 inductor.triton.enable_pdl=1 ;;        # ~5 min
-  lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_export_round_trip check_padded_generate check_fused_norm ;;  # ~2 min (AOTI: add check_aoti, ~4 min; segfaults in the lent torch)
+  lowering) PT2PASS_AUTOTUNE=0 python3 benchmarks/check_gpu_lowering.py check_opcheck check_compile_inlines_kernels check_export_round_trip check_padded_generate check_fused_norm check_experts ;;  # ~2 min (AOTI: add check_aoti, ~4 min; segfaults in the lent torch)
   group)    python3 benchmarks/bench_group.py ;;                                  # ~1 min
   rows)     python3 benchmarks/experiments/sweep_gemv_rows.py ;;                  # ~3 min (session 5: 2.5)
   pipelined) python3 benchmarks/experiments/sweep_gemv_pipelined.py ;;           # ~1.5 min with compiles

@@ -1,6 +1,7 @@
 """The public entry points: ``compile`` and ``export``. Short functions that wire the parts."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import List, Optional, Sequence, Tuple
 
@@ -14,7 +15,7 @@ from .data import calibration_tensor
 from .decode import build_decode_graph, export_decode_graph, make_skeleton
 from .pass_manager import Pass, PassManager
 from .passes import SequentialTernarize, TernarizeWeights
-from .passes.expert_sites import classify_experts
+from .passes.expert_sites import classify_experts, router_linears
 from .passes.linear_sites import classify_linears
 from .quantized_model import QuantizedModel
 from .runner import causal_lm_batches
@@ -98,6 +99,7 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
         if example_inputs is None and batches and not is_hf_causal_lm(model):
             example_inputs = _example_from_calibration(batches)
         gm = capture(model, example_inputs)
+        config = _keep_routers(gm, config)
         if passes is None:
             check_quantizable(model, gm, config)
         store = store_of(gm)
@@ -112,6 +114,16 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
     # holding no copy of the quantized weights (meta), so the FP Linears can be freed.
     skeleton = make_skeleton(model, store) if is_hf_causal_lm(model) else model
     return wrap(gm, store, skeleton, pass_history=manager.history)
+
+
+def _keep_routers(gm, config: CompileConfig) -> CompileConfig:
+    """``config`` with the graph's MoE routers added to ``skip`` (``keep_routers``)."""
+    routers = router_linears(gm) if config.keep_routers else []
+    if not routers:
+        return config
+    log.info("%d MoE router(s) kept in full precision (CompileConfig.keep_routers), e.g. %s",
+             len(routers), routers[0])
+    return dataclasses.replace(config, skip=config.skip + tuple(routers))
 
 
 def _widened(x, dims: Sequence[int]):
@@ -173,7 +185,7 @@ def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
     read = _read_by_graph(model, fqns)
     bypassing = _linears_not_in_graph(model, read)
     if sites or expert_sites:
-        _warn_weights_outside_linears(model, read | _read_by_graph(model, list(expert_sites)))
+        _warn_weights_outside_linears(model, read | _read_by_graph(model, [*expert_sites, *expert_excluded]))
         if bypassing:
             log.warning("%s: they stay in full precision", bypassing)
         return

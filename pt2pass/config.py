@@ -116,6 +116,9 @@ class CompileConfig:
     seed: int = 0
     text_column: str = "text"
     """Field holding the text in JSON/JSONL/Parquet files and ``datasets`` objects."""
+    keep_routers: bool = True
+    """MoE routers (a Linear whose logits pick each token's experts, found in the graph) stay in
+    full precision: a few weights per layer that decide where every token goes."""
     offload_activations: bool = False
     """Keep the per-batch calibration activations between graph nodes on the CPU and move each
     batch to the model's device only while a node computes on it: the accelerator then holds one
@@ -134,5 +137,7 @@ class CompileConfig:
             raise ValueError(f"seed={self.seed!r} must be an integer")
         if not isinstance(self.text_column, str) or not self.text_column:
             raise ValueError(f"text_column={self.text_column!r} must be a non-empty string")
+        if not isinstance(self.keep_routers, bool):
+            raise ValueError(f"keep_routers={self.keep_routers!r} must be True or False")
         if not isinstance(self.offload_activations, bool):
             raise ValueError(f"offload_activations={self.offload_activations!r} must be True or False")

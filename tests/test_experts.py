@@ -38,6 +38,7 @@ def expert_weights(model):
     return {name: p for name, p in model.named_parameters() if p.dim() == 3}
 
 
+RTN = TernaryConfig(method="rtn", aga=False, compensation="none", order="natural")
 CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
 CONFIG = CompileConfig(seqlen=32, batch_size=2, ternary=TernaryConfig(block_size=64))
 
@@ -59,7 +60,7 @@ def test_every_expert_is_ternarized_and_lowered(compiled):
     weights = expert_weights(model)
     nodes = [n for n in qm.gm.graph.nodes if n.target is TERNARY_EXPERTS_OP]
     assert qm.experts_node_count() == len(nodes) == len(weights) == 2 * LAYERS
-    assert qm.ternary_node_count() == 5 * LAYERS  # q, k, v, o and the router (gate)
+    assert qm.ternary_node_count() == 4 * LAYERS  # q, k, v, o; the router stays in full precision
     for fqn, w in weights.items():
         layer = qm.store[fqn]
         assert layer.is_experts and layer.shape == tuple(w.shape)
@@ -131,7 +132,7 @@ def test_sizes_count_every_expert(compiled):
     params = dict(model.named_parameters())
     assert set(expert_weights(model)) <= set(qm.store)
     assert sizes.n_weights == sum(params[fqn].numel() for fqn in qm.store)
-    assert sizes.n_layers == 7 * LAYERS  # q, k, v, o, router, gate_up and down experts
+    assert sizes.n_layers == 6 * LAYERS  # q, k, v, o, gate_up and down experts
     # per weight 2 code bits; per row and 64-column block two fp16 scales; int32 orders, one per expert
     bits = weights = 0
     for fqn, layer in qm.store.layers.items():
@@ -141,3 +142,35 @@ def test_sizes_count_every_expert(compiled):
         bits += 2 * rows * k + 32 * rows * -(-k // 64) + 32 * k * orders
         weights += rows * k
     assert bits_per_weight(qm.store) == pytest.approx(bits / weights, rel=1e-12)
+
+
+@pytest.mark.parametrize("route", ["stage", "two-pass"])
+def test_stage_sequential_and_two_pass_calibration_ternarize_experts(route):
+    """sequential="stage" (block inputs in full precision) and CaptureCalibration +
+    TernarizeWeights (all Hessians first) also quantize every expert from its routed rows."""
+    from pt2pass.passes import CaptureCalibration, TernarizeWeights
+
+    model = tiny_moe("mixtral", layers=1)
+    if route == "stage":
+        config = CompileConfig(seqlen=32, batch_size=2, sequential="stage", ternary=TernaryConfig(block_size=64))
+        qm = pt2pass.compile(model, CALIB, config=config, progress=False)
+    else:
+        batches = calibration_batches(model, CALIB, None, CONFIG)
+        qm = pt2pass.compile(model, CALIB, config=CONFIG, progress=False,
+                             passes=[CaptureCalibration(batches, progress=False),
+                                     TernarizeWeights(CONFIG, progress=False), *lowering_passes()])
+    assert qm.experts_node_count() == 2 and all(qm.store[f].is_experts for f in expert_weights(model))
+
+
+@pytest.mark.parametrize("arch", list(MOE))
+def test_routers_are_found_in_the_graph_and_kept_unless_asked(arch):
+    """The router is the Linear whose logits reach the experts' offsets directly; keep_routers=False
+    ternarizes it like any Linear."""
+    from pt2pass.passes.expert_sites import router_linears
+
+    model = tiny_moe(arch, layers=1)
+    assert router_linears(capture(model)) == ["model.layers.0.mlp.gate.weight"]
+    qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
+    assert "model.layers.0.mlp.gate.weight" not in qm.store and qm.ternary_node_count() == 4
+    qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN, keep_routers=False), progress=False)
+    assert "model.layers.0.mlp.gate.weight" in qm.store and qm.ternary_node_count() == 5

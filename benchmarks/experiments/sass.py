@@ -188,6 +188,19 @@ def gemm_kernel_builds(quick: bool):
              c.num_stages) for c in configs]
 
 
+_EXPERTS_TYPES = {"x_ptr": "*bf16", "w_ptr": "*i32", "a_ptr": "*fp16", "mu_ptr": "*fp16", "perm_ptr": "*i32",
+                  "out_ptr": "*bf16", "tile_expert_ptr": "*i32", "tile_row_ptr": "*i64", "tile_end_ptr": "*i64",
+                  "K": "i32/16", "KW": "i32/16"}
+
+
+def experts_kernel_builds():
+    """The grouped MoE experts GEMM at the launcher's two row tiles (16: decode, 64: prefill)."""
+    from pt2pass.lowering.kernels import experts
+
+    return [(f"ternary_experts_kernel BM={bm} BN=64 HAS_PERM=True warps=4 stages=3", experts.ternary_experts_kernel,
+             _EXPERTS_TYPES, dict(HAS_PERM=True, DOT_F32=False, BM=bm, BN=64), 4, 3) for bm in (16, 64)]
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -198,7 +211,8 @@ def main(argv=None) -> int:
     print("| kernel | registers | SASS instructions | TMA loads | integer MMAs | local-memory (spill) loads / stores "
           "| wgmma | shared-memory stores |")
     print("|---|---|---|---|---|---|---|---|")
-    builds = [(*b, 1) for b in decode_kernel_builds(args.quick)] + gemm_kernel_builds(args.quick)
+    builds = ([(*b, 1) for b in decode_kernel_builds(args.quick)] + gemm_kernel_builds(args.quick)
+              + experts_kernel_builds())
     for name, kernel, types, constexprs, warps, stages in builds:
         r = sass_report(kernel, types, constexprs, num_warps=warps, num_stages=stages)
         # a TMA config must issue bulk tensor copies; no config may spill to local memory; the
@@ -208,6 +222,8 @@ def main(argv=None) -> int:
         mma = name.startswith("ternary_gemv_imma")
         wrong = (r["LDL"] + r["STL"] > 0 or (constexprs.get("USE_TMA") is True) != (r["UTMALDG"] > 0)
                  or mma != (r["IMMA"] > 0) or (mma and not r["lane_per_element"]))
+        if name.startswith("ternary_experts"):  # unswapped: wgmma from 64 rows of x
+            wrong |= (constexprs["BM"] >= 64) != (r["HGMMA"] > 0)
         if name.startswith("ternary_gemm"):
             swap = constexprs["SWAP"]
             wgmma = (constexprs["BN"] if swap else constexprs["BM"]) >= 64

@@ -63,3 +63,23 @@ def calibration_inputs(node: fx.Node) -> List[fx.Node]:
         return [node.args[0]]
     x, _, offs = experts_parts(node)
     return [x, offs]
+
+
+def router_linears(gm: fx.GraphModule) -> List[str]:
+    """Weight FQNs of the MoE routers: the tagged Linears from which an experts node's ``offs``
+    (its tokens per expert) is reached without passing another Linear. Every other Linear before
+    the block reaches ``offs`` only through the router (hidden state -> router -> top-k -> offs)."""
+    routers, seen = [], set()
+    stack = [experts_parts(n)[2] for n in gm.graph.nodes if is_grouped_mm(n) and WEIGHT_FQN in n.meta]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.target is LINEAR_OP:
+            if WEIGHT_FQN in node.meta and node.meta[WEIGHT_FQN] not in routers:
+                routers.append(node.meta[WEIGHT_FQN])
+            continue
+        if not is_grouped_mm(node):
+            stack.extend(node.all_input_nodes)
+    return routers

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -110,7 +110,7 @@ class HessianCache:
         return H
 
 
-def quantize_experts(fqn: str, W: torch.Tensor, hessians: Optional[List[torch.Tensor]],
+def quantize_experts(fqn: str, W: torch.Tensor, hessians: Optional[Sequence[torch.Tensor]],
                      config: TernaryConfig, quantize_fn: QuantizeFn = quantize_linear):
     """Quantize stacked MoE experts W (E, N, K) one expert at a time (``quantize_fn`` on
     ``"fqn[e]"``, ``hessians[e]`` or None); return (one LayerQuant of the stacked results, Q (E, N, K)).
@@ -153,18 +153,18 @@ def stack_experts(fqn: str, layers: List[LayerQuant]) -> LayerQuant:
                       block_size=first.block_size, stats=stats)
 
 
-def experts_hessians(fqn: str, activations, W: torch.Tensor) -> List[torch.Tensor]:
-    """Each expert's Hessian from the rows routed to it (see quant.grouped_hessians);
-    ``activations`` = (rows sorted by expert, offsets) per calibration batch."""
-    from ..quant import grouped_hessians
+def experts_hessians(fqn: str, activations, W: torch.Tensor):
+    """Each expert's Hessian from the rows routed to it, computed when indexed (see
+    quant.GroupedHessians); ``activations`` = (rows sorted by expert, offsets) per batch."""
+    from ..quant import GroupedHessians
 
     xs, offs = activations
     try:
-        Hs, counts = grouped_hessians(xs, offs, W.shape[0], device=W.device)
+        hessians = GroupedHessians(xs, offs, W.shape[0], device=W.device)
     except ValueError as exc:
         raise ValueError(f"calibration input of {fqn}: {exc}") from exc
-    idle = [e for e, n in enumerate(counts) if n == 0]
+    idle = [e for e, n in enumerate(hessians.counts) if n == 0]
     if idle:
         log.warning("%s: experts %s got no calibration token; quantized with the Hessian of all "
                     "the layer's tokens", fqn, idle)
-    return Hs
+    return hessians

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -112,28 +112,45 @@ def cholesky_inverse_damped(H: Tensor, max_tries: int = 7) -> Tensor:
     raise ValueError("H stays singular after damping; check the calibration activations")
 
 
-def grouped_hessians(xs: Sequence[Tensor], offs: Sequence[Tensor], n_groups: int,
-                     device: Optional[Union[str, torch.device]] = None) -> Tuple[List[Tensor], List[int]]:
-    """Per-group Hessians of rows sorted by group (MoE experts): in batch i, rows
-    ``offs[i][g-1]:offs[i][g]`` of ``xs[i]`` (S, m) belong to group g (``offs`` is the cumulative
-    row count per group; rows past ``offs[i][-1]`` belong to none). Returns (H per group, token
-    count per group). A group that got no row gets the Hessian of all rows: its weights see the
-    same inputs once routed to, and without any H the compensation would have nothing to weigh."""
-    if not xs or len(xs) != len(offs):
-        raise ValueError(f"grouped_hessians needs one offs tensor per activation batch, got "
-                         f"{len(xs)} batches and {len(offs)} offs")
-    m = xs[0].shape[-1]
-    accs = [HessianAccumulator(m, device=device or xs[0].device) for _ in range(n_groups)]
-    pooled = HessianAccumulator(m, device=device or xs[0].device)
-    for x, off in zip(xs, offs):
-        ends = [int(e) for e in off.tolist()]
-        if len(ends) != n_groups or any(b < a for a, b in zip([0] + ends, ends)) or ends[-1] > x.shape[0]:
-            raise ValueError(f"offs {ends} are not {n_groups} non-decreasing row counts within the "
-                             f"batch's {x.shape[0]} rows")
-        start = 0
-        for acc, end in zip(accs, ends):
+class GroupedHessians:
+    """Per-group Hessians of rows sorted by group (MoE experts), computed one group at a time
+    (``hessians[g]``): in batch i, rows ``offs[i][g-1]:offs[i][g]`` of ``xs[i]`` (S, m) belong to
+    group g (``offs``: cumulative row counts per group; rows past ``offs[i][-1]`` belong to none).
+    One at a time because all of them at once can be large (Mixtral's down projection: 8 x 14336^2
+    floats, 6.6 GB). A group that got no row gets the Hessian of all rows (``counts[g] == 0``): its
+    weights see the same inputs once routed to, and without any H the compensation would have
+    nothing to weigh."""
+
+    def __init__(self, xs: Sequence[Tensor], offs: Sequence[Tensor], n_groups: int,
+                 device: Optional[Union[str, torch.device]] = None):
+        if not xs or len(xs) != len(offs):
+            raise ValueError(f"grouped Hessians need one offs tensor per activation batch, got "
+                             f"{len(xs)} batches and {len(offs)} offs")
+        self.xs, self.m, self.device = list(xs), xs[0].shape[-1], device or xs[0].device
+        self.bounds = []  # per batch: [(start, end) of each group]
+        for x, off in zip(xs, offs):
+            ends = [int(e) for e in off.tolist()]
+            if len(ends) != n_groups or any(b < a for a, b in zip([0] + ends, ends)) or ends[-1] > x.shape[0]:
+                raise ValueError(f"offs {ends} are not {n_groups} non-decreasing row counts within the "
+                                 f"batch's {x.shape[0]} rows")
+            self.bounds.append(list(zip([0] + ends[:-1], ends)))
+        self.counts = [sum(b[g][1] - b[g][0] for b in self.bounds) for g in range(n_groups)]
+        self._pooled: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def __getitem__(self, g: int) -> Tensor:
+        if not 0 <= g < len(self):
+            raise IndexError(f"group {g} of {len(self)}")
+        if self.counts[g] == 0:
+            if self._pooled is None:
+                self._pooled = self._hessian([(b[0][0], b[-1][1]) for b in self.bounds])
+            return self._pooled
+        return self._hessian([b[g] for b in self.bounds])
+
+    def _hessian(self, ranges) -> Tensor:
+        acc = HessianAccumulator(self.m, device=self.device)
+        for x, (start, end) in zip(self.xs, ranges):
             acc.add(x[start:end])
-            start = end
-        pooled.add(x[:start])
-    counts = [acc.n_tokens for acc in accs]
-    return [acc.hessian() if acc.n_tokens else pooled.hessian() for acc in accs], counts
+        return acc.hessian()

@@ -4,7 +4,7 @@ The interpreter runs the kernels as Python and accepts code that the compiler re
 a tl.constexpr re-assigned in a static loop), and it cannot say whether a config spills or
 whether the TMA configs really issue bulk tensor copies. benchmarks/experiments/sass.py builds
 each kernel with Triton's bundled ptxas (no GPU needed) and fails on a spill, on a TMA config
-without TMA loads, on a GEMM config without wgmma where its tile allows it, or on an integer-MMA GEMV without IMMA instructions or whose inline-asm MMAs
+without TMA loads, on a GEMM config (dense or MoE experts) without wgmma where its tile allows it, or on an integer-MMA GEMV without IMMA instructions or whose inline-asm MMAs
 do not get one tensor element per lane (their fragment layout), or whose latency hiding (L2
 prefetch, dependent launch) is missing or in the wrong order; it must run without
 TRITON_INTERPRET, hence the subprocess."""
@@ -38,6 +38,9 @@ def test_decode_kernels_build_for_sm90_without_spills_and_with_tma_loads():
     gemm = [row.split("|") for row in run.stdout.splitlines() if row.startswith("| ternary_gemm_kernel")]
     assert len(gemm) == 2 and all("SWAP=True" in row[1] for row in gemm)
     assert all(int(row[7]) > 0 and int(row[8]) <= 4 for row in gemm)
+    # the grouped MoE experts GEMM at both row tiles (wgmma from 64 rows; spills fail the build)
+    experts = [row.split("|") for row in run.stdout.splitlines() if row.startswith("| ternary_experts_kernel")]
+    assert len(experts) == 2 and [int(row[7]) > 0 for row in experts] == [False, True]
     # common.LATENCY: L2 prefetches only with PREFETCH, the grid-dependency wait only with PDL, after
     # them and before any global write, the quantizers' early launch of the GEMV only with PDL
     # (sass.latency_builds)

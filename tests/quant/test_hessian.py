@@ -79,13 +79,13 @@ def test_cholesky_fallback_adds_damping(caplog):
 
 def test_grouped_hessians_split_rows_by_offsets():
     """Group g's H is the Hessian of its rows over all batches; an empty group gets all rows'."""
-    from pt2pass.quant import grouped_hessians
+    from pt2pass.quant import GroupedHessians
 
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(7, 8, generator=g), torch.randn(5, 8, generator=g)]
     offs = [torch.tensor([3, 3, 6]), torch.tensor([1, 1, 5])]  # row 6 of batch 0 belongs to none
-    Hs, counts = grouped_hessians(xs, offs, 3)
-    assert counts == [4, 0, 7]
+    Hs = GroupedHessians(xs, offs, 3)
+    assert Hs.counts == [4, 0, 7] and len(Hs) == 3
 
     def hessian(rows):
         acc = HessianAccumulator(8)
@@ -95,5 +95,7 @@ def test_grouped_hessians_split_rows_by_offsets():
     torch.testing.assert_close(Hs[0], hessian(torch.cat([xs[0][:3], xs[1][:1]])))
     torch.testing.assert_close(Hs[2], hessian(torch.cat([xs[0][3:6], xs[1][1:5]])))
     torch.testing.assert_close(Hs[1], hessian(torch.cat([xs[0][:6], xs[1][:5]])))
+    with pytest.raises(IndexError):
+        Hs[3]
     with pytest.raises(ValueError, match="non-decreasing"):
-        grouped_hessians(xs[:1], [torch.tensor([3, 2, 6])], 3)
+        GroupedHessians(xs[:1], [torch.tensor([3, 2, 6])], 3)
