@@ -107,14 +107,25 @@ def real_device(model: nn.Module) -> torch.device:
 
 @contextlib.contextmanager
 def traceable_weights(model: nn.Module, store: QuantStore, device: torch.device) -> Iterator[None]:
-    """Stand in a broadcast zero on ``device`` for each meta quantized weight while tracing."""
+    """Stand in a broadcast zero on ``device`` for each meta quantized weight while tracing.
+
+    Stacked MoE experts (E, N, K) get zeros broadcast over the experts only, (0, K, 1) strides over
+    one shared (N, K) buffer: torch's grouped matmul (bf16) refuses a weight without a unit stride
+    and a row stride covering its rows (a stride-0 matrix)."""
     swapped: Dict[str, nn.Parameter] = {}
+    shared: Dict[torch.dtype, torch.Tensor] = {}
+    sizes = [model.get_parameter(f).shape[-2:].numel() for f in store.layers if store[f].is_experts]
     for fqn in store.layers:
         owner, attr = _owner(model, fqn)
         weight = owner._parameters[attr]
         if weight.device.type == "meta":
             swapped[fqn] = weight
-            stand_in = torch.zeros((), dtype=weight.dtype, device=device).expand(weight.shape)
+            if weight.dim() == 3:
+                if weight.dtype not in shared:
+                    shared[weight.dtype] = torch.zeros(max(sizes), dtype=weight.dtype, device=device)
+                stand_in = shared[weight.dtype].as_strided(weight.shape, (0, weight.shape[2], 1))
+            else:
+                stand_in = torch.zeros((), dtype=weight.dtype, device=device).expand(weight.shape)
             owner._parameters[attr] = nn.Parameter(stand_in, requires_grad=False)
     try:
         yield

@@ -174,3 +174,19 @@ def test_routers_are_found_in_the_graph_and_kept_unless_asked(arch):
     assert "model.layers.0.mlp.gate.weight" not in qm.store and qm.ternary_node_count() == 4
     qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN, keep_routers=False), progress=False)
     assert "model.layers.0.mlp.gate.weight" in qm.store and qm.ternary_node_count() == 5
+
+
+def test_bf16_moe_through_torch_grouped_mm_generates_and_packages_with_aotinductor(tmp_path):
+    """A bf16 model runs its experts through aten._grouped_mm (not transformers' fallback op): it is
+    lowered alike, its decode graph traces (the stand-in expert weights keep unit strides, which
+    that op requires) and the exported program goes through AOTInductor on CPU."""
+    model = tiny_moe("qwen3_moe", layers=1).to(torch.bfloat16)
+    assert any(n.target is torch.ops.aten._grouped_mm.default for n in capture(model).graph.nodes)
+    qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
+    assert qm.experts_node_count() == 2
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(qm.generate(ids[:1], 5), qm.generate_no_cache(ids[:1], 5))
+    ref = qm(ids).logits
+    path = torch._inductor.aoti_compile_and_package(pt2pass.export(qm), package_path=str(tmp_path / "moe.pt2"))
+    logits = torch._inductor.aoti_load_package(path)(ids).logits
+    torch.testing.assert_close(logits.float(), ref.float(), atol=2e-2, rtol=2e-2)
