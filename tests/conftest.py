@@ -50,6 +50,23 @@ def make_tiny_llama(seed: int = 0, **overrides):
     return model
 
 
+MOE = {"mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
+       "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "moe_intermediate_size": 64})}
+
+
+def make_tiny_moe(arch: str, layers: int = 2):
+    """A random MoE causal LM of transformers 5 (experts as 3-D tensors): 4 experts, top-2."""
+    import transformers
+
+    config_cls, model_cls, extra = MOE[arch]
+    config = getattr(transformers, config_cls)(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        num_experts_per_tok=2, tie_word_embeddings=False, **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(config).eval()
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

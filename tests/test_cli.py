@@ -19,7 +19,7 @@ import pt2pass
 from pt2pass.cli import build_parser, main
 from pt2pass.eval.perplexity import eval_text_ids, perplexity
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, make_tiny_moe
 
 TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 60
 # 2 decoder blocks x (q, k, v, o, gate, up, down) of the tiny LLaMA
@@ -364,3 +364,20 @@ def test_smollm2_quantize_eval_generate_export_report(smollm2_checkpoint):
     assert status == 0 and "7 pt2pass.ternary_linear nodes" in out, err
     status, out, err = run_cli("report", ckpt, "--plots", root / "plots")
     assert status == 0 and "total (7 layers)" in out and "wrote 3 plots" in out, err
+
+
+def test_quantize_a_moe_folder_with_its_router_then_generate(tmp_path):
+    """A MoE model folder through the CLI: the experts are ternarized (their rows in the layer
+    table, the node count printed), --quantize-routers ternarizes the routers too, plots skip the
+    experts' per-expert orders, and the checkpoint generates."""
+    model_dir, text, ckpt = tmp_path / "moe", tmp_path / "text.txt", tmp_path / "ckpt"
+    make_tiny_moe("qwen3_moe").save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    text.write_text(TEXT)
+    status, out, err = run_cli("quantize", model_dir, ckpt, "--calib", text, "--n-calib", 4, "--seqlen", 64,
+                               "--no-progress", "--quantize-routers", "--plots", tmp_path / "plots")
+    assert status == 0, err
+    assert "10 pt2pass.ternary_linear nodes, 4 pt2pass.ternary_experts nodes" in out  # 2 x (q, k, v, o, router)
+    assert sum(line.startswith("model.layers.") and ".experts." in line for line in out.splitlines()) == 4
+    status, out, err = run_cli("generate", ckpt, "--prompt", "To be", "--max-new-tokens", 4)
+    assert status == 0, err

@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-import transformers
 
 import pt2pass
 from pt2pass import CompileConfig, TernaryConfig
@@ -19,19 +18,13 @@ from pt2pass.passes import SequentialTernarize
 from pt2pass.passes.layer_quantizer import quantize_linear
 from pt2pass.sizes import bits_per_weight, ternary_linear_sizes
 
-MOE = {"mixtral": ("MixtralConfig", "MixtralForCausalLM", {"num_local_experts": 4}),
-       "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {"num_experts": 4, "moe_intermediate_size": 64})}
+from conftest import MOE, make_tiny_moe
+
 EXPERTS, LAYERS = 4, 2
 
 
 def tiny_moe(arch: str, layers: int = LAYERS):
-    config_cls, model_cls, extra = MOE[arch]
-    config = getattr(transformers, config_cls)(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-        num_experts_per_tok=2, tie_word_embeddings=False, **extra)
-    torch.manual_seed(0)
-    return getattr(transformers, model_cls)(config).eval()
+    return make_tiny_moe(arch, layers)
 
 
 def expert_weights(model):

@@ -89,6 +89,8 @@ def compile_config(args, ternary: TernaryConfig) -> CompileConfig:
                   sequential=args.sequential, skip=tuple(args.keep), seed=args.seed)
     if getattr(args, "offload_activations", False):
         kwargs["offload_activations"] = True
+    if getattr(args, "quantize_routers", False):
+        kwargs["keep_routers"] = False
     try:
         return CompileConfig(**kwargs)
     except ValueError as e:

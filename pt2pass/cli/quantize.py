@@ -52,6 +52,9 @@ def add_parser(sub) -> None:
     p.add_argument("--keep", nargs="*", default=["lm_head"], metavar="SUBSTRING",
                    help="weight FQN substrings of Linears kept in full precision (default lm_head; "
                         "--keep with no value quantizes every Linear)")
+    p.add_argument("--quantize-routers", action="store_true",
+                   help="ternarize MoE routers too (by default the Linear whose logits pick each "
+                        "token's experts stays in full precision)")
     if has_config_field("offload_activations"):
         p.add_argument("--offload-activations", action="store_true",
                        help="keep calibration activations on the CPU between layers (less device "
