@@ -1,7 +1,6 @@
 """The public entry points: ``compile`` and ``export``. Short functions that wire the parts."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import List, Optional, Sequence, Tuple
 
@@ -15,7 +14,7 @@ from .data import calibration_tensor
 from .decode import build_decode_graph, export_decode_graph, make_skeleton
 from .pass_manager import Pass, PassManager
 from .passes import SequentialTernarize, TernarizeWeights
-from .passes.expert_sites import classify_experts, router_linears
+from .passes.expert_sites import classify_experts, skip_with_routers
 from .passes.linear_sites import classify_linears
 from .quantized_model import QuantizedModel
 from .runner import causal_lm_batches
@@ -99,7 +98,6 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
         if example_inputs is None and batches and not is_hf_causal_lm(model):
             example_inputs = _example_from_calibration(batches)
         gm = capture(model, example_inputs)
-        config = _keep_routers(gm, config)
         if passes is None:
             check_quantizable(model, gm, config)
         store = store_of(gm)
@@ -114,16 +112,6 @@ def compile(model: nn.Module, calib_data=None, tokenizer=None, config: Optional[
     # holding no copy of the quantized weights (meta), so the FP Linears can be freed.
     skeleton = make_skeleton(model, store) if is_hf_causal_lm(model) else model
     return wrap(gm, store, skeleton, pass_history=manager.history)
-
-
-def _keep_routers(gm, config: CompileConfig) -> CompileConfig:
-    """``config`` with the graph's MoE routers added to ``skip`` (``keep_routers``)."""
-    routers = router_linears(gm) if config.keep_routers else []
-    if not routers:
-        return config
-    log.info("%d MoE router(s) kept in full precision (CompileConfig.keep_routers), e.g. %s",
-             len(routers), routers[0])
-    return dataclasses.replace(config, skip=config.skip + tuple(routers))
 
 
 def _widened(x, dims: Sequence[int]):
@@ -175,13 +163,18 @@ def check_finite_weights(model: nn.Module, skip: Sequence[str] = ()) -> None:
 def check_quantizable(model: nn.Module, gm, config: CompileConfig) -> None:
     """At least one Linear of the captured graph must be quantizable; otherwise say why each one
     is left out and which weight-holding modules pt2pass does not support."""
-    sites, excluded = classify_linears(gm, config.skip)
-    expert_sites, expert_excluded = classify_experts(gm, config.skip)
+    skip = skip_with_routers(gm, config)  # the passes leave the MoE routers out alike
+    if len(skip) > len(config.skip):
+        log.info("%d MoE router(s) kept in full precision (CompileConfig.keep_routers), e.g. %s",
+                 len(skip) - len(config.skip), skip[len(config.skip)])
+    sites, excluded = classify_linears(gm, skip)
+    expert_sites, expert_excluded = classify_experts(gm, skip)
     fqns = list(sites) + list(excluded)
     default = CompileConfig().skip  # "lm_head" is the default for any model: no warning
-    for unused in [s for s in config.skip if s not in default and not any(s in f for f in fqns)]:
-        log.warning("skip entry %r matches no Linear weight (e.g. %s): nothing is kept in full "
-                    "precision by it", unused, fqns[0] if fqns else "none")
+    tagged = fqns + list(expert_sites) + list(expert_excluded)
+    for unused in [s for s in config.skip if s not in default and not any(s in f for f in tagged)]:
+        log.warning("skip entry %r matches no Linear or experts weight (e.g. %s): nothing is kept in "
+                    "full precision by it", unused, tagged[0] if tagged else "none")
     read = _read_by_graph(model, fqns)
     bypassing = _linears_not_in_graph(model, read)
     if sites or expert_sites:

@@ -28,7 +28,6 @@ from .lowering.lower import LowerTernaryLinear
 from .pass_manager import Pass, PassManager
 from .passes import FoldPermutations, InsertPermutations
 from .passes.linear_sites import set_weight
-from .quant.result import dequantize_blocks, unpermute
 from .quantized_model import QuantizedCausalLM, QuantizedModel
 from .store import STORE_KEY, LayerQuant, QuantStore
 
@@ -140,8 +139,7 @@ def graph_weight(layer: LayerQuant, dtype: torch.dtype, device: torch.device) ->
     layers (lowering replaces them from the store), the dequantized weight for the others."""
     if layer.is_ternary:
         return torch.empty(layer.shape, dtype=dtype, device="meta")
-    Q = unpermute(dequantize_blocks(layer.T, layer.alpha, layer.mu, layer.block_size), layer.perm)
-    return Q.to(device=device, dtype=dtype)
+    return layer.dequantized().to(device=device, dtype=dtype)
 
 
 def _owner(model: nn.Module, fqn: str):

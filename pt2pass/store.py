@@ -68,6 +68,16 @@ class LayerQuant:
         """True when the layer can be lowered to ``pt2pass::ternary_linear``."""
         return self.method in TERNARY_METHODS
 
+    def dequantized(self) -> torch.Tensor:
+        """float32 alpha * T + mu in the weight's own column order, (N, K) or stacked (E, N, K)."""
+        from .quant.result import dequantize_blocks, unpermute
+
+        if not self.is_experts:
+            return unpermute(dequantize_blocks(self.T, self.alpha, self.mu, self.block_size), self.perm)
+        T = self.T
+        return torch.stack([unpermute(dequantize_blocks(T[e], self.alpha[e], self.mu[e], self.block_size),
+                                      None if self.perm is None else self.perm[e]) for e in range(len(T))])
+
     def to(self, device) -> "LayerQuant":
         """Move codes, scales and permutation to ``device`` (in place; returns self)."""
         if self.packed is not None:

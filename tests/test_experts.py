@@ -2,6 +2,7 @@
 grouped matmuls, pt2pass.compile ternarizes every expert from the rows routed to it, lowering
 gives one pt2pass.ternary_experts node per projection, and generate / save / load / export keep
 the results exactly."""
+import copy
 import logging
 
 import pytest
@@ -69,12 +70,21 @@ def test_no_warning_that_experts_stay_in_full_precision(caplog):
     assert "stay in full precision" not in caplog.text
 
 
-def test_ternarized_moe_stays_close_and_generates_like_the_no_cache_loop(compiled):
+def test_the_lowered_model_computes_the_model_with_the_stores_dense_weights(compiled):
+    """The HF model with each quantized weight replaced by the store's dequantized alpha T + mu
+    (per expert, original column order) gives the lowered graph's logits: routing, sorting, the
+    experts op and its permutations reproduce exactly what was quantized."""
     model, qm = compiled
+    reference = copy.deepcopy(model)
+    params = dict(reference.named_parameters())
+    with torch.no_grad():
+        for fqn, layer in qm.store.layers.items():
+            params[fqn].copy_(layer.dequantized())
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        logits, ref = qm(ids).logits, model(input_ids=ids, use_cache=False).logits
-    assert (logits.softmax(-1) - ref.softmax(-1)).abs().sum(-1).mean() < 0.3
+        torch.testing.assert_close(qm(ids).logits, reference(input_ids=ids, use_cache=False).logits,
+                                   rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(qm(ids).logits, model(input_ids=ids, use_cache=False).logits, atol=1e-4)
     assert torch.equal(qm.generate(ids[:1], 6), qm.generate_no_cache(ids[:1], 6))
 
 
@@ -153,6 +163,7 @@ def test_stage_sequential_and_two_pass_calibration_ternarize_experts(route):
                              passes=[CaptureCalibration(batches, progress=False),
                                      TernarizeWeights(CONFIG, progress=False), *lowering_passes()])
     assert qm.experts_node_count() == 2 and all(qm.store[f].is_experts for f in expert_weights(model))
+    assert "model.layers.0.mlp.gate.weight" not in qm.store  # keep_routers holds in any pass list
 
 
 @pytest.mark.parametrize("arch", list(MOE))
@@ -183,3 +194,35 @@ def test_bf16_moe_through_torch_grouped_mm_generates_and_packages_with_aotinduct
     path = torch._inductor.aoti_compile_and_package(pt2pass.export(qm), package_path=str(tmp_path / "moe.pt2"))
     logits = torch._inductor.aoti_load_package(path)(ids).logits
     torch.testing.assert_close(logits.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_gptq_experts_run_dense_and_survive_generate_and_a_checkpoint(tmp_path):
+    """The GPTQ baseline is not lowered: its experts run dense in every graph (the decode graph
+    and a loaded checkpoint rebuild them from the stacked store)."""
+    model = tiny_moe("qwen3_moe", layers=1)
+    config = CompileConfig(seqlen=32, batch_size=2, ternary=TernaryConfig(method="gptq", block_size=64))
+    qm = pt2pass.compile(model, CALIB, config=config, progress=False)
+    assert qm.experts_node_count() == 0 and qm.store["model.layers.0.mlp.experts.down_proj"].is_experts
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(8))
+    assert torch.equal(qm.generate(ids, 4), qm.generate_no_cache(ids, 4))
+    pt2pass.save(qm, tmp_path / "ckpt")
+    assert torch.equal(pt2pass.load(tmp_path / "ckpt")(ids).logits, qm(ids).logits)
+
+
+def test_experts_weight_read_by_another_op_stays_in_full_precision():
+    """Quantizing a weight that another op also reads would hand that op the quantized values."""
+    from pt2pass.passes.expert_sites import classify_experts
+
+    class ReadTwice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 16)
+            self.w = torch.nn.Parameter(torch.randn(2, 32, 16))
+
+        def forward(self, x, offs):
+            y = torch.ops.transformers.grouped_mm_fallback(self.proj(x), self.w.transpose(-2, -1), offs)
+            return y + self.w.sum()
+
+    gm = capture(ReadTwice(), (torch.randn(5, 16), torch.tensor([2, 5], dtype=torch.int32)))
+    sites, excluded = classify_experts(gm)
+    assert not sites and "is also read by" in excluded["w"]

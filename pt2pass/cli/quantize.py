@@ -1,6 +1,8 @@
 """``pt2pass quantize MODEL OUT``: ternarize a model and save a checkpoint, report and plots."""
 from __future__ import annotations
 
+import math
+
 import platform
 from pathlib import Path
 from typing import Dict, Optional
@@ -156,7 +158,7 @@ def _size(summary: dict, ternary) -> str:
 
 
 def _summary(qm, ternary, times) -> dict:
-    n_weights = sum(layer.shape[0] * layer.shape[1] for layer in qm.store.layers.values())
+    n_weights = sum(math.prod(layer.shape) for layer in qm.store.layers.values())  # experts: E x N x K
     return {"n_layers": len(qm.store), "n_weights": n_weights,
             "bits_per_weight": bits_per_weight(qm.store, "2bit"),
             "bits_per_weight_trit5": bits_per_weight(qm.store, "trit5"),

@@ -46,7 +46,12 @@ def check_experts_args(x, offs, packed, alpha, mu, perm, block_size) -> None:
                      lambda: "ternary_experts: perm must be (experts, in_features)")
 
 
-@custom_op(LOOP_OP_NAME, mutates_args=())
+# cudagraph_unsafe: the loop reads offs on the host, which a CUDA graph capture forbids; Inductor
+# then runs it outside the graph (the GPU uses it only for shapes the grouped kernel does not take).
+_UNSAFE = tuple(t for t in (getattr(torch.Tag, "cudagraph_unsafe", None),) if t is not None)
+
+
+@custom_op(LOOP_OP_NAME, mutates_args=(), tags=_UNSAFE)
 def ternary_experts_loop(x: torch.Tensor, offs: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
                          mu: torch.Tensor, perm: Optional[torch.Tensor] = None,
                          block_size: int = DEFAULT_BLOCK_SIZE) -> torch.Tensor:

@@ -43,8 +43,10 @@ def classify_experts(gm: fx.GraphModule, skip: Iterable[str] = ()
             excluded[fqn] = f"is used by {len(nodes)} grouped matmuls"
             continue
         weight = get_weight(gm, fqn)
-        transpose = experts_parts(nodes[0])[1].users
-        other = [u for u in readers.get(id(weight), []) if u not in transpose or len(u.users) != 1]
+        # the weight's only reader must be the transpose, read only by this grouped matmul
+        w_t = nodes[0].args[1]
+        other = [u for u in readers.get(id(weight), []) if u is not w_t]
+        other += [u for u in w_t.users if u is not nodes[0]]
         if other:
             excluded[fqn] = f"is also read by {', '.join(u.name for u in other)}"
             continue
@@ -83,3 +85,9 @@ def router_linears(gm: fx.GraphModule) -> List[str]:
         if not is_grouped_mm(node):
             stack.extend(node.all_input_nodes)
     return routers
+
+
+def skip_with_routers(gm: fx.GraphModule, config) -> Tuple[str, ...]:
+    """``config.skip`` plus the graph's MoE routers when ``config.keep_routers`` (CompileConfig):
+    what the quantizing passes leave in full precision."""
+    return config.skip + tuple(router_linears(gm)) if config.keep_routers else config.skip

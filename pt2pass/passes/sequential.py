@@ -24,7 +24,7 @@ from ..config import CompileConfig
 from ..pass_manager import Pass, PassResult
 from ..runner import BatchedGraphRunner, PerBatch
 from ..store import store_of
-from .expert_sites import calibration_inputs, classify_experts, quantizable_experts
+from .expert_sites import calibration_inputs, classify_experts, quantizable_experts, skip_with_routers
 from .layer_quantizer import HessianCache, experts_hessians, quantize_experts, quantize_linear
 from .linear_sites import (classify_linears, get_weight, quantizable_linears, require_unpermuted,
                            set_weight)
@@ -47,12 +47,14 @@ class SequentialTernarize(Pass):
         require_captured(gm, self.name)
         require_unpermuted(gm, self.name)
         # silent: call() logs the exclusions
-        if not classify_linears(gm, self.config.skip)[0] and not classify_experts(gm, self.config.skip)[0]:
+        skip = skip_with_routers(gm, self.config)
+        if not classify_linears(gm, skip)[0] and not classify_experts(gm, skip)[0]:
             raise ValueError("the graph has no quantizable Linear nodes (are they all skipped?)")
 
     def call(self, gm: fx.GraphModule) -> PassResult:
-        sites = quantizable_linears(gm, self.config.skip)
-        experts = quantizable_experts(gm, self.config.skip)
+        skip = skip_with_routers(gm, self.config)
+        sites = quantizable_linears(gm, skip)
+        experts = quantizable_experts(gm, skip)
         by_node = {node: fqn for fqn, node in [*sites.items(), *experts.items()]}
         runner = BatchedGraphRunner(gm, self.batches, targets=[*sites.values(), *experts.values()],
                                     offload_to="cpu" if self.config.offload_activations else None)

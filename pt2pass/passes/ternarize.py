@@ -19,7 +19,7 @@ from ..config import CompileConfig
 from ..pass_manager import Pass, PassResult
 from ..store import store_of
 from .calibrate import HESSIANS
-from .expert_sites import quantizable_experts
+from .expert_sites import quantizable_experts, skip_with_routers
 from .layer_quantizer import quantize_experts, quantize_linear
 from .linear_sites import get_weight, quantizable_linears, require_unpermuted, set_weight
 
@@ -41,8 +41,9 @@ class TernarizeWeights(Pass):
     def call(self, gm: fx.GraphModule) -> PassResult:
         store = store_of(gm)
         hessians = store.config.get(HESSIANS, {})
-        sites = quantizable_linears(gm, self.config.skip)
-        experts = quantizable_experts(gm, self.config.skip)
+        skip = skip_with_routers(gm, self.config)
+        sites = quantizable_linears(gm, skip)
+        experts = quantizable_experts(gm, skip)
         with torch.no_grad():
             for fqn in tqdm([*sites, *experts], desc="ternarize", unit="layer", disable=not self.progress):
                 W = get_weight(gm, fqn)

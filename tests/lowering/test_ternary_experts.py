@@ -33,11 +33,12 @@ def test_reference_routes_each_row_to_its_expert_and_zeroes_the_rest():
 @pytest.mark.parametrize("perm", [False, True], ids=["natural", "perm"])
 @pytest.mark.parametrize("offs,rows", [([3, 3, 7, 9], 10), ([0, 20, 20, 37], 37), ([5, 5, 5, 5], 5)],
                          ids=["sentinel-row", "empty-first", "one-expert"])
-def test_kernel_matches_the_reference(dtype, perm, offs, rows):
+@pytest.mark.parametrize("tile", [None, (64, 32)], ids=["decode-tile", "prefill-tile"])
+def test_kernel_matches_the_reference(dtype, perm, offs, rows, tile):
     packed, alpha, mu, orders = random_experts(4, 40, 256, 1, perm)
     x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
     offs = torch.tensor(offs, dtype=torch.int32)
-    y = ternary_experts_triton(x, offs, packed, alpha, mu, None if orders is None else orders.int(), 128)
+    y = ternary_experts_triton(x, offs, packed, alpha, mu, None if orders is None else orders.int(), 128, tile)
     ref = ternary_experts_reference(x.double(), offs, packed, alpha, mu, orders, 128)
     assert y.dtype == dtype and y.shape == ref.shape
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
@@ -59,8 +60,9 @@ def test_registered_op_passes_opcheck_and_checks_its_arguments():
     x, offs = torch.randn(5, 128), torch.tensor([2, 5])
     torch.library.opcheck(torch.ops.pt2pass.ternary_experts.default,
                           (x, offs, packed, alpha, mu, perm.int(), 128))
-    torch.testing.assert_close(torch.ops.pt2pass.ternary_experts(x, offs, packed, alpha, mu, perm, 128),
-                               ternary_experts_reference(x, offs, packed, alpha, mu, perm, 128))
+    w = [dequantize(packed[e], alpha[e], mu[e], 128, dtype=torch.float32) for e in range(2)]
+    dense = torch.cat([x[:2][:, perm[0]] @ w[0].T, x[2:][:, perm[1]] @ w[1].T])
+    torch.testing.assert_close(torch.ops.pt2pass.ternary_experts(x, offs, packed, alpha, mu, perm, 128), dense)
     with pytest.raises(RuntimeError, match="one int32/int64 cumulative row count per expert"):
         torch.ops.pt2pass.ternary_experts(x, torch.tensor([5]), packed, alpha, mu, perm, 128)
     with pytest.raises(RuntimeError, match="perm must be"):

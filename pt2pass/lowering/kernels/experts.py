@@ -87,9 +87,10 @@ def _warn_fallback(reason: str) -> None:
 
 
 def ternary_experts_triton(x: torch.Tensor, offs: torch.Tensor, packed: torch.Tensor, alpha: torch.Tensor,
-                           mu: torch.Tensor, perm, block_size: int) -> torch.Tensor:
+                           mu: torch.Tensor, perm, block_size: int, tile=None) -> torch.Tensor:
     """ternary_experts with the grouped kernel where it applies (128-blocks, K % 128 == 0,
-    float activations and scales), else the loop over experts."""
+    float activations and scales), else the loop over experts. ``tile``: (BM, BN) instead of the
+    launcher's choice (the tests run the prefill tile in the interpreter)."""
     reason = unsupported_reason(x, packed[0], alpha, block_size)
     if reason is not None:
         _warn_fallback(reason)
@@ -105,6 +106,8 @@ def ternary_experts_triton(x: torch.Tensor, offs: torch.Tensor, packed: torch.Te
     # BM 16: decode leaves a few rows per expert; BN 16 keeps the interpreter's tiles small
     bm = 16 if INTERPRET or n_rows <= 16 * n_experts else 64
     bn = 16 if INTERPRET else 64
+    if tile is not None:
+        bm, bn = tile
     expert, row0, end = experts_tiles(offs, n_rows, bm)
     grid = (triton.cdiv(n, bn), expert.shape[0])
     launch(ternary_experts_kernel, grid, x, packed, alpha, mu, perm if perm is not None else packed, out,
