@@ -193,12 +193,14 @@ _EXPERTS_TYPES = {"x_ptr": "*bf16", "w_ptr": "*i32", "a_ptr": "*fp16", "mu_ptr":
                   "K": "i32/16", "KW": "i32/16"}
 
 
-def experts_kernel_builds():
-    """The grouped MoE experts GEMM at the launcher's two row tiles (16: decode, 64: prefill)."""
+def experts_kernel_builds(quick: bool):
+    """The grouped MoE experts GEMM at the launcher's two row tiles (16: decode, 64: prefill), with
+    every autotune config (``quick``: the fixed one)."""
     from pt2pass.lowering.kernels import experts
 
-    return [(f"ternary_experts_kernel BM={bm} BN=64 HAS_PERM=True warps=4 stages=3", experts.ternary_experts_kernel,
-             _EXPERTS_TYPES, dict(HAS_PERM=True, DOT_F32=False, BM=bm, BN=64), 4, 3) for bm in (16, 64)]
+    return [(f"ternary_experts_kernel BM={bm} BN={bn} HAS_PERM=True warps={w} stages={st}",
+             experts.ternary_experts_kernel, _EXPERTS_TYPES, dict(HAS_PERM=True, DOT_F32=False, BM=bm, BN=bn), w, st)
+            for bm, configs in experts.CONFIGS.items() for bn, w, st in ([(64, 4, 3)] if quick else configs)]
 
 
 def main(argv=None) -> int:
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
           "| wgmma | shared-memory stores |")
     print("|---|---|---|---|---|---|---|---|")
     builds = ([(*b, 1) for b in decode_kernel_builds(args.quick)] + gemm_kernel_builds(args.quick)
-              + experts_kernel_builds())
+              + experts_kernel_builds(args.quick))
     for name, kernel, types, constexprs, warps, stages in builds:
         r = sass_report(kernel, types, constexprs, num_warps=warps, num_stages=stages)
         # a TMA config must issue bulk tensor copies; no config may spill to local memory; the

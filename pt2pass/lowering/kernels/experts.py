@@ -10,8 +10,9 @@ weight tile (``_weight_tile``), x's rows gathered through the expert's permutati
 accumulating in float32. Rows past ``offs[-1]`` (transformers' expert-parallel sentinels) are in
 no tile and stay zero.
 
-Untimed on a GPU so far (written in a session without one): the tile sizes are a first choice,
-BM = 16 for decode-sized row counts (a few rows per expert) and 64 for prefill.
+BM (rows per tile) is chosen by the launcher, 16 for decode-sized row counts (a few rows per
+expert) and 64 for prefill, since the tile table depends on it; the autotuner picks BN, warps and
+stages per (BM, rows bucket, N, K). Untimed on a GPU so far (written in a session without one).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import BLOCK, INTERPRET, ONE_BITS, dot_in_fp32, launch
+from .common import AUTOTUNE, BLOCK, INTERPRET, ONE_BITS, autotune, dot_in_fp32, launch, m_bucket
 from .dispatch import unsupported_reason
 from .gemm import _weight_tile
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 @triton.jit
 def ternary_experts_kernel(x_ptr, w_ptr, a_ptr, mu_ptr, perm_ptr, out_ptr, tile_expert_ptr, tile_row_ptr,
-                           tile_end_ptr, S, N, K, KW, NB, one_bits,
+                           tile_end_ptr, S, N, K, KW, NB, one_bits, rows_bucket,
                            HAS_PERM: tl.constexpr, DOT_F32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid_n = tl.program_id(0)
     tile = tl.program_id(1)
@@ -80,6 +81,15 @@ def experts_tiles(offs: torch.Tensor, n_rows, bm: int):
     return expert.to(torch.int32), row0, end
 
 
+# BM -> (BN, warps, stages) of its autotune list; none spills (offline sm_90 build: at BM = 64, BN = 128
+# spills with 4 and with 8 warps)
+CONFIGS = {16: [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 3), (128, 8, 3)],
+           64: [(32, 4, 3), (64, 4, 3), (64, 4, 4), (64, 8, 3)]}
+_FIXED = {"BN": 16} if INTERPRET else {"BN": 64, "num_warps": 4, "num_stages": 3}
+_tuned = {bm: autotune([triton.Config({"BN": bn}, num_warps=w, num_stages=st) for bn, w, st in configs],
+                       ["rows_bucket", "N", "K"])(ternary_experts_kernel) for bm, configs in CONFIGS.items()}
+
+
 @functools.lru_cache(maxsize=16)
 def _warn_fallback(reason: str) -> None:
     log.warning("pt2pass.ternary_experts: %s; looping over the experts with the plain-torch reference "
@@ -105,13 +115,17 @@ def ternary_experts_triton(x: torch.Tensor, offs: torch.Tensor, packed: torch.Te
     perm = None if perm is None else perm.contiguous()
     # BM 16: decode leaves a few rows per expert; BN 16 keeps the interpreter's tiles small
     bm = 16 if INTERPRET or n_rows <= 16 * n_experts else 64
-    bn = 16 if INTERPRET else 64
+    config = None
     if tile is not None:
-        bm, bn = tile
+        bm, config = tile[0], dict(_FIXED, BN=tile[1])
+    elif not AUTOTUNE:
+        config = _FIXED
     expert, row0, end = experts_tiles(offs, n_rows, bm)
-    grid = (triton.cdiv(n, bn), expert.shape[0])
-    launch(ternary_experts_kernel, grid, x, packed, alpha, mu, perm if perm is not None else packed, out,
-           expert, row0, end, n_rows, n, k, kw, k // BLOCK, ONE_BITS,
-           HAS_PERM=perm is not None, DOT_F32=dot_in_fp32(x), BM=bm, BN=bn,
-           **({} if INTERPRET else {"num_warps": 4, "num_stages": 3}))
+    args = (x, packed, alpha, mu, perm if perm is not None else packed, out, expert, row0, end, n_rows, n, k, kw,
+            k // BLOCK, ONE_BITS, m_bucket(n_rows))
+    meta = dict(HAS_PERM=perm is not None, DOT_F32=dot_in_fp32(x), BM=bm)
+    if config is not None:
+        launch(ternary_experts_kernel, (triton.cdiv(n, config["BN"]), expert.shape[0]), *args, **meta, **config)
+    else:
+        launch(_tuned[bm], lambda META: (triton.cdiv(n, META["BN"]), expert.shape[0]), *args, **meta)
     return out
