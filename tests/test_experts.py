@@ -226,3 +226,46 @@ def test_experts_weight_read_by_another_op_stays_in_full_precision():
     gm = capture(ReadTwice(), (torch.randn(5, 16), torch.tensor([2, 5], dtype=torch.int32)))
     sites, excluded = classify_experts(gm)
     assert not sites and "is also read by" in excluded["w"]
+
+
+MORE_MOE = ["Qwen2Moe", "Olmoe", "Phimoe", "Glm4Moe", "Ernie4_5_Moe", "HunYuanMoEV1"]
+MOE_SETTINGS = dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                    num_experts=4, num_local_experts=4, n_routed_experts=4, moe_num_experts=4, num_experts_per_tok=2,
+                    moe_k=2, first_k_dense_replace=0, moe_layer_start_index=0, n_group=1, topk_group=1, head_dim=16,
+                    shared_expert_intermediate_size=64, n_shared_experts=1, tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("family", MORE_MOE)
+def test_more_moe_families_ternarize_their_experts_and_generate_like_the_no_cache_loop(family):
+    """Each family's settings are the ones of MOE_SETTINGS its config takes (2 layers of 4 experts)."""
+    import inspect
+
+    import transformers
+
+    config_cls = getattr(transformers, f"{family}Config")
+    accepted = inspect.signature(config_cls.__init__).parameters
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(
+        config_cls(**{k: v for k, v in MOE_SETTINGS.items() if k in accepted})).eval()
+    qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
+    assert qm.experts_node_count() == 2 * LAYERS
+    assert not any(p.dim() == 3 for p in qm.gm.parameters())
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(qm.generate(ids, 4), qm.generate_no_cache(ids, 4))
+
+
+def test_transposed_experts_stay_in_full_precision_with_a_warning(caplog):
+    """GPT-OSS stores its experts (E, in, out) and adds a bias: not rewritten, and said so."""
+    import transformers
+
+    config = transformers.GptOssConfig(**{k: v for k, v in MOE_SETTINGS.items()
+                                          if k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                                   "num_attention_heads", "num_key_value_heads", "num_local_experts",
+                                                   "num_experts_per_tok", "head_dim", "tie_word_embeddings")})
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING):
+        qm = pt2pass.compile(transformers.GptOssForCausalLM(config).eval(), None,
+                             config=CompileConfig(ternary=RTN), progress=False)
+    assert qm.experts_node_count() == 0 and "has a form pt2pass does not rewrite" in caplog.text
+    assert "stay in full precision" in caplog.text
