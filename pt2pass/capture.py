@@ -7,10 +7,12 @@ decoder block, head) from ``node.meta["nn_module_stack"]``: the calibration loop
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import linecache
 import logging
 import re
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -61,6 +63,38 @@ def _dynamic_shapes(args: tuple, kwargs: dict):
     return tuple(spec(a) for a in args)
 
 
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def _keywords_named(model: nn.Module, kwargs: dict) -> Iterator[None]:
+    """While exporting, give ``model`` a forward that names every keyword input: torch.export
+    cannot take dynamic shapes for inputs that only a ``**kwargs`` parameter receives (GraniteMoe's
+    ``forward(input_ids, ..., **kwargs)`` with ``use_cache``). The model's own forward (a hook's
+    wrapper included) does the work, and is put back afterwards."""
+    original = model.forward
+    params = inspect.signature(original).parameters
+    takes_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not takes_var_kw or all(k in params for k in kwargs):
+        yield
+        return
+
+    def forward(**inputs):
+        return original(**inputs)
+
+    forward.__signature__ = inspect.Signature(
+        [inspect.Parameter(k, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None) for k in kwargs])
+    own = model.__dict__.get("forward", _ABSENT)  # e.g. accelerate's hook wrapper
+    model.forward = forward
+    try:
+        yield
+    finally:
+        if own is _ABSENT:
+            del model.forward
+        else:
+            model.forward = own
+
+
 def capture(model: nn.Module, example_inputs=None) -> fx.GraphModule:
     """Export ``model`` into an aten-level GraphModule, tagging Linear nodes and stages.
 
@@ -74,7 +108,7 @@ def capture(model: nn.Module, example_inputs=None) -> fx.GraphModule:
         raise ValueError("give example_inputs either as a tuple of positional inputs or as a dict")
     dynamic = _dynamic_shapes(args, kwargs)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _keywords_named(model, kwargs):
             ep = torch.export.export(model, args, kwargs or None, dynamic_shapes=dynamic, strict=False)
     except Exception as exc:  # noqa: BLE001 - re-raised with guidance
         raise CaptureError(capture_error_message(model, exc)) from exc

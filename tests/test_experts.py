@@ -269,3 +269,19 @@ def test_transposed_experts_stay_in_full_precision_with_a_warning(caplog):
                              config=CompileConfig(ternary=RTN), progress=False)
     assert qm.experts_node_count() == 0 and "has a form pt2pass does not rewrite" in caplog.text
     assert "stay in full precision" in caplog.text
+
+
+def test_granite_moe_whose_forward_takes_use_cache_through_kwargs_is_captured():
+    """torch.export cannot take dynamic shapes for inputs of a **kwargs parameter: capture names
+    them for the trace, and gives the model its own forward back."""
+    import transformers
+
+    config = transformers.GraniteMoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           num_local_experts=4, num_experts_per_tok=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.GraniteMoeForCausalLM(config).eval()
+    qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
+    assert qm.experts_node_count() == 2 * LAYERS and "forward" not in model.__dict__
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(qm.generate(ids, 4), qm.generate_no_cache(ids, 4))
