@@ -38,6 +38,7 @@ import torch.fx as fx
 from torch import nn
 
 from .assemble import lower_from_store, real_device, traceable_weights
+from .cache_shapes import probe_cache_shapes
 from .capture import CaptureError, capture_error_message, tag_linears
 from .experts import tag_experts
 from .lowering.fuse_add_rms_norm import FuseAddRMSNorm, fuse_norm_default
@@ -106,7 +107,8 @@ class StaticCacheLM(nn.Module):
     """
 
     def __init__(self, lm: nn.Module, batch_size: int, max_cache_len: int,
-                 dtype: torch.dtype, device: torch.device, all_logits: bool = False):
+                 dtype: torch.dtype, device: torch.device, all_logits: bool = False,
+                 layer_shapes: Optional[list] = None):
         from transformers.cache_utils import StaticCache, StaticLayer, StaticSlidingWindowLayer
 
         super().__init__()
@@ -133,10 +135,16 @@ class StaticCacheLM(nn.Module):
             raise NotImplementedError(
                 f"{type(lm).__name__} needs cache layers of type {sorted(other)}; the static "
                 "decode graph supports full-attention and sliding-window layers only")
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = (getattr(config, "head_dim", None)
-                    or config.hidden_size // config.num_attention_heads)
-        self.cache.early_initialization(batch_size, heads, head_dim, dtype, device)
+        if layer_shapes is not None and len(layer_shapes) == len(self.cache.layers):
+            # what each layer caches (cache_shapes.py: latent attention's keys and values differ)
+            for layer, (heads, k_dim, v_dim) in zip(self.cache.layers, layer_shapes):
+                layer.lazy_initialization(torch.zeros((batch_size, heads, 0, k_dim), dtype=dtype, device=device),
+                                          torch.zeros((batch_size, heads, 0, v_dim), dtype=dtype, device=device))
+        else:
+            heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+            head_dim = (getattr(config, "head_dim", None)
+                        or config.hidden_size // config.num_attention_heads)
+            self.cache.early_initialization(batch_size, heads, head_dim, dtype, device)
         for i, layer in enumerate(self.cache.layers):
             self.register_buffer(f"{CACHE_PREFIX}keys_{i}", layer.keys, persistent=False)
             self.register_buffer(f"{CACHE_PREFIX}values_{i}", layer.values, persistent=False)
@@ -195,7 +203,8 @@ def build_decode_graph(skeleton: nn.Module, store: QuantStore, batch_size: int, 
         raise ValueError(f"quantized layers {missing[:3]} are not parameters of "
                          f"{type(skeleton).__name__}: the skeleton does not match the store")
     dtype, device = model_placement(skeleton)
-    module = StaticCacheLM(skeleton, batch_size, max_cache_len, dtype, device, all_logits)
+    module = StaticCacheLM(skeleton, batch_size, max_cache_len, dtype, device, all_logits,
+                           layer_shapes=probe_cache_shapes(skeleton))
     args, dims = step_inputs(batch_size, max_cache_len, device, padded)
     try:
         with traceable_weights(skeleton, store, device), torch.no_grad():

@@ -285,3 +285,32 @@ def test_granite_moe_whose_forward_takes_use_cache_through_kwargs_is_captured():
     assert qm.experts_node_count() == 2 * LAYERS and "forward" not in model.__dict__
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
     assert torch.equal(qm.generate(ids, 4), qm.generate_no_cache(ids, 4))
+
+
+MLA = {"DeepseekV3": {}, "DeepseekV2": {}, "Glm4MoeLite": {}}
+MLA_SETTINGS = dict(MOE_SETTINGS, num_key_value_heads=4, n_routed_experts=8, n_group=2, first_k_dense_replace=1,
+                    kv_lora_rank=32, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16)
+
+
+@pytest.mark.parametrize("family", list(MLA))
+def test_latent_attention_moe_decodes_with_its_own_cache_shapes(family):
+    """DeepSeek-style multi-head latent attention caches a 1-head latent (kv_lora_rank) as keys and
+    the rotary part (qk_rope_head_dim) as values: the static cache takes the shapes a probe on fake
+    tensors finds, and generate equals the no-cache loop."""
+    import inspect
+
+    import transformers
+
+    from pt2pass.cache_shapes import probe_cache_shapes
+
+    config_cls = getattr(transformers, f"{family}Config")
+    accepted = inspect.signature(config_cls.__init__).parameters
+    settings = {k: v for k, v in MLA_SETTINGS.items() if k in accepted}
+    if family == "Glm4MoeLite":
+        settings["n_group"] = 1
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(config_cls(**settings)).eval()
+    qm = pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
+    assert probe_cache_shapes(qm.skeleton) == [(1, 32, 16)] * 2 and qm.experts_node_count() == 2
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(qm.generate(ids, 4), qm.generate_no_cache(ids, 4))
