@@ -139,7 +139,7 @@ def graph_weight(layer: LayerQuant, dtype: torch.dtype, device: torch.device) ->
     layers (lowering replaces them from the store), the dequantized weight for the others."""
     if layer.is_ternary:
         return torch.empty(layer.shape, dtype=dtype, device="meta")
-    return layer.dequantized().to(device=device, dtype=dtype)
+    return layer.dequantized(dtype).to(device=device)
 
 
 def _owner(model: nn.Module, fqn: str):

@@ -11,6 +11,7 @@ no real compute) and each layer's cached key and value shapes are read back.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import List, Optional, Tuple
 
 import torch
@@ -23,9 +24,19 @@ log = logging.getLogger(__name__)
 LayerShape = Tuple[int, int, int]  # (heads, key dim, value dim)
 
 
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, Optional[List[LayerShape]]]" = weakref.WeakKeyDictionary()
+
+
 def probe_cache_shapes(lm: nn.Module) -> Optional[List[LayerShape]]:
     """(heads, key dim, value dim) of each cache layer of ``lm``, or None when the probe cannot
-    run (then the config's shapes are used, as transformers does)."""
+    run (then the config's shapes are used, as transformers does). Kept per model: each cache
+    length gets a decode graph of its own, the shapes stay (~1-2 s for a full-size MoE)."""
+    if lm not in _PROBED:
+        _PROBED[lm] = _probe(lm)
+    return _PROBED[lm]
+
+
+def _probe(lm: nn.Module) -> Optional[List[LayerShape]]:
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers.cache_utils import DynamicCache
 

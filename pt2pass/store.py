@@ -68,15 +68,22 @@ class LayerQuant:
         """True when the layer can be lowered to ``pt2pass::ternary_linear``."""
         return self.method in TERNARY_METHODS
 
-    def dequantized(self) -> torch.Tensor:
-        """float32 alpha * T + mu in the weight's own column order, (N, K) or stacked (E, N, K)."""
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """alpha * T + mu in ``dtype`` and the weight's own column order, (N, K) or stacked
+        (E, N, K); experts are filled one at a time (float32 for all at once would double a bf16
+        stack's size)."""
         from .quant.result import dequantize_blocks, unpermute
 
+        def one(T, alpha, mu, perm):
+            return unpermute(dequantize_blocks(T, alpha, mu, self.block_size), perm).to(dtype)
+
         if not self.is_experts:
-            return unpermute(dequantize_blocks(self.T, self.alpha, self.mu, self.block_size), self.perm)
-        T = self.T
-        return torch.stack([unpermute(dequantize_blocks(T[e], self.alpha[e], self.mu[e], self.block_size),
-                                      None if self.perm is None else self.perm[e]) for e in range(len(T))])
+            return one(self.T, self.alpha, self.mu, self.perm)
+        out = torch.empty(self.shape, dtype=dtype, device=self.alpha.device)
+        for e in range(self.shape[0]):
+            T = unpack_codes(self.packed[e]) if self.packed is not None else self._T[e]
+            out[e] = one(T, self.alpha[e], self.mu[e], None if self.perm is None else self.perm[e])
+        return out
 
     def to(self, device) -> "LayerQuant":
         """Move codes, scales and permutation to ``device`` (in place; returns self)."""

@@ -379,5 +379,7 @@ def test_quantize_a_moe_folder_with_its_router_then_generate(tmp_path):
     assert status == 0, err
     assert "10 pt2pass.ternary_linear nodes, 4 pt2pass.ternary_experts nodes" in out  # 2 x (q, k, v, o, router)
     assert sum(line.startswith("model.layers.") and ".experts." in line for line in out.splitlines()) == 4
+    assert sorted(p.name for p in (tmp_path / "plots").glob("*.png")) == [
+        "aga_error.png", "block_order.png", "itf_convergence.png"]
     status, out, err = run_cli("generate", ckpt, "--prompt", "To be", "--max-new-tokens", 4)
     assert status == 0, err

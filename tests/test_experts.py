@@ -3,6 +3,7 @@ grouped matmuls, pt2pass.compile ternarizes every expert from the rows routed to
 gives one pt2pass.ternary_experts node per projection, and generate / save / load / export keep
 the results exactly."""
 import copy
+import functools
 import logging
 
 import pytest
@@ -285,6 +286,14 @@ def test_granite_moe_whose_forward_takes_use_cache_through_kwargs_is_captured():
     assert qm.experts_node_count() == 2 * LAYERS and "forward" not in model.__dict__
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(1))
     assert torch.equal(qm.generate(ids, 4), qm.generate_no_cache(ids, 4))
+    # a forward the model already held as an instance attribute (e.g. accelerate's hook) runs
+    # during the trace and is given back
+    calls = []
+    hooked = functools.update_wrapper(
+        lambda *a, **k: calls.append(1) or type(model).forward(model, *a, **k), type(model).forward)
+    model.forward = hooked
+    pt2pass.compile(model, None, config=CompileConfig(ternary=RTN), progress=False)
+    assert model.__dict__["forward"] is hooked and calls
 
 
 MLA = {"DeepseekV3": {}, "DeepseekV2": {}, "Glm4MoeLite": {}}

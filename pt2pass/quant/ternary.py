@@ -48,9 +48,10 @@ def weight_error(W: Tensor, Q: Tensor) -> float:
 
 
 def output_error(W: Tensor, Q: Tensor, C: Tensor) -> float:
-    """E_x = trace((W - Q) C (W - Q)^T); with C = X^T X this is ||W X^T - Q X^T||_F^2."""
-    E = W.double() - Q.double()
-    return float(((E @ C.double()) * E).sum())
+    """E_x = trace((W - Q) C (W - Q)^T); with C = X^T X this is ||W X^T - Q X^T||_F^2. Computed
+    on W's device (a Hessian may be held on the CPU: CaptureCalibration's per-expert ones)."""
+    E = W.double() - Q.double().to(W.device)
+    return float(((E @ C.to(W.device, torch.float64)) * E).sum())
 
 
 def canonicalize(T: Tensor, alpha: Tensor) -> Tuple[Tensor, Tensor]:

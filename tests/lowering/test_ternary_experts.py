@@ -69,3 +69,8 @@ def test_registered_op_passes_opcheck_and_checks_its_arguments():
         torch.ops.pt2pass.ternary_experts(x, offs, packed, alpha, mu, perm[0], 128)
     with pytest.raises(RuntimeError, match="x has 64 features"):
         torch.ops.pt2pass.ternary_experts(x[:, :64], offs, packed, alpha, mu, None, 128)
+
+
+def test_the_host_loop_is_kept_out_of_cuda_graphs():
+    """The CPU / fallback loop reads offs on the host: tagged so that Inductor's CUDA graphs leave it out."""
+    assert torch.Tag.cudagraph_unsafe in torch.ops.pt2pass.ternary_experts_loop.default.tags
