@@ -116,15 +116,8 @@ class LowerTernaryLinear(Pass):
             x, needs_perm = x.args[0], True  # fuse the explicit gather into the kernel
         if needs_perm:
             names["input_perm"] = layer.perm.to(torch.int32)  # stored as int32 (see sizes.py)
-        device = buffer_device(gm, w)
-        targets = {k: register_lowered_buffer(gm, layer.fqn, k, v.to(device).contiguous())
-                   for k, v in names.items()}
-        with gm.graph.inserting_before(node):
-            attrs = {k: gm.graph.get_attr(target) for k, target in targets.items()}
-            new = gm.graph.call_function(
-                TERNARY_OP, (x, attrs["packed"], attrs["alpha"], attrs["mu"], bias,
-                             attrs.get("input_perm"), layer.block_size))
-        _replace(gm, node, new)
+        _call_with_buffers(gm, node, layer.fqn, w, names, TERNARY_OP, lambda a: (
+            x, a["packed"], a["alpha"], a["mu"], bias, a.get("input_perm"), layer.block_size))
 
     def _lower_experts(self, gm: fx.GraphModule, node: fx.Node, layer: LayerQuant) -> None:
         """grouped_mm(x, transpose(W), offs) -> pt2pass.ternary_experts(x, offs, packed, ...);
@@ -137,15 +130,19 @@ class LowerTernaryLinear(Pass):
         names = {"packed": layer.packed, "alpha": layer.alpha, "mu": layer.mu}
         if layer.perm is not None:
             names["input_perm"] = layer.perm.to(torch.int32)
-        device = buffer_device(gm, w)
-        targets = {k: register_lowered_buffer(gm, layer.fqn, k, v.to(device).contiguous())
-                   for k, v in names.items()}
-        with gm.graph.inserting_before(node):
-            attrs = {k: gm.graph.get_attr(target) for k, target in targets.items()}
-            new = gm.graph.call_function(
-                TERNARY_EXPERTS_OP, (x, offs, attrs["packed"], attrs["alpha"], attrs["mu"],
-                                     attrs.get("input_perm"), layer.block_size))
-        _replace(gm, node, new)
+        _call_with_buffers(gm, node, layer.fqn, w, names, TERNARY_EXPERTS_OP, lambda a: (
+            x, offs, a["packed"], a["alpha"], a["mu"], a.get("input_perm"), layer.block_size))
+
+
+def _call_with_buffers(gm: fx.GraphModule, node: fx.Node, fqn: str, weight: torch.Tensor, names: dict,
+                       op, args) -> None:
+    """Register ``names`` (kind -> tensor) as the buffers of weight ``fqn`` on its device, and
+    put ``op(*args(get_attr nodes by kind))`` in ``node``'s place."""
+    device = buffer_device(gm, weight)
+    targets = {k: register_lowered_buffer(gm, fqn, k, v.to(device).contiguous()) for k, v in names.items()}
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(op, args({k: gm.graph.get_attr(t) for k, t in targets.items()}))
+    _replace(gm, node, new)
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, new: fx.Node) -> None:

@@ -2,43 +2,30 @@
 quantization pass rewrites: the counterpart of ``linear_sites`` for stacked expert weights."""
 from __future__ import annotations
 
-import logging
 from typing import Dict, Iterable, List, Tuple
 
 import torch.fx as fx
 
 from ..capture import LINEAR_OP
 from ..experts import WEIGHT_FQN, experts_parts, is_grouped_mm
-from .linear_sites import PACKING_UNIT, get_weight, readers_by_tensor
-
-log = logging.getLogger(__name__)
+from .linear_sites import get_weight, readers_by_tensor, tagged_by_weight, warn_excluded
 
 
 def quantizable_experts(gm: fx.GraphModule, skip: Iterable[str] = ()) -> Dict[str, fx.Node]:
     """Weight FQN -> its grouped matmul node, for the experts a quantizer should rewrite; the
     others are logged with the reason (see :func:`classify_experts`)."""
     sites, excluded = classify_experts(gm, skip)
-    for fqn, reason in excluded.items():
-        if not reason.startswith("skipped"):
-            log.warning("%s %s: kept in full precision", fqn, reason)
+    warn_excluded(excluded)
     return sites
 
 
 def classify_experts(gm: fx.GraphModule, skip: Iterable[str] = ()
                      ) -> Tuple[Dict[str, fx.Node], Dict[str, str]]:
     """(quantizable: weight FQN -> grouped matmul node, excluded: weight FQN -> reason)."""
-    skip = tuple(skip)
-    by_fqn: Dict[str, list] = {}
-    for node in gm.graph.nodes:
-        if is_grouped_mm(node) and WEIGHT_FQN in node.meta:
-            by_fqn.setdefault(node.meta[WEIGHT_FQN], []).append(node)
-    readers = readers_by_tensor(gm)
     sites, excluded = {}, {}
+    by_fqn = tagged_by_weight(gm, is_grouped_mm, tuple(skip), excluded)
+    readers = readers_by_tensor(gm)
     for fqn, nodes in by_fqn.items():
-        matched = [s for s in skip if s in fqn]
-        if matched:
-            excluded[fqn] = f"skipped by CompileConfig.skip ({matched[0]!r})"
-            continue
         if len(nodes) > 1:
             excluded[fqn] = f"is used by {len(nodes)} grouped matmuls"
             continue
@@ -49,10 +36,6 @@ def classify_experts(gm: fx.GraphModule, skip: Iterable[str] = ()
         other += [u for u in w_t.users if u is not nodes[0]]
         if other:
             excluded[fqn] = f"is also read by {', '.join(u.name for u in other)}"
-            continue
-        if weight.shape[-1] % PACKING_UNIT:
-            excluded[fqn] = (f"has in_features={weight.shape[-1]}, not a multiple of {PACKING_UNIT} "
-                             "(the packing unit of the ternary format)")
             continue
         sites[fqn] = nodes[0]
     return sites, excluded

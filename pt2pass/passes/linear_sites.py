@@ -37,27 +37,49 @@ def quantizable_linears(gm: fx.GraphModule, skip: Iterable[str] = ()) -> Dict[st
     in_features not a multiple of 16 (the packing unit of the ternary format).
     """
     sites, excluded = classify_linears(gm, skip)
-    for fqn, reason in excluded.items():
-        if not reason.startswith("skipped"):  # a skip is the user's choice: no warning needed
-            log.warning("%s %s: kept in full precision", fqn, reason)
+    warn_excluded(excluded)
     return sites
+
+
+def warn_excluded(excluded: Dict[str, str]) -> None:
+    """Log why each weight stays in full precision (a skip is the user's choice: no warning)."""
+    for fqn, reason in excluded.items():
+        if not reason.startswith(SKIPPED):
+            log.warning("%s %s: kept in full precision", fqn, reason)
+
+
+SKIPPED = "skipped by CompileConfig.skip"
+
+
+def tagged_by_weight(gm: fx.GraphModule, is_site, skip: Iterable[str], excluded: Dict[str, str]
+                     ) -> Dict[str, list]:
+    """Weight FQN -> the tagged nodes ``is_site`` accepts, for the FQNs no ``skip`` entry matches
+    and whose in_features the ternary format can pack (the others go to ``excluded``, with why)."""
+    by_fqn: Dict[str, list] = {}
+    for node in gm.graph.nodes:
+        if is_site(node) and WEIGHT_FQN in node.meta:
+            by_fqn.setdefault(node.meta[WEIGHT_FQN], []).append(node)
+    for fqn in list(by_fqn):
+        matched = [s for s in skip if s in fqn]
+        k = get_weight(gm, fqn).shape[-1]
+        if matched:
+            excluded[fqn] = f"{SKIPPED} ({matched[0]!r})"
+        elif k % PACKING_UNIT:
+            excluded[fqn] = (f"has in_features={k}, not a multiple of {PACKING_UNIT} (the packing unit "
+                             "of the ternary format)")
+        else:
+            continue
+        del by_fqn[fqn]
+    return by_fqn
 
 
 def classify_linears(gm: fx.GraphModule, skip: Iterable[str] = ()
                      ) -> Tuple[Dict[str, fx.Node], Dict[str, str]]:
     """(quantizable sites: weight FQN -> aten.linear node, excluded: weight FQN -> reason)."""
-    skip = tuple(skip)
-    by_fqn: Dict[str, list] = {}
-    for node in gm.graph.nodes:
-        if node.target is LINEAR_OP and WEIGHT_FQN in node.meta:
-            by_fqn.setdefault(node.meta[WEIGHT_FQN], []).append(node)
     sites, excluded = {}, {}
+    by_fqn = tagged_by_weight(gm, lambda n: n.target is LINEAR_OP, tuple(skip), excluded)
     readers = readers_by_tensor(gm)
     for fqn, nodes in by_fqn.items():
-        matched = [s for s in skip if s in fqn]
-        if matched:
-            excluded[fqn] = f"skipped by CompileConfig.skip ({matched[0]!r})"
-            continue
         weight = get_weight(gm, fqn)
         other_users = [u for u in readers.get(id(weight), []) if u not in nodes]
         if other_users:
@@ -65,10 +87,6 @@ def classify_linears(gm: fx.GraphModule, skip: Iterable[str] = ()
             continue
         if len(nodes) > 1:
             excluded[fqn] = f"is used by {len(nodes)} Linear calls"
-            continue
-        if weight.shape[-1] % PACKING_UNIT:
-            excluded[fqn] = (f"has in_features={weight.shape[-1]}, not a multiple of {PACKING_UNIT} "
-                             "(the packing unit of the ternary format)")
             continue
         sites[fqn] = nodes[0]
     return sites, excluded
