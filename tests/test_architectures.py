@@ -212,6 +212,10 @@ MORE_ARCHITECTURES = {  # name: (config class, model class, settings besides the
     "glm": ("GlmConfig", "GlmForCausalLM", {"pad_token_id": 0}),
     "ministral": ("MinistralConfig", "MinistralForCausalLM", {"head_dim": 16}),  # sliding layers
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM", {}),  # sliding layers, q/k norms
+    # global layers with a head_dim of their own: the static cache is sized by cache_shapes' probe
+    "gemma4": ("Gemma4TextConfig", "Gemma4ForCausalLM", {"head_dim": 16, "sliding_window": 8}),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM", {"sliding_window": 8}),   # sliding layers
+    "cohere2": ("Cohere2Config", "Cohere2ForCausalLM", {"sliding_window": 8}),  # sliding layers
 }
 
 
