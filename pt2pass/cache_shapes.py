@@ -54,6 +54,6 @@ def _probe(lm: nn.Module) -> Optional[List[LayerShape]]:
     except Exception as exc:  # noqa: BLE001 - any failure: fall back to the config's shapes
         log.debug("cache shape probe failed (%s: %s); using the config's KV shapes", type(exc).__name__, exc)
         return None
-    if len(shapes) != len(cache.layers) or any(k.keys.shape[1] != k.values.shape[1] for k in cache.layers):
+    if any(layer.keys.shape[1] != layer.values.shape[1] for layer in cache.layers):
         return None  # keys and values with different head counts: no static layer holds them
     return shapes

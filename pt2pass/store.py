@@ -42,19 +42,32 @@ class LayerQuant:
         self.stats = dict(stats or {})
         self.T = T                    # int8 (N, K), columns in quantization (perm) order
 
+    @classmethod
+    def from_packed(cls, fqn: str, method: str, packed: torch.Tensor, in_features: int, alpha: torch.Tensor,
+                    mu: torch.Tensor, perm: Optional[torch.Tensor], block_size: int = 128,
+                    stats: Optional[Dict[str, Any]] = None) -> "LayerQuant":
+        """A ternary layer from codes already packed ((..., in_features / 16) int32): stacking
+        experts' packed codes needs no unpacking and packing again."""
+        layer = cls(fqn, method, torch.empty((0, in_features), dtype=torch.int8), alpha, mu, perm,
+                    block_size, stats)
+        layer.packed, layer.shape = packed, (*packed.shape[:-1], in_features)
+        return layer
+
     @property
     def T(self) -> torch.Tensor:
         if self.packed is None:
             return self._T
-        return unpack_codes(self.packed.reshape(-1, self.packed.shape[-1])).reshape(self.shape)
+        if self.packed.dim() == 3:  # one expert at a time: the int32 intermediates stay small
+            return torch.stack([unpack_codes(p) for p in self.packed])
+        return unpack_codes(self.packed)
 
     @T.setter
     def T(self, value: torch.Tensor) -> None:
         self.shape = tuple(value.shape)
         if self.is_ternary and value.dim() in (2, 3) and value.shape[-1] % WEIGHTS_PER_WORD == 0:
-            # rejects values outside {-1, 0, 1}; stacked experts are packed row by row like one matrix
-            rows = pack_ternary(value.reshape(-1, value.shape[-1]))
-            self.packed, self._T = rows.reshape(*value.shape[:-1], rows.shape[-1]), None
+            # rejects values outside {-1, 0, 1}; stacked experts packed one at a time (int64 intermediates)
+            self.packed = pack_ternary(value) if value.dim() == 2 else torch.stack([pack_ternary(t) for t in value])
+            self._T = None
         else:
             self.packed, self._T = None, value
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-
 import platform
 from pathlib import Path
 from typing import Dict, Optional

@@ -147,10 +147,13 @@ def stack_experts(fqn: str, layers: List[LayerQuant]) -> LayerQuant:
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             stats[key] = sum(values) if key == "seconds" else sum(values) / len(values)
     stats["experts"] = len(layers)
-    return LayerQuant(fqn=fqn, method=first.method, T=torch.stack([q.T for q in layers]),
-                      alpha=torch.stack([q.alpha.to(dtype) for q in layers]),
-                      mu=torch.stack([q.mu.to(dtype) for q in layers]), perm=perm,
-                      block_size=first.block_size, stats=stats)
+    parts = dict(alpha=torch.stack([q.alpha.to(dtype) for q in layers]),
+                 mu=torch.stack([q.mu.to(dtype) for q in layers]), perm=perm,
+                 block_size=first.block_size, stats=stats)
+    if all(q.packed is not None for q in layers):
+        return LayerQuant.from_packed(fqn, first.method, torch.stack([q.packed for q in layers]),
+                                      first.shape[-1], **parts)
+    return LayerQuant(fqn=fqn, method=first.method, T=torch.stack([q.T for q in layers]), **parts)
 
 
 def experts_hessians(fqn: str, activations, W: torch.Tensor):
